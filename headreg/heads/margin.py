@@ -1,0 +1,187 @@
+"""The angular-margin family: NormFace, CosFace, ArcFace and insightface's combined margin.
+
+Each is the shared pipeline of :class:`AngularMarginHead` (normalise → cosine →
+margin on the target column → scale → cross-entropy) with its own target function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import InvalidValueError
+from .base import Head, HeadOutput, check_non_negative, check_positive
+from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
+
+__all__ = ["AngularMarginHead", "NormFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead"]
+
+
+class AngularMarginHead(Head):
+    """Shared pipeline of the normalised heads: ``logits = s · cos θ``, target ``s · ψ(cos θ_y)``.
+
+    Subclasses override :meth:`margin_target` (identity here). Without labels the logits carry
+    no margin, so they are what a classifier or a retrieval score should use.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+        scale: ``s > 0``, the radius of the hypersphere the logits live on.
+        learn_scale: Make ``s`` a learned parameter (kept positive through its log).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, learn_scale: bool = False) -> None:
+        super().__init__(in_features, num_classes)
+        scale = check_positive("scale", scale)
+        # N(0, 0.01) as insightface; the norm of a class weight does not enter the logits.
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
+        self.learn_scale = bool(learn_scale)
+        log_scale = torch.tensor(float(scale)).log()
+        if self.learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @property
+    def scale(self) -> float:
+        """The current ``s`` as a Python float."""
+        return float(self.log_scale.detach().exp())
+
+    def _scale(self, dtype: torch.dtype) -> Tensor:
+        return self.log_scale.to(dtype).exp()
+
+    def margin_target(self, cos_target: Tensor) -> Tensor:
+        """Target cosine after the margin, from ``(B,)`` target cosines. Identity here."""
+        return cos_target
+
+    def inference_logits(self, x: Tensor) -> Tensor:
+        return cosine_linear(x, self.weight.to(x.dtype)) * self._scale(x.dtype)
+
+    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
+        cos = cosine_linear(x, self.weight.to(x.dtype))
+        s = self._scale(x.dtype)
+        target = self.margin_target(target_logit(cos, labels))
+        # One (B, C) product, then the target column overwritten in place: the product's
+        # backward does not need its output, so autograd allows it and no copy is made.
+        logits = (cos * s).scatter_(1, labels.unsqueeze(1), (target * s).unsqueeze(1))
+        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+
+
+class NormFaceHead(AngularMarginHead):
+    """NormFace: features and weights normalised, ``logits = s · cos θ``, no margin.
+
+    Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017
+    (Eq. 5-6). The paper shows a fixed s must exceed a bound that grows with the number of
+    classes (Prop. 2) and mostly learns s; headreg's default is a fixed ``s = 16``, set
+    ``learn_scale=True`` for the learned variant.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+        scale: ``s > 0``.
+        learn_scale: Learn ``s``.
+    """
+
+    paper = "https://arxiv.org/abs/1704.06369"
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0, learn_scale: bool = False) -> None:
+        super().__init__(in_features, num_classes, scale=scale, learn_scale=learn_scale)
+
+
+class CosFaceHead(AngularMarginHead):
+    """CosFace (large margin cosine loss): target logit ``s · (cos θ_y − m)``.
+
+    Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
+    Eq. 4; defaults ``s = 64``, ``m = 0.35`` as in the paper's experiments.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+        scale: ``s > 0``.
+        margin: additive cosine margin ``m ≥ 0``.
+    """
+
+    paper = "https://arxiv.org/abs/1801.09414"
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.35) -> None:
+        super().__init__(in_features, num_classes, scale=scale)
+        self.margin = check_non_negative("margin", margin)
+
+    def margin_target(self, cos_target: Tensor) -> Tensor:
+        return cosface_margin(cos_target, self.margin)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}, margin={self.margin:g}"
+
+
+class ArcFaceHead(AngularMarginHead):
+    """ArcFace (additive angular margin): target logit ``s · cos(θ_y + m)``.
+
+    Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019,
+    Eq. 3; defaults ``s = 64``, ``m = 0.5`` rad. Where ``θ + m > π`` the target is
+    ``cos θ − m sin m`` (the fallback of the reference implementations), so it keeps
+    decreasing in θ. Gradients are exact, unlike insightface's in-place no-grad margin.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+        scale: ``s > 0``.
+        margin: additive angular margin ``m`` in radians, ``0 ≤ m < π``.
+        easy_margin: apply the margin only where ``cos θ > 0`` (no fallback needed).
+    """
+
+    paper = "https://arxiv.org/abs/1801.07698"
+
+    def __init__(
+        self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False
+    ) -> None:
+        super().__init__(in_features, num_classes, scale=scale)
+        self.margin = check_non_negative("margin", margin)
+        if self.margin >= torch.pi:
+            raise InvalidValueError(f"margin must be in [0, π) radians, got {margin!r}")
+        self.easy_margin = bool(easy_margin)
+
+    def margin_target(self, cos_target: Tensor) -> Tensor:
+        return arcface_margin(cos_target, self.margin, self.easy_margin)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}, margin={self.margin:g}, easy={self.easy_margin}"
+
+
+class CombinedMarginHead(AngularMarginHead):
+    """InsightFace's combined margin: target logit ``s · (cos(m1·θ_y + m2) − m3)``.
+
+    From insightface's ``arcface_torch`` (``CombinedMarginLoss``); covers SphereFace-like
+    (``m1``), ArcFace (``m2``) and CosFace (``m3``) margins in one formula. Defaults
+    ``s = 64``, ``(m1, m2, m3) = (1.0, 0.3, 0.2)``, the combination insightface ships.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+        scale: ``s > 0``.
+        m1: multiplicative angular margin, ``≥ 1`` in practice, ``> 0`` required.
+        m2: additive angular margin in radians, ``≥ 0``.
+        m3: additive cosine margin, ``≥ 0``.
+    """
+
+    paper = "https://github.com/deepinsight/insightface/tree/master/recognition/arcface_torch"
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        scale: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.3,
+        m3: float = 0.2,
+    ) -> None:
+        super().__init__(in_features, num_classes, scale=scale)
+        self.m1 = check_positive("m1", m1)
+        self.m2 = check_non_negative("m2", m2)
+        self.m3 = check_non_negative("m3", m3)
+
+    def margin_target(self, cos_target: Tensor) -> Tensor:
+        return combined_margin(cos_target, self.m1, self.m2, self.m3)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}, m1={self.m1:g}, m2={self.m2:g}, m3={self.m3:g}"

@@ -1,0 +1,70 @@
+"""Softmax and modified softmax: the two baselines without a margin."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Head, HeadOutput
+from .functional import cosine_linear
+
+__all__ = ["SoftmaxHead", "ModifiedSoftmaxHead"]
+
+
+class SoftmaxHead(Head):
+    """Linear classifier and cross-entropy: ``logits = W x + b``.
+
+    The baseline every margin head is compared with. Logits are the same with and
+    without labels.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+        bias: Learn a per-class bias ``b``.
+    """
+
+    paper = "https://en.wikipedia.org/wiki/Softmax_function"
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
+        super().__init__(in_features, num_classes)
+        layer = nn.Linear(in_features, num_classes, bias=bias)  # PyTorch's default init
+        self.weight = layer.weight
+        self.bias = layer.bias
+
+    def inference_logits(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
+        logits = self.inference_logits(x)
+        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+
+
+class ModifiedSoftmaxHead(Head):
+    """Modified softmax: unit-norm class weights, no bias, ``logits = ‖x‖ cos θ``.
+
+    Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017,
+    §3.1 (Eq. 3-4): normalising the weights and dropping the bias makes the decision
+    boundary depend on the angle only; the feature norm is kept. It is A-Softmax with
+    ``m = 1``. Trained with cross-entropy on these logits.
+
+    Args:
+        in_features: Embedding width ``D``.
+        num_classes: Number of classes ``C``.
+    """
+
+    paper = "https://arxiv.org/abs/1704.08063"
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__(in_features, num_classes)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
+
+    def inference_logits(self, x: Tensor) -> Tensor:
+        cos = cosine_linear(x, self.weight.to(x.dtype))
+        return cos * x.norm(dim=1, keepdim=True)
+
+    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
+        logits = self.inference_logits(x)
+        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+
