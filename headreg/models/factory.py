@@ -1,0 +1,240 @@
+"""`create_model`: any timm, torchvision or headreg backbone, or an nn.Module, with any registered head."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from torch import nn
+
+from ..errors import HeadregError, InvalidValueError, UnknownBackboneError, did_you_mean
+from . import lenetpp as _lenetpp  # noqa: F401 - registers LeNet++ into timm
+from .head_model import BackboneAdapter, HeadModel, Neck
+
+__all__ = ["create_model", "list_backbones", "create_backbone"]
+
+TORCHVISION_PREFIX = "torchvision/"
+#: headreg's own backbones: they take ``embed_dim`` and end in the embedding layer, so need no neck.
+HEADREG_BACKBONES = ("lenetpp", "lenetpp_bn")
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def list_backbones(filter: str = "", torchvision: bool = True) -> list[str]:
+    """Backbone names ``create_model`` accepts: timm's, ``torchvision/<name>``, headreg's own."""
+    import timm
+
+    names = list(timm.list_models(filter or ""))
+    if torchvision:
+        import torchvision.models as tvm
+
+        tv = [TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm)]
+        names += [n for n in tv if not filter or fnmatch.fnmatchcase(n, filter)]
+    return names
+
+
+def _pretrained_error(name: str, exc: Exception) -> HeadregError:
+    return HeadregError(
+        f"could not load pretrained weights for backbone '{name}': {type(exc).__name__}: {exc}. "
+        "headreg never downloads during tests; on an offline machine put the weights in the "
+        "Hugging Face / torch hub cache first, or pass pretrained=False"
+    )
+
+
+def _timm_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, int, dict[str, Any]]:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as exc:
+        raise InvalidValueError(f"backbone '{name}' does not accept these arguments {sorted(kwargs)}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        if pretrained:
+            raise _pretrained_error(name, exc) from None
+        raise
+    return model, int(model.num_features), dict(model.pretrained_cfg)
+
+
+def _torchvision_backbone(
+    name: str, pretrained: bool, kwargs: dict[str, Any]
+) -> tuple[nn.Module, int, dict[str, Any]]:
+    import torchvision.models as tvm
+
+    available = tvm.list_models(module=tvm)
+    if name not in available:
+        raise UnknownBackboneError(
+            f"unknown torchvision backbone '{name}'{did_you_mean(name, available)} "
+            "(torchvision.models.list_models() shows them)"
+        )
+    in_chans = kwargs.pop("in_chans", 3)
+    try:
+        model = tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    except TypeError as exc:
+        raise InvalidValueError(f"backbone '{name}' does not accept these arguments {sorted(kwargs)}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        if pretrained:
+            raise _pretrained_error(TORCHVISION_PREFIX + name, exc) from None
+        raise
+    # The classifier is the last Linear layer; its input is the pooled feature width.
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise InvalidValueError(f"torchvision backbone '{name}' has no linear classifier headreg can remove")
+    fc_name, fc = linears[-1]
+    _set_submodule(model, fc_name, nn.Identity())
+    if in_chans != 3:
+        _adapt_first_conv(model, in_chans)
+    size = 299 if name.startswith("inception") else 224
+    cfg = {"input_size": (in_chans, size, size), "interpolation": "bilinear", "crop_pct": 0.875, **_IMAGENET}
+    return model, int(fc.in_features), cfg
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
+    for name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            new = nn.Conv2d(
+                in_chans,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups if conv.groups == 1 else in_chans,
+                conv.bias is not None,
+            )
+            _set_submodule(model, name, new)
+            return
+
+
+def create_backbone(
+    backbone: str | nn.Module, *, pretrained: bool = False, **kwargs: Any
+) -> tuple[BackboneAdapter, dict[str, Any]]:
+    """Resolve a backbone to a :class:`BackboneAdapter` and its timm-style data config.
+
+    Args:
+        backbone: timm name, ``torchvision/<name>``, ``lenetpp``, or an ``nn.Module``
+            (with ``num_features``, or ``forward_features``/``forward_head`` as timm).
+        pretrained: load pretrained weights (timm/torchvision; never downloaded in tests).
+        **kwargs: backbone arguments, e.g. ``in_chans``, ``drop_rate``.
+    """
+    if isinstance(backbone, nn.Module):
+        num_features = getattr(backbone, "num_features", None)
+        if not isinstance(num_features, int):
+            raise InvalidValueError(
+                "a backbone nn.Module must have an integer `num_features` attribute (its output width), "
+                f"got {num_features!r}"
+            )
+        cfg = dict(getattr(backbone, "pretrained_cfg", None) or {"input_size": (3, 224, 224), **_IMAGENET})
+        return BackboneAdapter(backbone, num_features), cfg
+    if not isinstance(backbone, str) or not backbone:
+        raise InvalidValueError(f"backbone must be a model name or an nn.Module, got {backbone!r}")
+    if backbone.startswith(TORCHVISION_PREFIX):
+        module, width, cfg = _torchvision_backbone(backbone[len(TORCHVISION_PREFIX) :], pretrained, kwargs)
+        return BackboneAdapter(module, width), cfg
+    import timm
+
+    if not timm.is_model(backbone):
+        names = timm.list_models()
+        raise UnknownBackboneError(
+            f"unknown backbone '{backbone}'{did_you_mean(backbone, names)} "
+            "(timm.list_models() lists timm's; torchvision models are written 'torchvision/<name>')"
+        )
+    module, width, cfg = _timm_backbone(backbone, pretrained, kwargs)
+    return BackboneAdapter(module, width), cfg
+
+
+def create_model(
+    backbone: str | nn.Module,
+    head: str | None = None,
+    *,
+    num_classes: int | None = None,
+    embedding_dim: int | None = None,
+    pretrained: bool = False,
+    head_options: dict[str, Any] | None = None,
+    neck: str | None = None,
+    neck_dropout: float = 0.0,
+    **backbone_kwargs: Any,
+) -> HeadModel:
+    """Build backbone → neck → head, e.g. ``create_model("resnet18", head="arcface", num_classes=10)``.
+
+    Args:
+        backbone: a timm name (``timm.list_models()``), ``torchvision/<name>``, headreg's
+            ``lenetpp``/``lenetpp_bn``, or an ``nn.Module``.
+        head: a registered head name (``headreg.list_heads()``); None gives an embedding model.
+        num_classes: classes of the head; required with a head.
+        embedding_dim: embedding width ``D``; None keeps the backbone's width. For LeNet++
+            it sets the embedding layer itself.
+        pretrained: load the backbone's pretrained weights (no download is attempted offline).
+        head_options: the head's options, e.g. ``{"margin": 0.3, "scale": 30}``.
+        neck: ``"linear_bn"`` (default when ``embedding_dim`` is given: linear + batch norm as
+            insightface), ``"linear"``, or ``"none"``.
+        neck_dropout: dropout before the neck's projection.
+        **backbone_kwargs: passed to the backbone, e.g. ``in_chans=1``; ``None`` values are dropped.
+
+    Returns:
+        A :class:`HeadModel`.
+    """
+    backbone_kwargs = {k: v for k, v in backbone_kwargs.items() if v is not None}
+    head_options = {k: v for k, v in (head_options or {}).items() if v is not None}
+    if head is not None:
+        if num_classes is None:
+            raise InvalidValueError(f"num_classes is required with head '{head}', got None")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise InvalidValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        from ..registry import get_head_class
+
+        get_head_class(head)  # fail on an unknown head before building a large backbone
+    if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
+        raise InvalidValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+    if neck not in (None, "linear_bn", "linear", "none"):
+        raise InvalidValueError(f"neck must be 'linear_bn', 'linear' or 'none', got {neck!r}")
+
+    own = isinstance(backbone, str) and backbone in HEADREG_BACKBONES
+    if own and embedding_dim is not None:
+        backbone_kwargs["embed_dim"] = embedding_dim
+    adapter, cfg = create_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
+    in_chans = backbone_kwargs.get("in_chans")
+    if in_chans is not None and "input_size" in cfg:
+        cfg["input_size"] = (in_chans, *tuple(cfg["input_size"])[1:])
+
+    width = adapter.num_features
+    neck_kind = neck or ("linear_bn" if embedding_dim is not None and not own else "none")
+    neck_module: nn.Module | None = None
+    if neck_kind != "none":
+        dim = embedding_dim if embedding_dim is not None else width
+        neck_module = Neck(width, dim, dropout=neck_dropout, batch_norm=neck_kind == "linear_bn")
+        width = dim
+    elif embedding_dim is not None and embedding_dim != width:
+        raise InvalidValueError(
+            f"embedding_dim={embedding_dim} differs from the backbone's width {width}; use a neck "
+            "('linear_bn' or 'linear') to project"
+        )
+
+    head_module = None
+    if head is not None:
+        from ..registry import create_head
+
+        head_module = create_head(head, width, num_classes, **head_options)
+    config = {
+        "backbone": backbone if isinstance(backbone, str) else None,
+        "backbone_kwargs": backbone_kwargs,
+        "head": head,
+        "head_options": head_options,
+        "num_classes": num_classes if head is not None else 0,
+        "embedding_dim": embedding_dim,
+        "neck": neck_kind,
+        "neck_dropout": neck_dropout,
+    }
+    return HeadModel(
+        adapter,
+        head_module,
+        neck_module,
+        embedding_dim=width,
+        num_classes=config["num_classes"],
+        pretrained_cfg=cfg,
+        config=config,
+    )

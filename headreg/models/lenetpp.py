@@ -1,0 +1,136 @@
+"""LeNets++ (Wen et al. 2016), the backbone of the 2-D MNIST feature experiment.
+
+Registered into timm, so ``timm.create_model("lenetpp", in_chans=1, num_classes=10)``
+works once ``headreg.models`` is imported, and it follows timm's conventions:
+``forward_features`` → ``forward_head(x, pre_logits=True)`` → classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+__all__ = ["LeNetPP"]
+
+
+class LeNetPP(nn.Module):
+    """LeNets++: three stages of two 5×5 convolutions with PReLU, each followed by 2×2 max pooling.
+
+    Wen et al., "A Discriminative Feature Learning Approach for Deep Face Recognition",
+    ECCV 2016, §4.1 / Fig. 2: (5×5, 32)×2 → pool → (5×5, 64)×2 → pool → (5×5, 128)×2 → pool
+    → fully connected embedding (2-D in the paper, to draw the features). The embedding
+    layer is linear (``embed_act=True`` adds the PReLU of the authors' Caffe model).
+
+    Args:
+        in_chans: input channels.
+        num_classes: classes of the linear classifier; 0 for an embedding extractor.
+        embed_dim: width of the embedding layer (``num_features``).
+        widths: channels of the three stages.
+        batch_norm: batch norm after each convolution (not in the paper; trains faster).
+        embed_act: PReLU after the embedding layer.
+        input_size: ``(H, W)`` the flattened feature size is computed for.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        embed_dim: int = 2,
+        widths: Sequence[int] = (32, 64, 128),
+        batch_norm: bool = False,
+        embed_act: bool = False,
+        input_size: Sequence[int] = (28, 28),
+        drop_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        kwargs.pop("global_pool", None)  # timm passes it to every model; LeNet++ flattens
+        if kwargs:
+            raise TypeError(f"LeNetPP got unexpected arguments: {sorted(kwargs)}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = embed_dim
+        self.drop_rate = drop_rate
+        stages: list[nn.Module] = []
+        prev = in_chans
+        for width in widths:
+            layers: list[nn.Module] = []
+            for _ in range(2):
+                layers.append(nn.Conv2d(prev, width, 5, padding=2, bias=not batch_norm))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.PReLU(width))
+                prev = width
+            layers.append(nn.MaxPool2d(2))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        h, w = input_size
+        for _ in widths:
+            h, w = h // 2, w // 2
+        self.flat_dim = prev * h * w
+        self.embed = nn.Linear(self.flat_dim, embed_dim)
+        self.embed_act = nn.PReLU() if embed_act else nn.Identity()
+        self.fc = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, in_chans, H, W) -> (B, C_last, H/8, W/8)`` feature maps."""
+        return self.stages(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Feature maps → embedding ``(B, embed_dim)`` (``pre_logits``) or class logits."""
+        x = self.embed_act(self.embed(torch.flatten(x, 1)))
+        if pre_logits:
+            return x
+        if self.drop_rate:
+            x = nn.functional.dropout(x, self.drop_rate, self.training)
+        return self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (0.1307, 0.1307, 0.1307),  # MNIST statistics, repeated for 3-channel inputs
+        "std": (0.3081, 0.3081, 0.3081),
+        "first_conv": "stages.0.0",
+        "classifier": "fc",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({"lenetpp": _cfg(), "lenetpp_bn": _cfg()})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LeNetPP:
+    return build_model_with_cfg(LeNetPP, variant, pretrained, **kwargs)
+
+
+@register_model
+def lenetpp(pretrained: bool = False, **kwargs: Any) -> LeNetPP:
+    """LeNets++ as in Wen et al. 2016 (no batch norm), 2-D embedding by default."""
+    return _create("lenetpp", pretrained, **kwargs)
+
+
+@register_model
+def lenetpp_bn(pretrained: bool = False, **kwargs: Any) -> LeNetPP:
+    """LeNets++ with batch norm after each convolution (headreg's variant; converges in fewer steps)."""
+    return _create("lenetpp_bn", pretrained, **dict(dict(batch_norm=True), **kwargs))
