@@ -56,7 +56,8 @@ class HeadEntry:
     def description(self) -> str:
         """First line of the class docstring."""
         doc = inspect.getdoc(self.cls) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        first = doc.strip().splitlines()[0] if doc.strip() else ""
+        return first.replace("``", "")
 
     @property
     def defaults(self) -> dict[str, Any]:
