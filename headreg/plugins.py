@@ -101,7 +101,9 @@ def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     pm.register(_builtin, name=BUILTIN)
-    infos = {BUILTIN: PluginInfo(name=BUILTIN, distribution="headreg", version=_own_version(), module=_builtin.__name__)}
+    infos = {
+        BUILTIN: PluginInfo(name=BUILTIN, distribution="headreg", version=_own_version(), module=_builtin.__name__)
+    }
 
     allow = _env_list("HEADREG_LOAD_PLUGINS")
     block = _env_list("HEADREG_BLOCK_PLUGINS") or set()

@@ -94,7 +94,8 @@ def _validate_head_class(name: str, cls: Any) -> None:
         sig.bind(None, 8, 2)
     except (TypeError, ValueError) as exc:
         raise PluginError(
-            f"head '{name}' ({cls.__qualname__}) must be constructible as {cls.__name__}(in_features, num_classes): {exc}"
+            f"head '{name}' ({cls.__qualname__}) must be constructible as "
+            f"{cls.__name__}(in_features, num_classes): {exc}"
         ) from None
 
 
@@ -111,9 +112,15 @@ def _collect() -> dict[str, HeadEntry]:
         origin = info.origin if info is not None else impl.plugin_name
         staged: list[HeadEntry] = []
 
-        def register(name: str, cls: Any, _staged: list[HeadEntry] = staged, _plugin: str = impl.plugin_name) -> None:
+        def register(
+            name: str,
+            cls: Any,
+            _staged: list[HeadEntry] = staged,
+            _plugin: str = impl.plugin_name,
+            _origin: str = origin,
+        ) -> None:
             _validate_head_class(name, cls)
-            _staged.append(HeadEntry(name=name, cls=cls, plugin=_plugin, origin=origin))
+            _staged.append(HeadEntry(name=name, cls=cls, plugin=_plugin, origin=_origin))
 
         try:
             impl.function(register=register)

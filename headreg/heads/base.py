@@ -48,9 +48,7 @@ def check_embeddings(embeddings: Tensor, in_features: int) -> None:
     if not isinstance(embeddings, Tensor):
         raise InvalidInputError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dim() != 2 or embeddings.shape[1] != in_features:
-        raise InvalidInputError(
-            f"embeddings must have shape (batch, {in_features}), got {tuple(embeddings.shape)}"
-        )
+        raise InvalidInputError(f"embeddings must have shape (batch, {in_features}), got {tuple(embeddings.shape)}")
     if not embeddings.is_floating_point():
         raise InvalidInputError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
     if embeddings.shape[0] == 0:

@@ -36,19 +36,19 @@ class AngularMarginHead(Head):
         # N(0, 0.01) as insightface; the norm of a class weight does not enter the logits.
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
         self.learn_scale = bool(learn_scale)
-        log_scale = torch.tensor(float(scale)).log()
+        # A fixed s stays a Python float: a float32 buffer would round log(s) or s itself,
+        # which float64 references (and gradcheck) would see.
+        self._fixed_scale = float(scale)
         if self.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+            self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
 
     @property
     def scale(self) -> float:
         """The current ``s`` as a Python float."""
-        return float(self.log_scale.detach().exp())
+        return float(self.log_scale.detach().exp()) if self.learn_scale else self._fixed_scale
 
-    def _scale(self, dtype: torch.dtype) -> Tensor:
-        return self.log_scale.to(dtype).exp()
+    def _scale(self, dtype: torch.dtype) -> Tensor | float:
+        return self.log_scale.to(dtype).exp() if self.learn_scale else self._fixed_scale
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         """Target cosine after the margin, from ``(B,)`` target cosines. Identity here."""

@@ -67,4 +67,3 @@ class ModifiedSoftmaxHead(Head):
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
         logits = self.inference_logits(x)
         return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
-

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidValueError
-from .base import Head, HeadOutput, check_non_negative, check_positive
+from .base import Head, HeadOutput, check_non_negative
 from .functional import cosine_linear, sphereface_psi, target_logit
 
 __all__ = ["SphereFaceHead"]

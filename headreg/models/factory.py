@@ -54,9 +54,7 @@ def _timm_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple
     return model, int(model.num_features), dict(model.pretrained_cfg)
 
 
-def _torchvision_backbone(
-    name: str, pretrained: bool, kwargs: dict[str, Any]
-) -> tuple[nn.Module, int, dict[str, Any]]:
+def _torchvision_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, int, dict[str, Any]]:
     import torchvision.models as tvm
 
     available = tvm.list_models(module=tvm)
