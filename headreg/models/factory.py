@@ -51,7 +51,10 @@ def _timm_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple
         if pretrained:
             raise _pretrained_error(name, exc) from None
         raise
-    return model, int(model.num_features), dict(model.pretrained_cfg)
+    # forward_head(pre_logits=True) yields head_hidden_size features (≠ num_features for
+    # models with a hidden pre-logits layer, e.g. MobileNetV3's conv_head).
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    return model, int(width), dict(model.pretrained_cfg)
 
 
 def _torchvision_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, int, dict[str, Any]]:

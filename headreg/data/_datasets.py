@@ -1,0 +1,363 @@
+"""Named datasets: where they live on disk, how they load, and the in-memory layout the hot loop reads.
+
+MNIST-sized datasets (mnist, fashion-mnist, cifar10, cifar100, fake) are decoded once into a uint8
+tensor ``N x C x H x W`` and served a whole batch per index operation (:class:`TensorImageDataset`);
+image folders stay on disk and go through a per-sample transform in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from headreg.errors import DatasetNotFoundError, InvalidValueError, UnknownDatasetError, did_you_mean
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "DEFAULT_DATA_DIR",
+    "ImageFolderDataset",
+    "TensorImageDataset",
+    "create_dataset",
+    "list_datasets",
+    "resolve_data_dir",
+]
+
+DATA_DIR_ENV = "HEADREG_DATA_DIR"
+DEFAULT_DATA_DIR = Path("~/.cache/headreg/data")
+
+SPLITS = ("train", "test")
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """Return the root folder that holds the datasets.
+
+    Resolution order: ``data_dir`` if given, else the environment variable ``HEADREG_DATA_DIR`` (when set and
+    not empty), else ``~/.cache/headreg/data``. The folder is not created and need not exist.
+
+    Args:
+        data_dir: Explicit root, e.g. from ``--data-dir``.
+
+    Returns:
+        The root as an absolute, user-expanded path.
+    """
+    if data_dir is None or str(data_dir) == "":
+        data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return Path(data_dir).expanduser().resolve()
+
+
+def _data_dir_source(data_dir: str | Path | None) -> str:
+    if data_dir is not None and str(data_dir) != "":
+        return "from the data_dir argument"
+    if os.environ.get(DATA_DIR_ENV):
+        return f"from {DATA_DIR_ENV}"
+    return f"the default; {DATA_DIR_ENV} is not set"
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor, served a whole batch at a time.
+
+    Indexing with a tensor (or list) of indices gathers the batch in one operation: no per-sample PIL decoding
+    and no per-sample collate, which is what makes MNIST-sized training loops fast.
+
+    Args:
+        images: ``(N, C, H, W)`` uint8 pixels in [0, 255].
+        labels: ``(N,)`` integer class indices in ``[0, num_classes)``.
+        classes: Class names, one per class; ``None`` names them ``"0"``, ``"1"``, ...
+        num_classes: Number of classes; defaults to ``len(classes)`` or ``labels.max() + 1``.
+        name: Dataset name, for messages.
+        hflip: Whether a horizontal flip is a label-preserving augmentation (not for digits).
+
+    Attributes:
+        images: ``(N, C, H, W)`` uint8.
+        targets: ``(N,)`` int64 labels (``labels`` is an alias).
+        channels: ``C``.
+        image_size: Native ``(H, W)`` in pixels.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        name: str = "tensor",
+        hflip: bool = False,
+    ) -> None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.dtype != torch.uint8:
+            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images)
+            raise InvalidValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got {got}")
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+            raise InvalidValueError(
+                f"labels must be an integer tensor of shape ({images.shape[0]},), "
+                f"got {tuple(labels.shape)} {labels.dtype}"
+            )
+        if images.shape[0] == 0:
+            raise InvalidValueError(f"dataset '{name}' is empty: images has shape {tuple(images.shape)}")
+        self.images = images.contiguous()
+        self.targets = labels.to(torch.long).contiguous()
+        if num_classes is None:
+            num_classes = len(classes) if classes is not None else int(self.targets.max()) + 1
+        self.num_classes = int(num_classes)
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
+        if int(self.targets.min()) < 0 or int(self.targets.max()) >= self.num_classes:
+            raise InvalidValueError(
+                f"labels must lie in [0, {self.num_classes}), got range "
+                f"[{int(self.targets.min())}, {int(self.targets.max())}]"
+            )
+        self.name = name
+        self.hflip = hflip
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """``(N,)`` int64 labels (same tensor as ``targets``)."""
+        return self.targets
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int | torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample ``((C, H, W) uint8, () int64)`` for an int, a batch for a tensor or list of indices."""
+        if isinstance(index, int) or (hasattr(index, "ndim") and index.ndim == 0):  # also numpy / 0-d tensor
+            return self.images[int(index)], self.targets[int(index)]
+        return self.get_batch(index)
+
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch: ``(B, C, H, W)`` uint8 images and ``(B,)`` int64 labels.
+
+        A ``torch.utils.data.DataLoader`` over this dataset needs ``collate_fn=TensorImageDataset.collate``,
+        because this already returns a collated batch.
+        """
+        return self.get_batch(indices)
+
+    def get_batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather ``(B, C, H, W)`` uint8 images and ``(B,)`` int64 labels for ``indices`` in one index op."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        return self.images.index_select(0, idx), self.targets.index_select(0, idx)
+
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass-through collate for DataLoaders that call ``__getitems__``."""
+        return batch
+
+    def to(self, device: torch.device | str) -> TensorImageDataset:
+        """Move images and labels to ``device`` in place (e.g. the whole of MNIST onto the GPU) and return self."""
+        self.images = self.images.to(device)
+        self.targets = self.targets.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorImageDataset(name={self.name!r}, samples={len(self)}, classes={self.num_classes}, "
+            f"channels={self.channels}, image_size={self.image_size})"
+        )
+
+
+class ImageFolderDataset(Dataset):
+    """A torchvision ``ImageFolder`` (``root/<class>/<image>``) decoded per sample, with headreg's attributes.
+
+    ``transform`` is a per-sample callable (PIL image -> tensor); :func:`headreg.data.resolve_transform` sets it
+    from the backbone's data config. Without one, samples are ``(3, H, W)`` uint8 tensors.
+
+    Attributes:
+        root: The folder the classes were read from.
+        targets: ``(N,)`` int64 labels (``labels`` is an alias).
+        channels: 3 (images are converted to RGB on load).
+        image_size: ``None``: images in a folder have no single native size.
+    """
+
+    channels = 3
+    image_size = None
+
+    def __init__(self, root: Path, *, name: str, transform: Callable[[Any], Any] | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            self._folder = ImageFolder(str(root))
+        except FileNotFoundError as err:
+            raise DatasetNotFoundError(
+                f"dataset '{name}': no images found in {root} ({err}); expected the ImageFolder layout "
+                f"{root}/<class name>/<image file>"
+            ) from None
+        self.root = root
+        self.name = name
+        self.classes = list(self._folder.classes)
+        self.num_classes = len(self.classes)
+        self.targets = torch.tensor(self._folder.targets, dtype=torch.long)
+        self.transform = transform
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.targets
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """``(path, class index)`` pairs, as ImageFolder's."""
+        return self._folder.samples
+
+    def __len__(self) -> int:
+        return len(self._folder.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self._folder.samples[index]
+        image = self._folder.loader(path)
+        if self.transform is not None:
+            return self.transform(image), target
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pil_to_tensor(image), target
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset(root={str(self.root)!r}, samples={len(self)}, classes={self.num_classes})"
+
+
+# name -> (torchvision class name, folder under the data dir holding its files, hflip is label-preserving)
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw", False),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", True),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", True),
+    "cifar100": ("CIFAR100", "cifar-100-python", True),
+}
+_PREFIXED = ("imagefolder",)
+_OTHER = ("fake",)
+
+
+def list_datasets() -> list[str]:
+    """Names :func:`create_dataset` accepts; ``imagefolder`` is used as ``imagefolder:PATH``."""
+    return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED])
+
+
+def create_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    **kwargs: Any,
+) -> TensorImageDataset | ImageFolderDataset:
+    """Create a named dataset.
+
+    Args:
+        name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision's layouts under the data dir),
+            ``imagefolder:PATH`` (torchvision's ImageFolder layout; ``PATH/<split>`` if that folder exists, else
+            ``PATH`` itself; a relative PATH is taken from the current directory) or ``fake`` (seeded synthetic
+            images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
+            ``channels``, ``seed``).
+        split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
+        data_dir: Root holding the datasets; see :func:`resolve_data_dir`.
+        download: Let torchvision download a missing dataset. Never done otherwise.
+        **kwargs: Options of the ``fake`` dataset; other datasets take none.
+
+    Returns:
+        A :class:`TensorImageDataset` for the in-memory datasets, an :class:`ImageFolderDataset` for folders.
+
+    Raises:
+        UnknownDatasetError: ``name`` is not a known dataset.
+        InvalidValueError: a bad split or option.
+        DatasetNotFoundError: the files are not where they were looked for, or the split holds no images.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidValueError(f"dataset name must be a non-empty string, got {name!r}")
+    key, _, arg = name.partition(":")
+    key = key.strip().lower()
+    if key in _PREFIXED:
+        if not arg:
+            raise InvalidValueError(f"dataset '{name}' needs a folder: use 'imagefolder:PATH'")
+        _reject_options(name, kwargs)
+        return _create_imagefolder(name, Path(arg).expanduser(), split)
+    if key in _TORCHVISION and not arg:
+        _check_split(name, split)
+        _reject_options(name, kwargs)
+        return _create_torchvision(key, split, data_dir=data_dir, download=download)
+    if key == "fake" and not arg:
+        _check_split(name, split)
+        from headreg.data._fake import create_fake
+
+        return create_fake(split, **kwargs)
+    raise UnknownDatasetError(
+        f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
+        "imagefolder is used as 'imagefolder:PATH')"
+    )
+
+
+def _check_split(name: str, split: str) -> None:
+    if split not in SPLITS:
+        raise InvalidValueError(f"split for dataset '{name}' must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def _reject_options(name: str, kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        raise InvalidValueError(f"dataset '{name}' takes no options, got {', '.join(sorted(kwargs))}")
+
+
+def _create_torchvision(key: str, split: str, *, data_dir: str | Path | None, download: bool) -> TensorImageDataset:
+    import torchvision.datasets as tvd
+
+    cls_name, subdir, hflip = _TORCHVISION[key]
+    root = resolve_data_dir(data_dir)
+    where = root / subdir
+
+    def not_found(detail: str) -> DatasetNotFoundError:
+        return DatasetNotFoundError(
+            f"dataset '{key}' ({split} split) not found: looked in {where} (data dir {root}, "
+            f"{_data_dir_source(data_dir)}){detail}. Point headreg at a folder that holds it with --data-dir DIR "
+            f"or {DATA_DIR_ENV}=DIR, or download it once on a machine with internet, e.g. "
+            f"`python -c \"import torchvision; torchvision.datasets.{cls_name}('{root}', train=True, download=True); "
+            f"torchvision.datasets.{cls_name}('{root}', train=False, download=True)\"` "
+            f"(or create_dataset(..., download=True)) and copy the {subdir.split('/')[0]}/ folder it makes into {root}"
+        )
+
+    if not download and not where.is_dir():
+        raise not_found("")
+    try:
+        ds = getattr(tvd, cls_name)(str(root), train=(split == "train"), download=download)
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" for missing or partial files
+        raise not_found(f": {err}") from None
+    except OSError as err:  # a failed download (no network) or unreadable files
+        raise not_found(f": {type(err).__name__}: {err}") from None
+
+    data = ds.data
+    if isinstance(data, torch.Tensor):  # MNIST family: (N, H, W) uint8
+        images = data.unsqueeze(1)
+    else:  # CIFAR: numpy (N, H, W, C) uint8
+        images = torch.from_numpy(data).permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    return TensorImageDataset(images.contiguous(), labels, classes=list(ds.classes), name=key, hflip=hflip)
+
+
+def _create_imagefolder(name: str, path: Path, split: str) -> ImageFolderDataset:
+    path = path.resolve()
+    if not path.is_dir():
+        raise DatasetNotFoundError(
+            f"dataset '{name}' not found: {path} is not a folder; expected the ImageFolder layout "
+            f"{path}/[<split>/]<class name>/<image file>"
+        )
+    root = path / split
+    if not root.is_dir():
+        # Falling back to PATH itself when it holds other splits would read 'train'/'test' as class names.
+        present = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name in {"train", "test", "val"})
+        if present:
+            raise DatasetNotFoundError(
+                f"split {split!r} of dataset '{name}' not found: {root} does not exist "
+                f"(splits present: {', '.join(present)})"
+            )
+        root = path
+    return ImageFolderDataset(root, name=name)

@@ -1,0 +1,118 @@
+"""Files of precomputed embeddings and labels, in safetensors (no pickle, safe to load from anyone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headreg.errors import DatasetNotFoundError, InvalidInputError, InvalidValueError
+
+__all__ = ["load_embeddings", "save_embeddings"]
+
+_MASKS = ("is_query", "is_gallery")
+
+
+def _check(embeddings: Any, labels: Any, masks: dict[str, Any], where: str, error: type[InvalidValueError]) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
+        got = f"{tuple(embeddings.shape)} {embeddings.dtype}" if isinstance(embeddings, torch.Tensor) else embeddings
+        raise error(f"{where}embeddings must be a float tensor of shape (N, D), got {got}")
+    n = embeddings.shape[0]
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.shape != (n,)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else labels
+        raise error(f"{where}labels must be an integer tensor of shape ({n},) to match embeddings, got {got}")
+    for key, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else mask
+            raise error(f"{where}{key} must be a bool tensor of shape ({n},), got {got}")
+
+
+def save_embeddings(
+    path: str | Path,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    is_query: torch.Tensor | None = None,
+    is_gallery: torch.Tensor | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write embeddings and labels to a safetensors file, creating parent folders.
+
+    Args:
+        path: Output file (``.safetensors`` by convention).
+        embeddings: ``(N, D)`` float, any device (copied to CPU; dtype kept).
+        labels: ``(N,)`` integer class labels (stored as int64).
+        is_query: Optional ``(N,)`` bool mask of query samples, for retrieval splits.
+        is_gallery: Optional ``(N,)`` bool mask of gallery samples.
+        metadata: Optional string-to-string pairs stored in the header (e.g. model, head, dataset).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    masks = {k: v for k, v in (("is_query", is_query), ("is_gallery", is_gallery)) if v is not None}
+    _check(embeddings, labels, masks, "", InvalidValueError)
+    if metadata is not None:
+        pairs = metadata.items() if isinstance(metadata, dict) else [(None, None)]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
+            raise InvalidValueError(
+                f"metadata must map strings to strings (safetensors headers hold text), got {metadata!r}"
+            )
+    tensors = {
+        "embeddings": embeddings.detach().to("cpu").contiguous(),
+        "labels": labels.detach().to("cpu", torch.long).contiguous(),
+        **{k: v.detach().to("cpu").contiguous() for k, v in masks.items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
+    return path
+
+
+def load_embeddings(path: str | Path) -> dict[str, Any]:
+    """Read and validate a file written by :func:`save_embeddings`.
+
+    Args:
+        path: The safetensors file.
+
+    Returns:
+        ``{"embeddings": (N, D) float, "labels": (N,) int64, "metadata": dict[str, str]}`` plus ``"is_query"`` /
+        ``"is_gallery"`` ``(N,)`` bool when the file holds them. Other tensors in the file are ignored.
+
+    Raises:
+        DatasetNotFoundError: no file at ``path``.
+        InvalidInputError: not a safetensors file, a required key missing, or shapes/dtypes that disagree.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"embeddings file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            metadata = dict(f.metadata() or {})
+            missing = [k for k in ("embeddings", "labels") if k not in keys]
+            if missing:
+                raise InvalidInputError(
+                    f"embeddings file {path} lacks {', '.join(repr(k) for k in missing)}; "
+                    f"it holds {sorted(keys) or 'no tensors'}"
+                )
+            out: dict[str, Any] = {k: f.get_tensor(k) for k in ("embeddings", "labels", *_MASKS) if k in keys}
+    except InvalidInputError:
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError or OSError for a bad header
+        raise InvalidInputError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from None
+    masks = {k: out[k] for k in _MASKS if k in out}
+    _check(out["embeddings"], out["labels"], masks, f"in {path}: ", InvalidInputError)
+    out["labels"] = out["labels"].to(torch.long)
+    out["metadata"] = metadata
+    return out
