@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import pluggy
@@ -56,11 +58,20 @@ class PluginInfo:
         return "built-in" if self.name == BUILTIN else (self.distribution or self.name)
 
 
+def _canonical(name: str) -> str:
+    """PEP 503 normalisation, so ``headreg_examples`` and ``headreg-examples`` are one name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _env_list(var: str) -> set[str] | None:
     value = os.environ.get(var)
     if value is None:
         return None
-    return {part.strip() for part in value.split(",") if part.strip()}
+    return {_canonical(part.strip()) for part in value.split(",") if part.strip()}
+
+
+def _report(info: PluginInfo) -> None:
+    warnings.warn(f"headreg plugin '{info.name}' ({info.origin}) skipped: {info.error}", RuntimeWarning, stacklevel=5)
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -120,7 +131,7 @@ def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
             infos[f"{ep.name} ({info.distribution})"] = info
             continue
         infos[ep.name] = info
-        names = {ep.name, info.distribution}
+        names = {_canonical(n) for n in (ep.name, info.distribution) if n}
         if (allow is not None and not names & allow) or names & block:
             info.blocked = True
             pm.set_blocked(ep.name)
@@ -130,6 +141,7 @@ def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # noqa: BLE001 - any failure of third-party code is reported, not raised
             info.error = f"failed to load: {type(exc).__name__}: {exc}"
+            _report(info)
     while True:
         try:
             pm.check_pending()
@@ -141,6 +153,7 @@ def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
                 raise
             pm.unregister(name=name)
             infos[name].error = f"invalid plugin: {exc}"
+            _report(infos[name])
     return pm, infos
 
 
