@@ -1,0 +1,182 @@
+"""Retrieval-metric speed against the matmul floor and pytorch-metric-learning, in one run.
+
+For each size N, on the same synthetic clustered embeddings (D dims, C classes, every
+sample a leave-one-out query against all others), times:
+
+  floor    one N x N x D similarity matmul, chunked like headreg (bounded memory), nothing else
+  headreg  headreg.metrics.retrieval_metrics (P@1, R-precision, MAP@R), torch backend
+  pml      pytorch-metric-learning AccuracyCalculator(k="max_bin_count") with its default faiss k-NN
+
+Each method runs in its own subprocess; peak extra memory is the largest RSS growth over
+the RSS after the data is built, sampled every 2 ms from /proc/self/statm by a thread.
+Prints a markdown table and headreg's time per stage.
+
+    PYTHONPATH=. python benchmarks/bench_eval.py --sizes 10000,50000,100000 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+METHODS = ("floor", "headreg", "pml")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Largest RSS growth over the RSS at entry, sampled by a background thread."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = _rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def make_data(n: int, dim: int, classes: int, noise: float, seed: int = 0):  # noqa: ANN201
+    """Clustered unit vectors: a random unit centre per class plus isotropic noise of norm ~noise."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    x = centers[labels] + noise * torch.randn(n, dim, generator=gen) / dim**0.5
+    return torch.nn.functional.normalize(x, dim=1), labels
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one method on one size; print one JSON line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x, y = make_data(args.n, args.dim, args.classes, args.noise)
+    # Imports happen before timing and before the RSS baseline.
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from headreg.metrics._knn import default_chunk_size
+    from headreg.metrics.retrieval import retrieval_metrics
+
+    times, result, stats, extra = [], {}, {}, 0.0
+    for _ in range(args.repeats):
+        stats = {}
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            if args.method == "floor":
+                chunk = args.chunk_size or default_chunk_size(args.n)
+                buf = torch.empty(chunk, args.n)
+                for s in range(0, args.n, chunk):
+                    e = min(s + chunk, args.n)
+                    torch.mm(x[s:e], x.T, out=buf[: e - s])
+            elif args.method == "headreg":
+                out = retrieval_metrics(x, y, recall_k=(1,), knn_k=1, chunk_size=args.chunk_size, stats=stats)
+                result = {k: out[k] for k in ("precision_at_1", "r_precision", "mean_average_precision_at_r")}
+            else:
+                calc = AccuracyCalculator(
+                    include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                    k="max_bin_count",
+                    device=torch.device("cpu"),
+                )
+                result = calc.get_accuracy(x, y)
+            times.append(time.perf_counter() - t0)
+        extra = max(extra, mem.extra_mib)
+    print(json.dumps({"time": min(times), "result": result, "stats": stats, "extra_mib": extra}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,50000,100000", help="comma-separated N")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--noise", type=float, default=1.5, help="noise norm relative to the unit class centre")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest is reported")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.method = args.child
+        child(args)
+        return
+    import torch
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"D={args.dim}, C={args.classes}, noise={args.noise}, repeats={args.repeats}",
+        flush=True,
+    )
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        res = {}
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--child", method, "--n", str(n), "--dim", str(args.dim)]
+            cmd += ["--classes", str(args.classes), "--noise", str(args.noise), "--repeats", str(args.repeats)]
+            cmd += ["--threads", str(args.threads)]
+            if args.chunk_size:
+                cmd += ["--chunk-size", str(args.chunk_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                raise SystemExit(f"{method} at N={n} failed")
+            res[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"N={n} {method}: {res[method]['time']:.2f} s", flush=True)
+        rows.append((n, res))
+    print()
+    print("| N | method | time (s) | x floor | speed-up vs PML | peak extra RSS (MiB) | P@1 | R-precision | MAP@R |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, res in rows:
+        floor = res.get("floor", {}).get("time")
+        for method, r in res.items():
+            ratio = f"{r['time'] / floor:.2f}" if floor else "-"
+            speed = f"{res['pml']['time'] / r['time']:.2f}" if "pml" in res and method != "floor" else "-"
+            m = r["result"]
+            vals = [
+                f"{m[k]:.6f}" if k in m else "-"
+                for k in ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+            ]
+            print(
+                f"| {n} | {method} | {r['time']:.2f} | {ratio} | {speed} | {r['extra_mib']:.0f} | "
+                + " | ".join(vals)
+                + " |"
+            )
+    print()
+    for n, res in rows:
+        if "headreg" in res:
+            st = res["headreg"]["stats"]
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in st.items())
+            print(f"headreg stages at N={n} (s; fallback_rows is a count): {parts}")
+        if "headreg" in res and "pml" in res:
+            a, b = res["headreg"]["result"], res["pml"]["result"]
+            diff = max(abs(a[k] - b[k]) for k in a)
+            print(f"N={n}: largest |headreg - PML| over the three metrics = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Top-k classification accuracy from a head's logits."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from headreg.errors import InvalidInputError
+from headreg.metrics._validate import check_positive_ints
+
+__all__ = ["topk_accuracy", "ClassificationAccuracy"]
+
+
+def _check_logits(logits: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InvalidInputError(f"logits must be a non-empty tensor of shape (B, C), got {shape}")
+    if not logits.is_floating_point():
+        raise InvalidInputError(f"logits must be floating point, got dtype {logits.dtype}")
+    b, c = logits.shape
+    if not isinstance(labels, torch.Tensor) or labels.shape != (b,):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InvalidInputError(f"labels must have shape ({b},), got {shape}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise InvalidInputError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if int(labels.min()) < 0 or int(labels.max()) >= c:
+        raise InvalidInputError(
+            f"labels must lie in [0, {c}) for {c} classes, got [{int(labels.min())}, {int(labels.max())}]"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise InvalidInputError(
+            f"logits must be finite, got {int((~torch.isfinite(logits).all(1)).sum())} row(s) with NaN or Inf"
+        )
+    return logits, labels.long()
+
+
+def _correct_counts(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, ...]) -> torch.Tensor:
+    """`(len(top_k),)` number of rows whose label is among the k largest logits.
+
+    A label tied with the k-th logit counts as correct only if `torch.topk` picked it;
+    use the rank instead to stay independent of topk's tie order: the label is in the top k
+    when fewer than k logits are strictly larger.
+    """
+    target = logits.gather(1, labels.unsqueeze(1))
+    rank = (logits > target).sum(1)  # 0 = best
+    return torch.stack([(rank < k).sum() for k in top_k])
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Fraction of rows whose label has fewer than k strictly larger logits, for each k.
+
+    Args:
+        logits: `(B, C)` float scores.
+        labels: `(B,)` integer labels in `[0, C)`.
+        top_k: the k values; k >= C gives 1.0.
+
+    Returns:
+        `{"top1_accuracy": ..., "top5_accuracy": ...}` (one key per k).
+    """
+    top_k = check_positive_ints(top_k, "top_k")
+    logits, labels = _check_logits(logits, labels)
+    counts = _correct_counts(logits, labels, top_k)
+    return {f"top{k}_accuracy": float(n) / logits.shape[0] for k, n in zip(top_k, counts.tolist(), strict=True)}
+
+
+class ClassificationAccuracy(Metric):
+    """Top-k accuracy from logits, accumulated as counts (`dist_reduce_fx="sum"`).
+
+    Ties with the k-th logit favour the label (a label counts as within the top k when
+    fewer than k logits are strictly larger), which is independent of `torch.topk`'s order.
+
+    Example:
+        >>> import torch
+        >>> from headreg.metrics.classification import ClassificationAccuracy
+        >>> metric = ClassificationAccuracy(top_k=(1, 2))
+        >>> metric.update(torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), torch.tensor([1, 2]))
+        >>> metric.compute()
+        {'top1_accuracy': 0.5, 'top2_accuracy': 1.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, top_k: tuple[int, ...] = (1, 5), **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.top_k = check_positive_ints(top_k, "top_k")
+        self.add_state("correct", default=torch.zeros(len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: `(B, C)` logits and `(B,)` labels."""
+        logits, labels = _check_logits(logits, labels)
+        self.correct += _correct_counts(logits.detach(), labels, self.top_k).to(self.correct.device)
+        self.total += logits.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        """Accuracy per k since the last reset (NaN before any update)."""
+        total = int(self.total)
+        if total == 0:
+            return {f"top{k}_accuracy": float("nan") for k in self.top_k}
+        return {f"top{k}_accuracy": int(n) / total for k, n in zip(self.top_k, self.correct.tolist(), strict=True)}

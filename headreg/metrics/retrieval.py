@@ -1,0 +1,331 @@
+"""k-NN retrieval metrics: precision@1, recall@k, R-precision, MAP@R, k-NN accuracy.
+
+Definitions (exact text in docs/metrics.md) follow pytorch-metric-learning's
+`AccuracyCalculator(k="max_bin_count")`: cosine similarity of L2-normalised
+embeddings; `R_q` = number of gallery items sharing the query's label (the query
+itself excluded); queries with `R_q = 0` are excluded from every average and counted.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from headreg.errors import InvalidInputError
+from headreg.metrics._knn import check_chunk_size, iter_ranked_neighbours
+from headreg.metrics._validate import (
+    check_embeddings,
+    check_labels,
+    check_mask,
+    check_positive_ints,
+    resolve_device,
+)
+
+__all__ = ["retrieval_metrics", "retrieval_with_masks", "RetrievalMetrics"]
+
+
+def _positive_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> torch.Tensor:
+    """Number of gallery items carrying each query's label, `(Q,)` int64."""
+    classes, gallery_counts = torch.unique(gallery_labels, return_counts=True)
+    pos = torch.searchsorted(classes, query_labels).clamp(max=classes.numel() - 1)
+    return torch.where(classes[pos] == query_labels, gallery_counts[pos], torch.zeros_like(pos))
+
+
+def _knn_vote(neighbour_labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Majority label of each row; a tie goes to the tied label whose first neighbour is nearest.
+
+    Args:
+        neighbour_labels: `(c, k)` labels of the k nearest neighbours, best first.
+        valid: `(c, k)` which entries are real neighbours.
+
+    Returns:
+        `(c,)` predicted labels.
+    """
+    k = neighbour_labels.shape[1]
+    same = (neighbour_labels.unsqueeze(2) == neighbour_labels.unsqueeze(1)) & valid.unsqueeze(1) & valid.unsqueeze(2)
+    votes = same.sum(2)  # votes[r, i]: how many valid neighbours share neighbour i's label
+    # Among equal vote counts the earliest position wins: that is the nearest neighbour of its label.
+    score = votes * (k + 1) + (k - torch.arange(k, device=votes.device))
+    score = torch.where(valid, score, torch.full_like(score, -1))
+    return neighbour_labels.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+
+
+def retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    *,
+    query_self_index: torch.Tensor | None = None,
+    recall_k: tuple[int, ...] = (1, 2, 4, 8),
+    knn_k: int = 5,
+    r_metrics: bool = True,
+    device: str | torch.device | None = None,
+    knn_backend: str = "torch",
+    chunk_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    stats: dict[str, float] | None = None,
+) -> dict[str, float | int]:
+    """Retrieval metrics of query embeddings against a gallery, by cosine similarity.
+
+    Leave-one-out when `gallery` is None: every sample queries all the others.
+
+    Args:
+        query: `(Q, D)` float query embeddings (any scale; L2-normalised here).
+        query_labels: `(Q,)` integer labels.
+        gallery: `(N, D)` float gallery embeddings, or None for leave-one-out.
+        gallery_labels: `(N,)` integer labels, required with `gallery`.
+        query_self_index: `(Q,)` int64 index of each query inside the gallery (`-1`: not in it);
+            that item is never a neighbour and not counted in `R_q`.
+        recall_k: the k of each `recall_at_k`.
+        knn_k: neighbours voting in `knn_accuracy`.
+        r_metrics: compute `r_precision` and `mean_average_precision_at_r` (needs the top `R_q`).
+        device: where to compute; None keeps the embeddings' device.
+        knn_backend: `"torch"` (exact, chunked) or `"faiss"`.
+        chunk_size: queries per similarity chunk; None picks about 16 MiB per chunk.
+        seed: seeds the threshold sampling (the result does not depend on it).
+        progress: show a tqdm bar over chunks.
+        stats: optional dict receiving seconds per stage (`matmul`, `threshold`, `select`, `sort`, `metrics`).
+
+    Returns:
+        Flat dict: `precision_at_1`, `recall_at_{k}`, `r_precision`, `mean_average_precision_at_r`,
+        `knn_accuracy` (floats in [0, 1], NaN when no query has a positive), `num_queries`,
+        `num_gallery`, `num_queries_without_positive`.
+    """
+    recall_k = check_positive_ints(recall_k, "recall_k")
+    (knn_k,) = check_positive_ints(knn_k, "knn_k")
+    chunk_size = check_chunk_size(chunk_size)
+    leave_one_out = gallery is None
+    min_rows = 2 if leave_one_out else 1
+    check_embeddings(query, "query" if not leave_one_out else "embeddings", min_rows=min_rows)
+    query_labels = check_labels(query_labels, query.shape[0], "query_labels" if not leave_one_out else "labels")
+    if leave_one_out:
+        if gallery_labels is not None:
+            raise InvalidInputError("gallery_labels was given without gallery; pass both or neither")
+        gallery, gallery_labels = query, query_labels
+        query_self_index = torch.arange(query.shape[0])
+    else:
+        check_embeddings(gallery, "gallery")
+        if gallery_labels is None:
+            raise InvalidInputError("gallery_labels is required when gallery is given")
+        gallery_labels = check_labels(gallery_labels, gallery.shape[0], "gallery_labels")
+        if gallery.shape[1] != query.shape[1]:
+            raise InvalidInputError(
+                f"gallery must have the query width D={query.shape[1]}, got shape {tuple(gallery.shape)}"
+            )
+    dev = resolve_device(device, query)
+    q = F.normalize(query.detach().to(dev, torch.float32), dim=1)
+    g = q if leave_one_out else F.normalize(gallery.detach().to(dev, torch.float32), dim=1)
+    ql, gl = query_labels.to(dev), gallery_labels.to(dev)
+    self_idx = None
+    if query_self_index is not None:
+        self_idx = query_self_index.to(dev).long()
+        if self_idx.shape != (q.shape[0],):
+            raise InvalidInputError(f"query_self_index must have shape ({q.shape[0]},), got {tuple(self_idx.shape)}")
+
+    r = _positive_counts(ql, gl)
+    if self_idx is not None:
+        # The query's own entry carries its label but is never a neighbour.
+        r = r - (self_idx >= 0).long()
+    has_pos = r > 0
+    kept = has_pos.nonzero().squeeze(1)
+    num_without = int((~has_pos).sum())
+    out: dict[str, float | int] = {}
+    n_kept = int(kept.numel())
+    k_small = max(max(recall_k), knn_k, 1)
+    sums = torch.zeros(3 + len(recall_k) + 1, dtype=torch.float64, device=dev)
+    if n_kept:
+        qk, rk, lk = q[kept], r[kept], ql[kept]
+        sk = None if self_idx is None else self_idx[kept]
+        want = torch.clamp(rk, min=k_small) if r_metrics else torch.full_like(rk, k_small)
+        chunks = iter_ranked_neighbours(
+            qk, g, want, sk, chunk_size=chunk_size, backend=knn_backend, seed=seed, stats=stats
+        )
+        if progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415 - only when asked for
+
+            chunks = tqdm(chunks, desc="retrieval", unit="chunk")
+        t_metrics = 0.0
+        for start, nbr in chunks:
+            t0 = time.perf_counter()
+            stop = start + nbr.shape[0]
+            sums += _chunk_sums(nbr, gl, lk[start:stop], rk[start:stop], recall_k, knn_k, r_metrics)
+            t_metrics += time.perf_counter() - t0
+        if stats is not None:
+            stats["metrics"] = stats.get("metrics", 0.0) + t_metrics
+    means = (sums / n_kept).tolist() if n_kept else [float("nan")] * sums.numel()
+    out["precision_at_1"] = means[0]
+    if r_metrics:
+        out["r_precision"] = means[1]
+        out["mean_average_precision_at_r"] = means[2]
+    for i, k in enumerate(recall_k):
+        out[f"recall_at_{k}"] = means[3 + i]
+    out["knn_accuracy"] = means[-1]
+    out["num_queries"] = int(q.shape[0])
+    out["num_gallery"] = int(g.shape[0])
+    out["num_queries_without_positive"] = num_without
+    return out
+
+
+def retrieval_with_masks(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    query_mask: torch.Tensor | None = None,
+    gallery_mask: torch.Tensor | None = None,
+    **kwargs: object,
+) -> dict[str, float | int]:
+    """`retrieval_metrics` on one set of embeddings split into queries and gallery by masks.
+
+    Args:
+        embeddings: `(N, D)` float embeddings.
+        labels: `(N,)` integer labels.
+        query_mask: `(N,)` bool, which samples query; None: all.
+        gallery_mask: `(N,)` bool, which samples form the gallery; None: all.
+        **kwargs: passed on to `retrieval_metrics`.
+
+    Both None is leave-one-out. A sample that is both query and gallery never retrieves itself.
+    """
+    check_embeddings(embeddings)
+    labels = check_labels(labels, embeddings.shape[0])
+    n = embeddings.shape[0]
+    if query_mask is None and gallery_mask is None:
+        return retrieval_metrics(embeddings, labels, **kwargs)  # type: ignore[arg-type]
+    qm = torch.ones(n, dtype=torch.bool) if query_mask is None else check_mask(query_mask, n, "query_mask").cpu()
+    gm = torch.ones(n, dtype=torch.bool) if gallery_mask is None else check_mask(gallery_mask, n, "gallery_mask").cpu()
+    q_idx, g_idx = qm.nonzero().squeeze(1), gm.nonzero().squeeze(1)
+    position = torch.full((n,), -1, dtype=torch.long)
+    position[g_idx] = torch.arange(g_idx.numel())
+    dev = embeddings.device
+    return retrieval_metrics(
+        embeddings[q_idx.to(dev)],
+        labels[q_idx.to(labels.device)],
+        embeddings[g_idx.to(dev)],
+        labels[g_idx.to(labels.device)],
+        query_self_index=position[q_idx],
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _chunk_sums(
+    nbr: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    labels: torch.Tensor,
+    r: torch.Tensor,
+    recall_k: tuple[int, ...],
+    knn_k: int,
+    r_metrics: bool,
+) -> torch.Tensor:
+    """Per-chunk sums of the per-query metrics (float64), in the order of `retrieval_metrics`."""
+    valid = nbr >= 0
+    nl = gallery_labels[nbr.clamp(min=0)]
+    rel = (nl == labels.unsqueeze(1)) & valid
+    width = rel.shape[1]
+    parts = [rel[:, 0].double().sum()]
+    if r_metrics:
+        pos = torch.arange(width, device=nbr.device)
+        in_r = pos.unsqueeze(0) < r.unsqueeze(1)
+        rel_r = rel & in_r
+        rd = r.double()
+        parts.append((rel_r.sum(1).double() / rd).sum())
+        # AP@R: sum over the first R ranks of precision@i at each relevant rank, divided by R.
+        cum = rel_r.cumsum(1).double()
+        prec = cum / (pos + 1).double()
+        parts.append(((prec * rel_r).sum(1) / rd).sum())
+    else:
+        parts += [torch.zeros((), dtype=torch.float64, device=nbr.device)] * 2
+    for k in recall_k:
+        parts.append(rel[:, : min(k, width)].any(1).double().sum())
+    kk = min(knn_k, width)
+    pred = _knn_vote(nl[:, :kk], valid[:, :kk])
+    parts.append((pred == labels).double().sum())
+    return torch.stack(parts)
+
+
+class RetrievalMetrics(Metric):
+    """Leave-one-out (or query/gallery) retrieval metrics over embeddings gathered batch by batch.
+
+    States are the embeddings and labels themselves (`dist_reduce_fx="cat"`), so under
+    DDP every process sees all samples at `compute()`. See `retrieval_metrics` for the
+    definitions and arguments.
+
+    Example:
+        >>> import torch
+        >>> from headreg.metrics.retrieval import RetrievalMetrics
+        >>> metric = RetrievalMetrics(recall_k=(1, 2))
+        >>> emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> metric.update(emb, torch.tensor([0, 0, 1, 1]))
+        >>> out = metric.compute()
+        >>> out["precision_at_1"], out["mean_average_precision_at_r"], out["recall_at_2"]
+        (1.0, 1.0, 1.0)
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        recall_k: tuple[int, ...] = (1, 2, 4, 8),
+        knn_k: int = 5,
+        knn_backend: str = "torch",
+        chunk_size: int | None = None,
+        seed: int = 0,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.recall_k = check_positive_ints(recall_k, "recall_k")
+        (self.knn_k,) = check_positive_ints(knn_k, "knn_k")
+        self.knn_backend = knn_backend
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.seed = seed
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("is_query", default=[], dist_reduce_fx="cat")
+        self.add_state("is_gallery", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        is_query: torch.Tensor | None = None,
+        is_gallery: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch: `(B, D)` embeddings, `(B,)` labels, optional `(B,)` bool query/gallery flags."""
+        check_embeddings(embeddings)
+        labels = check_labels(labels, embeddings.shape[0])
+        n = embeddings.shape[0]
+        ones = torch.ones(n, dtype=torch.bool, device=embeddings.device)
+        for name, flag in (("is_query", is_query), ("is_gallery", is_gallery)):
+            if flag is not None and (flag.dtype != torch.bool or flag.shape != (n,)):
+                raise InvalidInputError(
+                    f"{name} must be a bool tensor of shape ({n},), got {flag.dtype} {tuple(flag.shape)}"
+                )
+        self.embeddings.append(embeddings.detach())
+        self.labels.append(labels)
+        self.is_query.append(ones if is_query is None else is_query.to(embeddings.device))
+        self.is_gallery.append(ones if is_gallery is None else is_gallery.to(embeddings.device))
+
+    def compute(self) -> dict[str, float | int]:
+        """All retrieval metrics over everything added since the last reset."""
+        if not self.embeddings:
+            raise InvalidInputError("RetrievalMetrics.compute() called before any update()")
+        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
+        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
+        isq = torch.cat(self.is_query) if isinstance(self.is_query, list) else self.is_query
+        isg = torch.cat(self.is_gallery) if isinstance(self.is_gallery, list) else self.is_gallery
+        return retrieval_with_masks(
+            emb,
+            lab,
+            query_mask=None if bool(isq.all()) else isq,
+            gallery_mask=None if bool(isg.all()) else isg,
+            recall_k=self.recall_k,
+            knn_k=self.knn_k,
+            knn_backend=self.knn_backend,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+        )

@@ -1,0 +1,270 @@
+"""Verification on pairs: ROC-AUC, EER, TAR@FAR and best-threshold accuracy of cosine scores.
+
+A pair (i, j) is "same" when both carry one label. Its score is the cosine similarity
+of the two embeddings; a higher score means "more likely the same".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+from headreg.errors import InvalidInputError, InvalidValueError
+from headreg.metrics._validate import check_embeddings, check_labels, resolve_device
+
+__all__ = ["sample_pairs", "verification_metrics", "verification_from_scores", "VerificationMetrics"]
+
+DEFAULT_MAX_PAIRS = 1_000_000
+DEFAULT_FAR_TARGETS = (1e-2, 1e-3, 1e-4)
+# Up to this many candidate pairs are enumerated (80 MB of indices); beyond it pairs are drawn.
+_ENUMERABLE = 5_000_000
+
+
+def _far_key(far: float) -> str:
+    """`1e-3` -> `"tar_at_far_1e-3"`."""
+    mantissa, exponent = f"{far:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"tar_at_far_{mantissa}e{int(exponent)}"
+
+
+def verification_from_scores(
+    scores: torch.Tensor, same: torch.Tensor, far_targets: tuple[float, ...] = DEFAULT_FAR_TARGETS
+) -> dict[str, float | int]:
+    """ROC-derived metrics of pair scores.
+
+    Args:
+        scores: `(P,)` float scores, higher = more likely the same identity.
+        same: `(P,)` bool, whether each pair is a genuine (same-label) pair.
+        far_targets: false-accept rates at which to report the true-accept rate.
+
+    Returns:
+        `roc_auc`; `eer` (where FAR = FRR, linearly interpolated between ROC points);
+        `tar_at_far_{f}` (the highest TAR over thresholds whose FAR <= f; NaN when there are
+        fewer than 1/f negative pairs, as such a FAR cannot be resolved); `verification_accuracy`
+        (best accuracy over all thresholds) and its `verification_threshold`;
+        `num_positive_pairs`, `num_negative_pairs`.
+    """
+    if scores.ndim != 1 or same.shape != scores.shape:
+        raise InvalidInputError(
+            f"scores and same must both have shape (P,), got {tuple(scores.shape)} and {tuple(same.shape)}"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise InvalidInputError(f"scores must be finite, got {int((~torch.isfinite(scores)).sum())} non-finite")
+    same = same.bool()
+    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise InvalidInputError(
+            f"verification needs both positive and negative pairs, got {n_pos} positive and {n_neg} negative"
+        )
+    # torchmetrics sigmoids scores outside [0, 1]; map cosines into [0, 1] in float64 instead,
+    # a monotone map that keeps every distinct score distinct.
+    s = (scores.double() + 1.0) / 2.0
+    lo, hi = float(s.min()), float(s.max())
+    if lo < 0.0 or hi > 1.0:
+        s = (s - lo) / max(hi - lo, 1e-300)
+    target = same.long()
+    auc = float(binary_auroc(s, target, validate_args=False))
+    fpr, tpr, thr = binary_roc(s, target, validate_args=False)
+    fpr, tpr = fpr.double(), tpr.double()
+    fnr = 1.0 - tpr
+    # EER: first ROC point where FNR <= FPR, interpolated with the point before it.
+    i = int(torch.nonzero(fnr <= fpr)[0, 0])
+    if i == 0:
+        eer = float(fpr[0])
+    else:
+        d0, d1 = float(fnr[i - 1] - fpr[i - 1]), float(fnr[i] - fpr[i])
+        w = d0 / (d0 - d1) if d0 != d1 else 0.0
+        eer = float((fpr[i - 1] + w * (fpr[i] - fpr[i - 1]) + fnr[i - 1] + w * (fnr[i] - fnr[i - 1])) / 2)
+    out: dict[str, float | int] = {"roc_auc": auc, "eer": eer}
+    for far in far_targets:
+        if n_neg * far < 1.0:
+            out[_far_key(far)] = float("nan")
+        else:
+            out[_far_key(far)] = float(tpr[fpr <= far + 1e-12].max())
+    acc = (tpr * n_pos + (1.0 - fpr) * n_neg) / (n_pos + n_neg)
+    best = int(acc.argmax())
+    out["verification_accuracy"] = float(acc[best])
+    # Thresholds are in the [0, 1] score space above; map back to the cosine scale when unshifted.
+    t = float(thr[best])
+    out["verification_threshold"] = t * 2.0 - 1.0 if (lo >= 0.0 and hi <= 1.0) else float("nan")
+    out["num_positive_pairs"] = n_pos
+    out["num_negative_pairs"] = n_neg
+    return out
+
+
+def sample_pairs(
+    labels: torch.Tensor, *, max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All positive pairs and all negative pairs, each capped at `max_pairs` by seeded sampling.
+
+    Args:
+        labels: `(N,)` int64 labels (on CPU or not; pairs are built on the CPU).
+        max_pairs: cap on positive pairs and, separately, on negative pairs.
+        seed: seeds the sampling.
+
+    Returns:
+        `(i, j, same)`: `(P,)` int64 indices with `i < j` (enumerated) and `(P,)` bool.
+        When a kind has at most `max_pairs` pairs, all are used; otherwise `max_pairs` are
+        drawn: without replacement when there are at most 5M pairs to enumerate, else
+        with replacement (class drawn in proportion to its pair count, then two distinct
+        members; negatives drawn uniformly with rejection of same-label draws).
+    """
+    if max_pairs < 1:
+        raise InvalidValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+    y = labels.cpu().long()
+    n = y.numel()
+    gen = torch.Generator().manual_seed(int(seed))
+    classes, counts = torch.unique(y, return_counts=True)
+    order = torch.argsort(y, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos_per_class = counts * (counts - 1) // 2
+    n_pos = int(pos_per_class.sum())
+    n_neg = n * (n - 1) // 2 - n_pos
+    enumerable = _ENUMERABLE
+    if n_pos <= enumerable:
+        pi, pj = [], []
+        for c in range(classes.numel()):
+            if counts[c] < 2:
+                continue
+            members = order[starts[c] : starts[c] + counts[c]]
+            a, b = torch.triu_indices(int(counts[c]), int(counts[c]), offset=1)
+            pi.append(members[a])
+            pj.append(members[b])
+        pos_i = torch.cat(pi) if pi else torch.zeros(0, dtype=torch.long)
+        pos_j = torch.cat(pj) if pj else torch.zeros(0, dtype=torch.long)
+        if pos_i.numel() > max_pairs:
+            pick = torch.randperm(pos_i.numel(), generator=gen)[:max_pairs]
+            pos_i, pos_j = pos_i[pick], pos_j[pick]
+    else:
+        cls = torch.multinomial(pos_per_class.double(), max_pairs, replacement=True, generator=gen)
+        a = (torch.rand(max_pairs, generator=gen) * counts[cls]).long()
+        b = (torch.rand(max_pairs, generator=gen) * (counts[cls] - 1)).long()
+        b = b + (b >= a).long()  # a second, distinct member
+        pos_i, pos_j = order[starts[cls] + a], order[starts[cls] + b]
+    if n * (n - 1) // 2 <= enumerable:
+        a, b = torch.triu_indices(n, n, offset=1)
+        keep = y[a] != y[b]
+        neg_i, neg_j = a[keep], b[keep]
+        if neg_i.numel() > max_pairs:
+            pick = torch.randperm(neg_i.numel(), generator=gen)[:max_pairs]
+            neg_i, neg_j = neg_i[pick], neg_j[pick]
+    else:
+        want = min(max_pairs, n_neg)
+        got_i, got_j, have = [], [], 0
+        while have < want:
+            a = torch.randint(0, n, (2 * (want - have) + 16,), generator=gen)
+            b = torch.randint(0, n, (a.numel(),), generator=gen)
+            keep = y[a] != y[b]
+            got_i.append(a[keep])
+            got_j.append(b[keep])
+            have += int(keep.sum())
+        neg_i, neg_j = torch.cat(got_i)[:want], torch.cat(got_j)[:want]
+    i = torch.cat([pos_i, neg_i])
+    j = torch.cat([pos_j, neg_j])
+    same = torch.cat([torch.ones(pos_i.numel(), dtype=torch.bool), torch.zeros(neg_i.numel(), dtype=torch.bool)])
+    return i, j, same
+
+
+def verification_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    far_targets: tuple[float, ...] = DEFAULT_FAR_TARGETS,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Verification metrics of cosine scores on label-derived or explicit pairs.
+
+    Args:
+        embeddings: `(N, D)` float embeddings.
+        labels: `(N,)` integer labels; pairs are drawn by `sample_pairs`. Not needed with `pairs`.
+        pairs: explicit `(i, j, same)`: `(P,)` int64 indices into `embeddings` and `(P,)` bool.
+        max_pairs: cap per kind (positive, negative) for label-derived pairs.
+        far_targets: FARs of the `tar_at_far_*` keys.
+        device: where to compute the scores; None keeps the embeddings' device.
+        seed: seeds the pair sampling.
+
+    Returns:
+        See `verification_from_scores`.
+    """
+    check_embeddings(embeddings, min_rows=2)
+    n = embeddings.shape[0]
+    if pairs is None:
+        if labels is None:
+            raise InvalidInputError("verification_metrics needs labels or explicit pairs")
+        labels = check_labels(labels, n)
+        i, j, same = sample_pairs(labels, max_pairs=max_pairs, seed=seed)
+    else:
+        if len(pairs) != 3:
+            raise InvalidInputError(f"pairs must be a tuple (i, j, same), got {len(pairs)} items")
+        i, j, same = (torch.as_tensor(p) for p in pairs)
+        if i.ndim != 1 or i.shape != j.shape or i.shape != same.shape:
+            raise InvalidInputError(
+                "pairs (i, j, same) must be three (P,) tensors, "
+                f"got {tuple(i.shape)}, {tuple(j.shape)}, {tuple(same.shape)}"
+            )
+        if i.is_floating_point() or j.is_floating_point():
+            raise InvalidInputError(f"pair indices must be integers, got {i.dtype} and {j.dtype}")
+        i, j = i.long().cpu(), j.long().cpu()
+        lo, hi = (int(torch.minimum(i, j).min()), int(torch.maximum(i, j).max())) if i.numel() else (0, 0)
+        if lo < 0 or hi >= n:
+            raise InvalidInputError(f"pair indices must lie in [0, {n}), got [{lo}, {hi}]")
+        same = same.bool().cpu()
+    dev = resolve_device(device, embeddings)
+    x = F.normalize(embeddings.detach().to(dev, torch.float32), dim=1)
+    scores = torch.empty(i.numel(), dtype=torch.float32, device=dev)
+    step = 1 << 20  # bounds the (step, D) gathers
+    for s in range(0, i.numel(), step):
+        a, b = i[s : s + step].to(dev), j[s : s + step].to(dev)
+        scores[s : s + step] = (x[a] * x[b]).sum(1)
+    return verification_from_scores(scores.cpu(), same, far_targets)
+
+
+class VerificationMetrics(Metric):
+    """Pair verification (ROC-AUC, EER, TAR@FAR, accuracy) over embeddings gathered batch by batch.
+
+    Example:
+        >>> import torch
+        >>> from headreg.metrics.verification import VerificationMetrics
+        >>> metric = VerificationMetrics(far_targets=(0.5,))
+        >>> metric.update(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), torch.tensor([0, 0, 1, 1]))
+        >>> out = metric.compute()
+        >>> out["roc_auc"], out["eer"], out["num_positive_pairs"], out["num_negative_pairs"]
+        (1.0, 0.0, 2, 4)
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        max_pairs: int = DEFAULT_MAX_PAIRS,
+        far_targets: tuple[float, ...] = DEFAULT_FAR_TARGETS,
+        seed: int = 0,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.max_pairs = max_pairs
+        self.far_targets = tuple(far_targets)
+        self.seed = seed
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: `(B, D)` float embeddings and `(B,)` integer labels."""
+        check_embeddings(embeddings)
+        self.embeddings.append(embeddings.detach())
+        self.labels.append(check_labels(labels, embeddings.shape[0]))
+
+    def compute(self) -> dict[str, float | int]:
+        """Verification metrics over everything added since the last reset."""
+        if not self.embeddings:
+            raise InvalidInputError("VerificationMetrics.compute() called before any update()")
+        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
+        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
+        return verification_metrics(emb, lab, max_pairs=self.max_pairs, far_targets=self.far_targets, seed=self.seed)
