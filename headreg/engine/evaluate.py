@@ -1,0 +1,429 @@
+"""The evaluation pipeline behind ``headreg eval`` and the end of ``headreg train``: model + data → metrics.
+
+Two protocols:
+
+* **leave-one-out** on one split: every sample queries all the others;
+* **query/gallery**: the samples of one split (or file) query those of another; rows are stored query first,
+  then gallery, with boolean ``is_query`` / ``is_gallery`` masks (the layout of an embeddings file).
+
+Under ``torchrun`` every rank extracts its shard, the shards are gathered in rank order, rank 0 computes the
+metrics and broadcasts them (errors included, so no rank waits forever), and every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from headreg.engine.extract import Extraction, extract_dataset, gather_extraction
+from headreg.errors import HeadregError, InvalidInputError, InvalidValueError
+
+__all__ = [
+    "ALL_METRICS",
+    "DEFAULT_METRICS",
+    "EvalResult",
+    "broadcast_from_main",
+    "classification_accuracy",
+    "combine_query_gallery",
+    "evaluate_embeddings",
+    "evaluate_model",
+    "parse_metric_names",
+    "validate_embeddings",
+]
+
+ALL_METRICS = ("retrieval", "verification", "clustering", "classification")
+#: Computed when the caller names none; classification is added when head predictions exist.
+DEFAULT_METRICS = ("retrieval", "verification", "clustering")
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one evaluation.
+
+    Attributes:
+        metrics: Flat ``name -> value`` dict (floats in [0, 1] for rates, ints for counts; NaN where undefined).
+        embeddings: ``(N, D)`` float32 on the CPU (query rows first under query/gallery).
+        labels: ``(N,)`` int64.
+        is_query: ``(N,)`` bool, or None for leave-one-out.
+        is_gallery: ``(N,)`` bool, or None for leave-one-out.
+        label_rank: ``(N,)`` int64 rank of each label under the head's logits, or None.
+        info: Where the numbers came from: protocol, sizes, device, precision, images/s, world size.
+        warnings: Conditions worth telling the user that did not stop the evaluation.
+    """
+
+    metrics: dict[str, float | int]
+    embeddings: Tensor
+    labels: Tensor
+    is_query: Tensor | None = None
+    is_gallery: Tensor | None = None
+    label_rank: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"metrics", "info", "warnings"}``; NaN and infinities become None."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
+
+        return {"metrics": clean(self.metrics), "info": clean(self.info), "warnings": list(self.warnings)}
+
+
+def parse_metric_names(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"retrieval,clustering"`` → ``("retrieval", "clustering")``; None stays None (the defaults)."""
+    if spec is None:
+        return None
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [s for s in names if s]
+    bad = [s for s in names if s not in ALL_METRICS]
+    if bad or not names:
+        raise InvalidValueError(f"metrics must be a comma-separated subset of {','.join(ALL_METRICS)}, got {spec!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def validate_embeddings(embeddings: Any, labels: Any, *, what: str = "embeddings") -> tuple[Tensor, Tensor]:
+    """Check ``(N, D)`` finite float embeddings and ``(N,)`` integer labels; return them (labels as int64).
+
+    Raises:
+        InvalidInputError: with the argument, the value received and what was expected.
+    """
+    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
+        got = f"{tuple(embeddings.shape)} {embeddings.dtype}" if isinstance(embeddings, Tensor) else type(embeddings)
+        raise InvalidInputError(f"{what} must be a float tensor of shape (N, D), got {got}")
+    n, d = embeddings.shape
+    if n == 0 or d == 0:
+        raise InvalidInputError(f"{what} must hold at least one sample of at least one dimension, got shape ({n}, {d})")
+    if not isinstance(labels, Tensor) or labels.shape != (n,):
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise InvalidInputError(f"labels of {what} must have shape ({n},), got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InvalidInputError(f"labels of {what} must be integer class indices, got dtype {labels.dtype}")
+    finite = torch.isfinite(embeddings).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise InvalidInputError(
+            f"{what} must be finite, got {bad.numel()} of {n} rows with NaN or Inf (first at row {int(bad[0])}); "
+            "a diverged checkpoint, or bf16 overflow (try --no-amp)"
+        )
+    return embeddings, labels.long()
+
+
+def combine_query_gallery(
+    query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stack query rows then gallery rows; return ``(embeddings, labels, is_query, is_gallery)``.
+
+    Raises:
+        InvalidInputError: the two sets have different widths, or bad shapes.
+    """
+    query, query_labels = validate_embeddings(query, query_labels, what="query embeddings")
+    gallery, gallery_labels = validate_embeddings(gallery, gallery_labels, what="gallery embeddings")
+    if query.shape[1] != gallery.shape[1]:
+        raise InvalidInputError(
+            f"query and gallery embeddings must have the same width D, got query {tuple(query.shape)} and "
+            f"gallery {tuple(gallery.shape)}"
+        )
+    nq, ng = query.shape[0], gallery.shape[0]
+    device = query.device
+    is_query = torch.cat([torch.ones(nq, dtype=torch.bool), torch.zeros(ng, dtype=torch.bool)]).to(device)
+    embeddings = torch.cat([query, gallery.to(device, query.dtype)])
+    labels = torch.cat([query_labels, gallery_labels.to(query_labels.device)])
+    return embeddings, labels, is_query, ~is_query
+
+
+def classification_accuracy(label_rank: Tensor, top_k: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of the head from each sample's label rank.
+
+    Same definition as :func:`headreg.metrics.topk_accuracy` (a hit when fewer than k classes score strictly
+    above the label), from ranks instead of ``N x C`` logits.
+
+    Args:
+        label_rank: ``(N,)`` int64 classes scored strictly above each label (see :class:`Extraction`).
+        top_k: The k values.
+
+    Returns:
+        ``{"top1_accuracy": ..., "top5_accuracy": ...}`` (one key per k).
+    """
+    return {f"top{k}_accuracy": float((label_rank < k).double().mean()) for k in top_k}
+
+
+def _compute(
+    embeddings: Tensor,
+    labels: Tensor,
+    query_mask: Tensor | None,
+    gallery_mask: Tensor | None,
+    names: tuple[str, ...],
+    recall_k: tuple[int, ...],
+    knn: str,
+    device: torch.device | str | None,
+    progress: bool,
+) -> dict[str, float | int]:
+    from headreg.metrics import compute_metrics
+
+    return dict(
+        compute_metrics(
+            embeddings,
+            labels,
+            query_mask=query_mask,
+            gallery_mask=gallery_mask,
+            metrics=names,
+            recall_k=recall_k,
+            device=device,
+            knn_backend=knn,
+            progress=progress,
+        )
+    )
+
+
+def evaluate_embeddings(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    is_query: Tensor | None = None,
+    is_gallery: Tensor | None = None,
+    label_rank: Tensor | None = None,
+    metrics: Sequence[str] | str | None = None,
+    recall_k: Sequence[int] = (1, 2, 4, 8),
+    knn: str = "torch",
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float | int], list[str]]:
+    """Metrics of a set of embeddings (single process; :func:`evaluate_model` handles ranks).
+
+    Args:
+        embeddings: ``(N, D)`` float embeddings (normalised inside the metrics).
+        labels: ``(N,)`` integer labels.
+        is_query: ``(N,)`` bool, which rows query; None with ``is_gallery`` None is leave-one-out.
+        is_gallery: ``(N,)`` bool, which rows form the gallery.
+        label_rank: ``(N,)`` rank of each label under the head's logits, for ``classification`` (computed on the
+            query rows).
+        metrics: Names from :data:`ALL_METRICS`; None: :data:`DEFAULT_METRICS` plus classification when
+            ``label_rank`` is given.
+        recall_k: The k of each ``recall_at_k``.
+        knn: ``"torch"`` (exact, chunked) or ``"faiss"``.
+        device: Where to compute; None keeps the embeddings' device.
+        progress: A progress bar over the retrieval chunks.
+
+    Returns:
+        ``(metrics, warnings)``.
+
+    Raises:
+        InvalidInputError: non-finite embeddings, non-integer labels, fewer than 2 samples, empty masks.
+        InvalidValueError: unknown metric names, classification without predictions, a bad ``knn``.
+    """
+    names = parse_metric_names(metrics)
+    if names is None:
+        names = DEFAULT_METRICS + (("classification",) if label_rank is not None else ())
+    if knn not in ("torch", "faiss"):
+        raise InvalidValueError(f"knn must be 'torch' or 'faiss', got {knn!r}")
+    recall_k = tuple(recall_k)
+    if not recall_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_k):
+        raise InvalidValueError(f"recall_k must be positive integers, e.g. 1,2,4,8, got {recall_k!r}")
+    embeddings, labels = validate_embeddings(embeddings, labels)
+    n = embeddings.shape[0]
+    warnings: list[str] = []
+    masks = {"is_query": is_query, "is_gallery": is_gallery}
+    for key, mask in masks.items():
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (n,)):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise InvalidInputError(f"{key} must be a bool tensor of shape ({n},), got {got}")
+        if mask is not None and not bool(mask.any()):
+            raise InvalidInputError(f"{key} selects no sample (all {n} entries are False)")
+    loo = is_query is None and is_gallery is None
+    if loo and n < 2:
+        raise InvalidInputError(f"leave-one-out evaluation needs at least 2 samples, got {n}")
+    qm = torch.ones(n, dtype=torch.bool) if is_query is None else is_query.cpu()
+    gm = torch.ones(n, dtype=torch.bool) if is_gallery is None else is_gallery.cpu()
+    lab = labels.cpu()
+    g_classes, g_counts = torch.unique(lab[gm], return_counts=True)
+    q_lab = lab[qm]
+    pos = torch.searchsorted(g_classes, q_lab).clamp(max=g_classes.numel() - 1)
+    count = torch.where(g_classes[pos] == q_lab, g_counts[pos], torch.zeros_like(pos))
+    count = count - (qm & gm)[qm].long()  # a sample in both sets is never its own neighbour
+    lonely = int((count <= 0).sum())
+    if lonely:
+        first = int(q_lab[count <= 0][0])
+        warnings.append(
+            f"{lonely} of {q_lab.numel()} queries have no other sample of their class in the gallery "
+            f"(e.g. label {first}); they are left out of the retrieval averages"
+        )
+    if lonely == q_lab.numel():
+        raise InvalidInputError(
+            f"no query has another sample of its class in the gallery ({lonely} queries, "
+            f"{g_classes.numel()} gallery classes): retrieval metrics are undefined"
+        )
+    if "classification" in names and label_rank is None:
+        raise InvalidValueError(
+            "metrics 'classification' needs head predictions: evaluate a model with a head (not an embeddings file "
+            "or a head-less model), or leave it out of --metrics"
+        )
+    out: dict[str, float | int] = {}
+    embedding_names = tuple(m for m in names if m != "classification")
+    if embedding_names:
+        out.update(
+            _compute(
+                embeddings,
+                labels,
+                None if loo else qm.to(embeddings.device),
+                None if loo else gm.to(embeddings.device),
+                embedding_names,
+                recall_k,
+                knn,
+                device,
+                progress,
+            )
+        )
+    if "classification" in names and label_rank is not None:
+        if label_rank.shape != (n,):
+            raise InvalidInputError(f"label_rank must have shape ({n},), got {tuple(label_rank.shape)}")
+        out.update(classification_accuracy(label_rank[qm.to(label_rank.device)]))
+    return out, warnings
+
+
+def broadcast_from_main(fn: Any) -> Any:
+    """Run ``fn`` on rank 0 and hand its result, or its headreg error, to every rank."""
+    from headreg.engine.runtime import broadcast_object, dist_info
+
+    info = dist_info()
+    if not info.is_distributed:
+        return fn()
+    outcome: tuple[str, Any] | None = None
+    if info.rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except HeadregError as exc:
+            outcome = ("error", exc)
+    outcome = broadcast_object(outcome, src=0)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def evaluate_model(
+    model: nn.Module,
+    query: Any,
+    gallery: Any | None = None,
+    *,
+    device: torch.device | str = "auto",
+    batch_size: int = 256,
+    workers: int | None = None,
+    limit: int | None = None,
+    input_size: int | tuple[int, ...] | None = None,
+    amp: bool | None = None,
+    metrics: Sequence[str] | str | None = None,
+    recall_k: Sequence[int] = (1, 2, 4, 8),
+    knn: str = "torch",
+    progress: bool | None = None,
+) -> EvalResult:
+    """Extract embeddings of ``query`` (and ``gallery``) with ``model`` and compute the metrics.
+
+    Args:
+        model: A :class:`~headreg.HeadModel` (or a timm model); its data config gives the transform.
+        query: A dataset from :func:`headreg.data.create_dataset`; alone it is evaluated leave-one-out.
+        gallery: A second dataset searched by the queries (query/gallery protocol).
+        device: ``"auto"`` (cuda, mps, cpu) or a device; under torchrun on CUDA each rank takes its local GPU.
+        batch_size: Images per batch per process.
+        workers: DataLoader workers for image folders (None: up to 8).
+        limit: Use a seeded subset of this many samples of each dataset.
+        input_size: Override the model's input size.
+        amp: None: bf16 + channels_last on CUDA only; True: also on CPU; False: float32 everywhere.
+        metrics: See :func:`evaluate_embeddings`.
+        recall_k: See :func:`evaluate_embeddings`.
+        knn: See :func:`evaluate_embeddings`.
+        progress: Progress bars; None shows them when stderr is a terminal (and on rank 0 only).
+
+    Returns:
+        The same :class:`EvalResult` on every rank.
+    """
+    from headreg.engine.runtime import dist_info, resolve_device
+
+    info = dist_info()
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and info.is_distributed:
+        dev = torch.device("cuda", torch.cuda.current_device())  # init_distributed chose LOCAL_RANK's GPU
+    show = None if progress is None else bool(progress)
+    if info.rank != 0:
+        show = False
+    common = dict(device=dev, batch_size=batch_size, workers=workers, limit=limit, input_size=input_size, amp=amp)
+    parts: list[Extraction] = []
+    for name, ds in (("query", query), ("gallery", gallery)):
+        if ds is None:
+            continue
+        desc = "extract" if gallery is None else f"extract {name}"
+        part = extract_dataset(model, ds, progress=_tqdm_flag(show), desc=desc, **common)  # type: ignore[arg-type]
+        parts.append(gather_extraction(part))
+    if len(parts) == 1:
+        ext = parts[0]
+        embeddings, labels, is_query, is_gallery = ext.embeddings, ext.labels, None, None
+        label_rank = ext.label_rank
+    else:
+        q, g = parts
+        embeddings, labels, is_query, is_gallery = combine_query_gallery(q.embeddings, q.labels, g.embeddings, g.labels)
+        label_rank = None
+        if q.label_rank is not None and g.label_rank is not None:
+            label_rank = torch.cat([q.label_rank, g.label_rank])
+
+    def compute() -> tuple[dict[str, float | int], list[str]]:
+        return evaluate_embeddings(
+            embeddings,
+            labels,
+            is_query=is_query,
+            is_gallery=is_gallery,
+            label_rank=label_rank,
+            metrics=metrics,
+            recall_k=recall_k,
+            knn=knn,
+            progress=bool(_tqdm_flag(show)),
+        )
+
+    values, warnings = broadcast_from_main(compute)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if label_rank is not None and num_classes and int(labels.max()) >= num_classes:
+        outside = int((labels >= num_classes).sum())
+        warnings = [
+            *warnings,
+            f"{outside} samples have labels outside the head's {num_classes} classes (max label {int(labels.max())}); "
+            "they count as misses in top-k accuracy",
+        ]
+    seconds = sum(p.seconds for p in parts)
+    images = sum(p.images for p in parts)
+    run_info = {
+        "protocol": "leave-one-out" if gallery is None else "query/gallery",
+        "num_samples": int(embeddings.shape[0]),
+        "num_queries": int(embeddings.shape[0] if is_query is None else is_query.sum()),
+        "num_gallery": int(embeddings.shape[0] if is_gallery is None else is_gallery.sum()),
+        "embedding_dim": int(embeddings.shape[1]),
+        "device": str(dev),
+        "precision": parts[0].precision,
+        "channels_last": parts[0].channels_last,
+        "world_size": info.world_size,
+        "extract_seconds": round(seconds, 4),
+        "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+    }
+    return EvalResult(
+        metrics=values,
+        embeddings=embeddings.detach().cpu(),
+        labels=labels.cpu(),
+        is_query=None if is_query is None else is_query.cpu(),
+        is_gallery=None if is_gallery is None else is_gallery.cpu(),
+        label_rank=None if label_rank is None else label_rank.cpu(),
+        info=run_info,
+        warnings=warnings,
+    )
+
+
+def _tqdm_flag(show: bool | None) -> bool:
+    if show is None:
+        import sys
+
+        return sys.stderr.isatty()
+    return show

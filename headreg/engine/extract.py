@@ -1,0 +1,331 @@
+"""Embedding extraction: model + batches → ``(N, D)`` embeddings, labels and label ranks under the head.
+
+The loop is built to cost nothing beyond the backbone (``benchmarks/bench_extract.py`` checks it against a bare
+timm inference loop): batches stay on the device, nothing synchronises the host per batch (no ``.item()``, no
+``.cpu()``), the transform runs on the device, and the only extra work per batch is the head's ``(B, C)`` logits
+and the rank of the true label among them. Under ``torchrun`` each rank extracts its shard;
+:func:`gather_extraction` concatenates the shards in rank order, which restores dataset order because evaluation
+loaders shard contiguously.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from headreg.errors import InvalidValueError
+
+__all__ = [
+    "Extraction",
+    "autocast_context",
+    "extract_dataset",
+    "extract_embeddings",
+    "gather_extraction",
+    "resolve_precision",
+]
+
+
+@dataclass
+class Extraction:
+    """What one pass over a dataset produced (this rank's shard, or all of it after :func:`gather_extraction`).
+
+    Attributes:
+        embeddings: ``(N, D)`` float32 embeddings, not normalised, on the extraction device.
+        labels: ``(N,)`` int64 class labels.
+        label_rank: ``(N,)`` int64: how many classes the head scores strictly above the true label (0 = top-1
+            hit; top-k accuracy is ``mean(label_rank < k)``), or None without a head. Kept instead of ``N x C``
+            logits, which do not fit memory for large class counts. A label outside the head's classes gets ``C``.
+        indices: ``(N,)`` int64 dataset indices of the rows, or None when the loader does not say.
+        seconds: Wall time of the loop, device synchronised at the end.
+        images: Images processed (``N``).
+        precision: ``"bf16"`` or ``"fp32"``.
+        channels_last: Whether the model ran in channels_last memory format.
+    """
+
+    embeddings: Tensor
+    labels: Tensor
+    label_rank: Tensor | None = None
+    indices: Tensor | None = None
+    seconds: float = 0.0
+    images: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the loop in images per second (0 when nothing ran)."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_precision(device: torch.device, amp: bool | None) -> tuple[bool, bool]:
+    """Decide ``(bf16 autocast, channels_last)`` for a device.
+
+    Args:
+        device: The extraction device.
+        amp: None: bf16 autocast and channels_last on CUDA only; True: both on any device (CPU included);
+            False: neither (plain float32).
+
+    Returns:
+        ``(use_bf16, use_channels_last)``.
+    """
+    if amp is None:
+        on = device.type == "cuda"
+        return on, on
+    return bool(amp), bool(amp)
+
+
+def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast(device.type, dtype=torch.bfloat16)`` when ``bf16``, else a no-op context."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _progress(total: int | None, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    # unit="img" + unit_scale gives "1.23kimg/s": the images/s of the loop as it runs.
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled, mininterval=0.5, leave=False)
+
+
+def _head_of(model: nn.Module) -> nn.Module | None:
+    head = getattr(model, "head", None)
+    return head if isinstance(head, nn.Module) and getattr(model, "num_classes", 0) else None
+
+
+def _embed_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    # timm's split first: HeadModel.embed is exactly this, and a timm model's `embed` may be a layer (LeNet++).
+    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
+        return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
+    return model
+
+
+def _label_rank(logits: Tensor, labels: Tensor) -> Tensor:
+    """``(B,)`` int64 count of classes scored strictly above the label (``C`` for a label outside ``[0, C)``)."""
+    c = logits.shape[1]
+    valid = (labels >= 0) & (labels < c)
+    target = logits.gather(1, labels.clamp(0, c - 1).unsqueeze(1))
+    above = (logits > target).sum(1)
+    return torch.where(valid, above, torch.full_like(above, c))
+
+
+def extract_embeddings(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device | str,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    with_predictions: bool = True,
+    progress: bool = True,
+    desc: str = "extract",
+) -> Extraction:
+    """Run ``model`` over every batch of ``loader`` and collect embeddings, labels and label ranks.
+
+    The model is moved to ``device`` and put in eval mode for the pass (its training mode is restored after; its
+    weights keep the channels_last layout when that was used, which is harmless for training).
+
+    Args:
+        model: A :class:`~headreg.HeadModel` (``embed`` + ``head``), a timm model (``forward_features`` /
+            ``forward_head``), or any module mapping images to ``(B, D)``.
+        loader: Iterable of ``(images, labels)``: ``(B, C, H, W)`` uint8 or float images, ``(B,)`` int labels,
+            e.g. from :func:`headreg.data.create_loader`.
+        device: Where the model runs.
+        transform: Applied on the device to each image batch (e.g. :func:`headreg.data.resolve_transform`);
+            None passes batches as they come.
+        amp: See :func:`resolve_precision`.
+        channels_last: Override the memory format :func:`resolve_precision` picks (None: follow ``amp``).
+        with_predictions: Keep the rank of each sample's label under the head's logits when the model has a head.
+        progress: Show a tqdm bar with images/s on stderr.
+        desc: Label of the bar.
+
+    Returns:
+        An :class:`Extraction` of this process's batches.
+
+    Raises:
+        InvalidValueError: the loader yielded no batch.
+    """
+    device = torch.device(device)
+    bf16, auto_cl = resolve_precision(device, amp)
+    channels_last = auto_cl if channels_last is None else bool(channels_last)
+    was_training = model.training
+    model.eval()
+    model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    if transform is not None and isinstance(transform, nn.Module):
+        transform = transform.to(device).eval()
+    embed = _embed_fn(model)
+    head = _head_of(model) if with_predictions else None
+    total = getattr(loader, "num_samples", None)
+    embs: list[Tensor] = []
+    labs: list[Tensor] = []
+    ranks: list[Tensor] = []
+    n = 0
+    non_blocking = device.type == "cuda"
+    bar = _progress(total, desc, progress)
+    _synchronize(device)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for images, labels in loader:
+                x = images.to(device, non_blocking=non_blocking)
+                y = torch.as_tensor(labels).to(device, non_blocking=non_blocking)
+                if transform is not None:
+                    x = transform(x)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast_context(device, bf16):
+                    emb = embed(x)
+                    if head is not None:
+                        # Margin-free logits (no labels): the class ranking a classifier would report.
+                        ranks.append(_label_rank(head(emb), y))
+                embs.append(emb.float())
+                labs.append(y)
+                b = int(x.shape[0])
+                n += b
+                bar.update(b)
+        _synchronize(device)
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if not embs:
+        raise InvalidValueError(f"the loader yielded no batch: nothing to extract ({desc})")
+    indices = None
+    sample_indices = getattr(loader, "sample_indices", None)
+    if callable(sample_indices):
+        indices = sample_indices()[:n].to(device)
+    return Extraction(
+        embeddings=torch.cat(embs),
+        labels=torch.cat(labs).long(),
+        label_rank=torch.cat(ranks) if ranks else None,
+        indices=indices,
+        seconds=seconds,
+        images=n,
+        precision="bf16" if bf16 else "fp32",
+        channels_last=channels_last,
+    )
+
+
+def extract_dataset(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    workers: int | None = None,
+    limit: int | None = None,
+    input_size: int | tuple[int, ...] | None = None,
+    amp: bool | None = None,
+    distributed: bool | None = None,
+    progress: bool = True,
+    desc: str = "extract",
+) -> Extraction:
+    """Resolve the backbone's transform, build a sharded loader, and extract ``dataset``.
+
+    Args:
+        model: As :func:`extract_embeddings`; its data config comes from ``timm.data.resolve_data_config``.
+        dataset: From :func:`headreg.data.create_dataset`.
+        device: Where the model runs; in-memory datasets are held there too (no host copy per batch).
+        batch_size: Images per batch (per process).
+        workers: DataLoader workers for file-backed datasets; None: ``min(8, CPUs)``.
+        limit: Use a seeded subset of this many samples (the same subset on every rank).
+        input_size: ``H``, ``(H, W)`` or ``(C, H, W)`` overriding the image size.
+        amp: See :func:`resolve_precision`.
+        distributed: None: shard across ranks when a process group is up; False: read everything.
+        progress: Show a progress bar.
+        desc: Label of the bar.
+
+    Returns:
+        This rank's :class:`Extraction` (call :func:`gather_extraction` for the whole set).
+    """
+    import os
+
+    from timm.data import resolve_data_config
+
+    from headreg.data import TensorImageDataset, create_loader, resolve_transform
+    from headreg.engine.runtime import dist_info
+
+    device = torch.device(device)
+    info = dist_info()
+    pool = len(dataset) if limit is None else min(limit, len(dataset))
+    if info.is_distributed and distributed is not False and pool < info.world_size:
+        # Decided alike on every rank, so all of them stop here instead of one waiting in a collective.
+        raise InvalidValueError(
+            f"{pool} sample(s) cannot be shared among {info.world_size} processes (each needs at least one); "
+            "use more samples (--limit) or fewer processes"
+        )
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    config = resolve_data_config(model=model)
+    transform = resolve_transform(config, dataset, train=False, input_size=input_size)
+    in_memory = isinstance(dataset, TensorImageDataset)
+    loader = create_loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0 if in_memory else workers,
+        distributed=distributed,
+        limit=limit,
+        device=device if in_memory else None,
+    )
+    return extract_embeddings(model, loader, device=device, transform=transform, amp=amp, progress=progress, desc=desc)
+
+
+def _comm_device(like: torch.device) -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_extraction(part: Extraction) -> Extraction:
+    """Concatenate every rank's :class:`Extraction` in rank order; the input itself in a single process.
+
+    Every rank receives the whole result. Seconds are the slowest rank's, images the sum.
+    """
+    from headreg.engine.runtime import all_gather_variable, dist_info
+
+    if not dist_info().is_distributed:
+        return part
+    import torch.distributed as dist
+
+    comm = _comm_device(part.embeddings.device)
+
+    def gather(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return all_gather_variable(t.to(comm)).to(part.embeddings.device)
+
+    seconds = torch.tensor([part.seconds], dtype=torch.float64, device=comm)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    embeddings = gather(part.embeddings)
+    assert embeddings is not None
+    return replace(
+        part,
+        embeddings=embeddings,
+        labels=gather(part.labels),  # type: ignore[arg-type]
+        label_rank=gather(part.label_rank),
+        indices=gather(part.indices),
+        seconds=float(seconds.item()),
+        images=int(embeddings.shape[0]),
+    )
+
+
+def iter_batches(tensors: Tensor, labels: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images, labels)`` slices of in-memory tensors (for benchmarks and tests)."""
+    for start in range(0, tensors.shape[0], batch_size):
+        yield tensors[start : start + batch_size], labels[start : start + batch_size]
