@@ -5,6 +5,7 @@ sample a leave-one-out query against all others), times:
 
   floor    one N x N x D similarity matmul, chunked like headreg (bounded memory), nothing else
   headreg  headreg.metrics.retrieval_metrics (P@1, R-precision, MAP@R), torch backend
+           (block-max pruned exact k-NN, see headreg/metrics/_knn.py)
   pml      pytorch-metric-learning AccuracyCalculator(k="max_bin_count") with its default faiss k-NN
 
 Each method runs in its own subprocess; peak extra memory is the largest RSS growth over
@@ -12,6 +13,7 @@ the RSS after the data is built, sampled every 2 ms from /proc/self/statm by a t
 Prints a markdown table and headreg's time per stage.
 
     PYTHONPATH=. python benchmarks/bench_eval.py --sizes 10000,50000,100000 --repeats 1
+    PYTHONPATH=. python benchmarks/bench_eval.py --sizes 50000 --methods floor,headreg --noise 50  # ~unclustered
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-        f"D={args.dim}, C={args.classes}, noise={args.noise}, repeats={args.repeats}",
+        f"D={args.dim}, C={args.classes}, noise={args.noise}, repeats={args.repeats}; "
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         flush=True,
     )
     rows = []
@@ -146,7 +149,8 @@ def main() -> None:
                 print(proc.stderr, file=sys.stderr)
                 raise SystemExit(f"{method} at N={n} failed")
             res[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"N={n} {method}: {res[method]['time']:.2f} s", flush=True)
+            load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+            print(f"N={n} {method}: {res[method]['time']:.2f} s (load average after: {load})", flush=True)
         rows.append((n, res))
     print()
     print("| N | method | time (s) | x floor | speed-up vs PML | peak extra RSS (MiB) | P@1 | R-precision | MAP@R |")

@@ -242,3 +242,48 @@ def test_cuda_matches_cpu():
         pytest.skip("needs CUDA")
     x, y = clustered(5000, 20, 16, 1.5, seed=9)
     assert_close(retrieval_metrics(x, y, device="cuda"), retrieval_metrics(x, y), tol=1e-6)
+
+
+def _collect(chunks, rows, width):
+    out = torch.full((rows, width), -1, dtype=torch.long)
+    for start, nbr in chunks:
+        out[start : start + nbr.shape[0], : nbr.shape[1]] = nbr
+    return out
+
+
+def test_block_pruning_numpy_and_torch_paths_agree(monkeypatch):
+    # Sampled thresholds, a padded last block (4200 % _BLOCK != 0), grouped gallery: the CPU
+    # numpy path and the plain torch path (used on GPUs) must return the same neighbours.
+    x, y = clustered(4200, 20, 8, 1.5, seed=10)
+    x = torch.nn.functional.normalize(x, dim=1)
+    k = torch.bincount(y)[y[:300]].clamp(min=5)
+    args = (x[:300], x, k, torch.arange(300))
+    fast = _collect(_knn.iter_ranked_neighbours(*args, chunk_size=64, gallery_groups=y), 300, int(k.max()))
+    monkeypatch.setattr(_knn, "_numpy_ok", lambda t: False)
+    plain = _collect(_knn.iter_ranked_neighbours(*args, chunk_size=64, gallery_groups=y), 300, int(k.max()))
+    assert torch.equal(fast, plain)
+    assert bool(((fast >= 0).sum(1) == k).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_exact_neighbours_with_many_ties(dtype, grouped):
+    # Small integer vectors: every dot product is exact, so the reference order is exact and
+    # ties (bit-identical similarities) are everywhere; they must rank by lower gallery index.
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randint(0, 3, (5000, 4), generator=gen).to(dtype)
+    labels = torch.randint(0, 7, (5000,), generator=gen)
+    q = g[:50]
+    k = torch.randint(1, 400, (50,), generator=gen)
+    nbrs = _collect(
+        _knn.iter_ranked_neighbours(
+            q, g, k, torch.arange(50), chunk_size=16, gallery_groups=labels if grouped else None
+        ),
+        50,
+        int(k.max()),
+    )
+    sims = (q.double() @ g.double().T).numpy()
+    for r in range(50):
+        order = [b for b in sorted(range(5000), key=lambda b: (-sims[r, b], b)) if b != r][: int(k[r])]
+        assert nbrs[r, : int(k[r])].tolist() == order
+        assert bool((nbrs[r, int(k[r]) :] == -1).all())

@@ -4,28 +4,40 @@ The retrieval metrics need, for each query `q`, its `K_q` nearest gallery items 
 exact order, where `K_q = max(R_q, k_small)` varies from query to query (`R_q`, the
 number of positives, reaches ~1,000 at N = 100,000 with 100 classes). A `torch.topk`
 with k = max K over whole rows costs about twice the similarity matmul itself on a
-CPU, so this module avoids it:
+CPU, and so does any elementwise pass that writes a `(chunk, N_g)` buffer, so after
+the matmul this module reads the similarity buffer once and only touches the few
+blocks that can hold a neighbour:
 
+0. Layout (once): the gallery is shuffled (seeded), stably sorted by `gallery_groups`
+   (the labels, when the caller has them) and cut into blocks of `_BLOCK` = 16
+   consecutive items, stored lane-major: block `j`, lane `i` is column
+   `i * num_blocks + j` (`_BlockLayout`). Items of one class share blocks.
 1. Similarities of a chunk of queries against the whole gallery: `S = Q_c @ G^T`,
-   `(chunk, N_g)`, never `N × N`.
-2. A per-row threshold `t_q` estimated from a random column sample: the gallery is
-   permuted once (seeded), so the first `m = N_g / stride` columns of `S` are a
-   uniform sample; `t_q` is the `j_q`-th largest sampled value with
-   `j_q = ceil(K_q/stride + z·sqrt(K_q/stride)) + 1`, slightly more than the expected
-   count, so usually `count(S_q ≥ t_q) ≥ K_q`.
-3. The candidates `S ≥ t` are extracted, and every row's count is checked: where it is
-   at least `K_q`, `t_q` is a proven lower bound of the `K_q`-th largest similarity,
-   so the candidates contain the exact top `K_q`. Rows that fail (rare, or forced in
-   tests) fall back to the exact `K_q`-th value from `torch.topk` on those rows only.
-4. Only the candidates (~1.3 K_q per row) are sorted, with one integer key per
-   candidate packing (row, similarity descending, original gallery index ascending).
+   `(chunk, N_g)`, never `N × N`; then the maximum of every block, one vectorised
+   read pass (`S.view(chunk, 16, num_blocks).amax(1)`).
+2. A per-row threshold `t_q` estimated from a sample: lane 0 of every block (one item
+   in 16, spread evenly over the classes; contiguous columns); `t_q` is its `j_q`-th
+   largest value with `j_q = ceil(K_q/16 + z·sqrt(K_q/16)) + 1`, slightly more than the
+   expected count, so usually `count(S_q ≥ t_q) ≥ K_q`. Below `_MIN_SAMPLED_GALLERY`
+   items `t_q` is the exact `K_q`-th value.
+3. Block-max pruning: a block whose maximum is below `t_q` holds no candidate, so only
+   the other blocks (on clustered data ~10 % of them) are gathered and tested; the
+   candidates are exactly `{S_q ≥ t_q}`. Every row's count is checked: where it is at
+   least `K_q`, `t_q` is a proven lower bound of the `K_q`-th largest similarity, so
+   the candidates contain the exact top `K_q`. Rows that fail (rare, or forced in
+   tests) fall back to the exact `K_q`-th value on those rows only.
+4. Only the candidates (~1.6 K_q per row) are sorted, row by row, with one int64 key
+   per candidate (similarity descending, original gallery index ascending).
+
+On a CPU, steps 2–4 run in numpy (zero-copy views): its SIMD sort and partition are
+3–9× faster than `torch.sort`/`torch.topk`. Other devices use the same steps in torch.
 
 Ties: two gallery items with bit-identical similarity are ranked by their original
-gallery index, lower first, whatever the device or chunking. A query is never its
-own neighbour (`self_index`), even when a duplicate has the same similarity.
+gallery index, lower first, whatever the device, chunking or layout. A query is never
+its own neighbour (`self_index`), even when a duplicate has the same similarity.
 
-Memory: O(chunk × N_g) for `S` and its mask plus O(chunk × K) candidates; the whole
-result is never held: neighbours are yielded chunk by chunk.
+Memory: O(chunk × N_g) for `S` plus O(chunk × N_g / 16) block maxima and the
+candidates; the whole result is never held: neighbours are yielded chunk by chunk.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from headreg.errors import InvalidValueError
@@ -41,8 +54,11 @@ __all__ = ["iter_ranked_neighbours", "default_chunk_size"]
 
 # z-score of the sampled threshold: larger means fewer fallbacks but more candidates to sort.
 _SAMPLE_Z = 3.0
-# Sample one column in `_SAMPLE_STRIDE`; below `_MIN_SAMPLED_GALLERY` rows the whole row is used.
-_SAMPLE_STRIDE = 16
+# Gallery items per block of the block-max pruning; also the sampling stride of the threshold.
+_BLOCK = 16
+# Lanes of each block that form the threshold sample (one gallery item in `_BLOCK / _SAMPLE_LANES`).
+_SAMPLE_LANES = 1
+# Below this many gallery items the threshold is the exact `K_q`-th value (no sampling).
 _MIN_SAMPLED_GALLERY = 4096
 # Bytes of similarity buffer a chunk may use when the caller gives no chunk size.
 _CHUNK_BYTES = 32 * 2**20
@@ -75,6 +91,7 @@ def iter_ranked_neighbours(
     backend: str = "torch",
     seed: int = 0,
     stats: dict[str, float] | None = None,
+    gallery_groups: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield the exact `K_q` nearest gallery items of each query, chunk by chunk.
 
@@ -88,8 +105,10 @@ def iter_ranked_neighbours(
         chunk_size: queries per chunk; `None` picks one from the gallery size.
         backend: `"torch"` (exact, described in the module docstring) or `"faiss"`
             (faiss `IndexFlatIP`, CPU; ties in faiss's own order).
-        seed: seeds the column permutation used to sample thresholds.
+        seed: seeds the gallery shuffle behind the threshold sample (results do not depend on it).
         stats: if given, receives seconds spent per stage and the number of fallback rows.
+        gallery_groups: `(N_g,)` optional group (label) of each gallery item; items of one
+            group share blocks, which is what makes block-max pruning effective. Speed only.
 
     Yields:
         `(start, neighbours)`: `neighbours` is `(c, L)` int64 gallery indices for queries
@@ -113,28 +132,16 @@ def iter_ranked_neighbours(
         raise InvalidValueError(f"knn_backend must be 'torch' or 'faiss', got {backend!r}")
 
     col_bits = max(1, (num_gallery - 1).bit_length())
-    # The sort key packs row | 32 bits of similarity | column into a signed int64.
-    max_rows = 2 ** max(0, 63 - 32 - col_bits)
-    chunk_size = int(max(1, min(chunk_size, max_rows)))
-    if num_gallery >= _MIN_SAMPLED_GALLERY:
-        stride = _SAMPLE_STRIDE
-        gen = torch.Generator().manual_seed(int(seed))
-        perm = torch.randperm(num_gallery, generator=gen).to(device)
-        gallery_p = gallery[perm]
-    else:
-        stride, perm, gallery_p = 1, None, gallery
-    num_sample = num_gallery // stride
-    sim_buf = torch.empty(chunk_size, num_gallery, dtype=gallery.dtype, device=device)
-    # Even width so the difference buffer can be read as int64 words of two floats.
-    diff_buf = torch.zeros(chunk_size, num_gallery + num_gallery % 2, dtype=gallery.dtype, device=device)
-    inv_perm = None
-    if perm is not None and self_index is not None:
-        inv_perm = torch.empty_like(perm)
-        inv_perm[perm] = torch.arange(num_gallery, device=device)
+    layout = _BlockLayout(gallery, gallery_groups, seed)
+    b, nb = _BLOCK, layout.num_blocks
+    sampled = num_gallery >= _MIN_SAMPLED_GALLERY
+    sim_buf = torch.empty(chunk_size, b * nb, dtype=gallery.dtype, device=device)
+    bmax_buf = torch.empty(chunk_size, nb, dtype=gallery.dtype, device=device)
     timing = stats if stats is not None else {}
     for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
         timing.setdefault(key, 0.0)
     clock = time.perf_counter if stats is not None else None
+    arange_rows = torch.arange(chunk_size, device=device)
 
     for start in range(0, num_query, chunk_size):
         stop = min(start + chunk_size, num_query)
@@ -142,53 +149,49 @@ def iter_ranked_neighbours(
         k = k_all[start:stop]
         t0 = _tick(clock, device)
         sim = sim_buf[:rows]
-        torch.mm(query[start:stop], gallery_p.T, out=sim)
+        torch.mm(query[start:stop], layout.gallery.T, out=sim)
+        if layout.pad_cols.numel():
+            sim.index_fill_(1, layout.pad_cols, float("-inf"))
         if self_index is not None:
             own = self_index[start:stop]
             has = own >= 0
-            cols = own[has] if inv_perm is None else inv_perm[own[has]]
             # -inf ranks the query itself below every real item; thresholds stay finite.
-            sim[torch.arange(rows, device=device)[has], cols] = float("-inf")
+            sim[arange_rows[:rows][has], layout.orig_to_col[own[has]]] = float("-inf")
         t1 = _tick(clock, device)
         k_max = int(k.max()) if rows else 0
         if k_max == 0:
             yield start, torch.full((rows, 0), -1, dtype=torch.long, device=device)
             continue
-        if stride == 1:
-            thresh = _exact_kth(sim, k, k_max)
-        else:
-            expect = k.double() / stride
+        blocks = sim.view(rows, b, nb)
+        bmax = torch.amax(blocks, 1, out=bmax_buf[:rows])
+        if sampled:
+            # The first lanes of every block: a sample spread evenly over all groups.
+            m = min(_SAMPLE_LANES, b) * nb
+            expect = k.double() * m / num_gallery
             j = (expect + _SAMPLE_Z * expect.sqrt()).ceil().long() + 1
-            j = j.clamp(min=1, max=num_sample)
-            top = torch.topk(sim[:, :num_sample], int(j.max()), dim=1, sorted=True).values
-            thresh = top.gather(1, (j - 1).unsqueeze(1)).squeeze(1)
-        # Cosines are >= -1; this keeps the -inf self entry out of every candidate set.
+            thresh = _kth_largest(sim[:, :m], j.clamp(min=1, max=m))
+        else:
+            thresh = _kth_largest(sim, k)
+        # Cosines are >= -1; this keeps the -inf self and padding entries out of every candidate set.
         thresh = thresh.clamp(min=-2.0)
         t2 = _tick(clock, device)
-        row, col = _select(sim, thresh, diff_buf[:rows])
+        row, col, val = _select_blocks(blocks, bmax, thresh)
         counts = torch.bincount(row, minlength=rows)
         bad = counts < k
         if bool(bad.any()):
             bad_rows = bad.nonzero().squeeze(1)
             timing["fallback_rows"] += float(bad_rows.numel())
-            exact = _exact_kth(sim[bad_rows], k[bad_rows], int(k[bad_rows].max()))
+            exact = _kth_largest(sim[bad_rows], k[bad_rows]).clamp(min=-2.0)
+            row_b, col_b, val_b = _select_blocks(blocks[bad_rows], bmax[bad_rows], exact)
             keep_old = ~bad[row]
-            row_b, col_b = _select(sim[bad_rows], exact.clamp(min=-2.0))
             row = torch.cat([row[keep_old], bad_rows[row_b]])
             col = torch.cat([col[keep_old], col_b])
+            val = torch.cat([val[keep_old], val_b])
+            order = torch.argsort(row, stable=True)
+            row, col, val = row[order], col[order], val[order]
+            counts = torch.bincount(row, minlength=rows)
         t3 = _tick(clock, device)
-        vals = sim[row, col]
-        orig = col if perm is None else perm[col]
-        key = (row << (32 + col_bits)) | (_ordered_desc_bits(vals) << col_bits) | orig
-        key = torch.sort(key).values
-        row_s = key >> (32 + col_bits)
-        orig_s = key & ((1 << col_bits) - 1)
-        # Position of each sorted candidate inside its own row.
-        row_start = torch.cumsum(torch.bincount(row_s, minlength=rows), 0) - torch.bincount(row_s, minlength=rows)
-        pos = torch.arange(key.numel(), device=device) - row_start[row_s]
-        keep = pos < k[row_s]
-        out = torch.full((rows, k_max), -1, dtype=torch.long, device=device)
-        out[row_s[keep], pos[keep]] = orig_s[keep]
+        out = _rank_candidates(row, layout.col_to_orig[col], val, counts, k, k_max, col_bits)
         t4 = _tick(clock, device)
         if clock is not None:
             timing["matmul"] += t1 - t0
@@ -198,6 +201,36 @@ def iter_ranked_neighbours(
         yield start, out
 
 
+class _BlockLayout:
+    """The gallery reordered into blocks of `_BLOCK` items of one group, stored lane-major.
+
+    Items are shuffled (seeded), then stably sorted by group, and cut into consecutive
+    blocks of `_BLOCK`; block `j`, lane `i` (its `i`-th item) goes to column
+    `i * num_blocks + j`. So `sim.view(rows, _BLOCK, num_blocks).amax(1)` gives every
+    block's maximum with one contiguous, vectorised pass, and columns `[0, num_blocks)`
+    (lane 0) are a sample of one item per block, spread evenly over the groups.
+    The last block is padded with zero rows whose columns are set to -inf.
+    """
+
+    def __init__(self, gallery: torch.Tensor, groups: torch.Tensor | None, seed: int) -> None:
+        n, device = gallery.shape[0], gallery.device
+        gen = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(n, generator=gen)
+        if groups is not None:
+            order = order[torch.argsort(groups.cpu()[order], stable=True)]
+        order = order.to(device)
+        self.num_blocks = nb = -(-n // _BLOCK)
+        rank = torch.arange(nb * _BLOCK, device=device)
+        col_of_rank = (rank % _BLOCK) * nb + rank // _BLOCK
+        self.col_to_orig = torch.full((nb * _BLOCK,), -1, dtype=torch.long, device=device)
+        self.col_to_orig[col_of_rank[:n]] = order
+        self.orig_to_col = torch.empty(n, dtype=torch.long, device=device)
+        self.orig_to_col[order] = col_of_rank[:n]
+        self.pad_cols = col_of_rank[n:]
+        self.gallery = gallery.new_zeros(nb * _BLOCK, gallery.shape[1])
+        self.gallery[col_of_rank[:n]] = gallery[order]
+
+
 def _tick(clock: object, device: torch.device) -> float:
     if clock is None:
         return 0.0
@@ -205,39 +238,103 @@ def _tick(clock: object, device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _exact_kth(sim: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
-    """The exact `k_r`-th largest value of each row `r` of `sim`, `(rows,)`."""
-    top = torch.topk(sim, k_max, dim=1, sorted=True).values
-    return top.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+def _kth_largest(sim: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The exact `j_r`-th largest value of each row `r` of `sim` (`1 <= j_r <= width`), `(rows,)`.
+
+    On a CPU, numpy's partition and sort (SIMD) are several times faster than `torch.topk`.
+    """
+    j_max = int(j.max())
+    if not _numpy_ok(sim):
+        top = torch.topk(sim, j_max, dim=1, sorted=True).values
+        return top.gather(1, (j - 1).unsqueeze(1)).squeeze(1)
+    a = sim.numpy()
+    width = a.shape[1]
+    top = np.partition(a, width - j_max, axis=1)[:, width - j_max :]  # the j_max largest, unordered
+    top.sort(axis=1)
+    return torch.from_numpy(top[np.arange(a.shape[0]), j_max - j.numpy()])
 
 
-def _select(
-    sim: torch.Tensor, thresh: torch.Tensor, diff: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of every entry with `sim >= thresh[:, None]`, row-major (columns ascending).
+def _numpy_ok(t: torch.Tensor) -> bool:
+    """Whether the CPU fast path (numpy: SIMD sort and partition, cheap fancy indexing) applies."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+
+
+def _select_blocks(
+    blocks: torch.Tensor, bmax: torch.Tensor, thresh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, column and value of every entry with `sim >= thresh[:, None]`, grouped by row.
 
     Args:
-        sim: `(c, N)` float32 similarities.
+        blocks: `(c, _BLOCK, num_blocks)` contiguous view of the similarities
+            (column = lane * num_blocks + block).
+        bmax: `(c, num_blocks)` maximum of each block.
         thresh: `(c,)` per-row thresholds.
-        diff: optional `(c, N + N % 2)` scratch buffer, zero in its padding column.
 
-    On a CPU, comparison ops that produce bool and `nonzero` over bytes are the slow part
-    (slower than half the matmul). So the test is done in float arithmetic instead:
-    `relu(sim - t')` with `t'` the float just below `t` is non-zero exactly when
-    `sim >= t` (an IEEE difference is zero only for equal operands), and `nonzero` runs
-    over int64 words holding two floats each, then expands only the words that hit.
+    A block whose maximum is below the threshold holds no candidate, so only the other
+    blocks are gathered and tested; the result is exactly the set `sim >= thresh`.
     """
-    rows, n = sim.shape
-    if diff is None:
-        diff = torch.zeros(rows, n + n % 2, dtype=sim.dtype, device=sim.device)
-    below = torch.nextafter(thresh, torch.full_like(thresh, float("-inf"))).unsqueeze(1)
-    d = diff[:, :n]
-    torch.sub(sim, below, out=d)
-    d.clamp_min_(0.0)
-    hit_row, hit_word = diff.view(torch.int64).nonzero().unbind(1)
-    pair = diff.view(rows, -1, 2)[hit_row, hit_word]
-    which_hit, which = (pair > 0).nonzero().unbind(1)
-    return hit_row[which_hit], hit_word[which_hit] * 2 + which
+    rows, b, nb = blocks.shape
+    if _numpy_ok(blocks):
+        t = thresh.numpy()
+        kept = np.flatnonzero(bmax.numpy() >= t[:, None])  # row * nb + block, row-major
+        kr = kept // nb
+        lane0 = kept + kr * ((b - 1) * nb)  # flat index of each kept block's lane 0 in `blocks`
+        vals = blocks.numpy().reshape(-1)[lane0[:, None] + np.arange(b) * nb]  # (kept, b)
+        hit = np.flatnonzero(vals >= t[kr][:, None])
+        which, lane = np.divmod(hit, b)
+        row = kr[which]
+        col = lane * nb + (kept[which] - row * nb)
+        return torch.from_numpy(row), torch.from_numpy(col), torch.from_numpy(vals.reshape(-1)[hit])
+    kr, kb = (bmax >= thresh.unsqueeze(1)).nonzero().unbind(1)
+    vals = blocks[kr, :, kb]  # (kept blocks, b)
+    which, lane = (vals >= thresh[kr].unsqueeze(1)).nonzero().unbind(1)
+    return kr[which], lane * nb + kb[which], vals[which, lane]
+
+
+def _rank_candidates(
+    row: torch.Tensor,
+    orig: torch.Tensor,
+    val: torch.Tensor,
+    counts: torch.Tensor,
+    k: torch.Tensor,
+    k_max: int,
+    col_bits: int,
+) -> torch.Tensor:
+    """`(c, k_max)` original indices of the best `k_r` candidates of each row, padded with -1.
+
+    Candidates come grouped by row. For float32, each gets one int64 key (similarity
+    descending, then original index ascending) in a `(c, max count)` matrix padded with
+    the largest int64, sorted row by row (numpy's SIMD sort on a CPU, ~9x `torch.sort`).
+    Other dtypes use three stable sorts.
+    """
+    rows, device = counts.numel(), row.device
+    valid = torch.arange(k_max, device=device).unsqueeze(0) < k.unsqueeze(1)
+    if val.dtype != torch.float32:
+        order = torch.argsort(orig, stable=True)
+        order = order[torch.argsort(val[order], descending=True, stable=True)]
+        order = order[torch.argsort(row[order], stable=True)]
+        row_s = row[order]
+        pos = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[row_s]
+        keep = pos < k_max
+        out = torch.full((rows, k_max), -1, dtype=torch.long, device=device)
+        out[row_s[keep], pos[keep]] = orig[order][keep]
+        return torch.where(valid, out, torch.full_like(out, -1))
+    width = max(int(counts.max()), k_max)
+    mask = (1 << col_bits) - 1
+    if _numpy_ok(val):
+        r, c = row.numpy(), counts.numpy()
+        pos = np.arange(r.size) - (np.cumsum(c) - c)[r]
+        bits = (val.numpy() + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0.0: -0.0 ties +0.0
+        desc = 0x7FFFFFFF - np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        keys = np.full((rows, width), np.iinfo(np.int64).max, dtype=np.int64)
+        keys[r, pos] = (desc << col_bits) | orig.numpy()
+        idx = torch.from_numpy(np.sort(keys, axis=1)[:, :k_max] & mask)
+        return torch.where(valid, idx, torch.full_like(idx, -1))
+    pos = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[row]
+    keys = torch.full((rows, width), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
+    keys[row, pos] = (_ordered_desc_bits(val) << col_bits) | orig
+    idx = torch.sort(keys, dim=1).values[:, :k_max] & mask
+    return torch.where(valid, idx, torch.full_like(idx, -1))
 
 
 def _iter_faiss(

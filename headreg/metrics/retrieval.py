@@ -143,7 +143,7 @@ def retrieval_metrics(
         sk = None if self_idx is None else self_idx[kept]
         want = torch.clamp(rk, min=k_small) if r_metrics else torch.full_like(rk, k_small)
         chunks = iter_ranked_neighbours(
-            qk, g, want, sk, chunk_size=chunk_size, backend=knn_backend, seed=seed, stats=stats
+            qk, g, want, sk, chunk_size=chunk_size, backend=knn_backend, seed=seed, stats=stats, gallery_groups=gl
         )
         if progress:
             from tqdm.auto import tqdm  # noqa: PLC0415 - only when asked for
