@@ -28,7 +28,21 @@ _LAZY = {
     "list_backbones": "headreg.models",
 }
 
-__all__ = ["__version__", "hookimpl", *_LAZY]
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "Head",
+    "HeadModel",
+    "HeadOutput",
+    "create_head",
+    "create_model",
+    "get_head_class",
+    "list_backbones",
+    "list_heads",
+    "load_model",
+    "register_head",
+    "save_model",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .heads.base import Head, HeadOutput

@@ -82,9 +82,7 @@ def fake_plugins(tmp_path, monkeypatch, fresh_registry):
     real = importlib.metadata.entry_points
 
     def install(*modules: str) -> None:
-        eps = [
-            importlib.metadata.EntryPoint(name=m.replace("_plugin", ""), value=m, group="headreg") for m in modules
-        ]
+        eps = [importlib.metadata.EntryPoint(name=m.replace("_plugin", ""), value=m, group="headreg") for m in modules]
 
         def fake_entry_points(**kwargs):
             if kwargs.get("group") == "headreg":
@@ -264,4 +262,5 @@ def test_example_plugin_package_is_discovered_for_real(fresh_registry):
     assert {"adaface", "curricularface", "subcenter_arcface"} <= set(heads)
     assert headreg.registry.get_head_entry("adaface").origin == "headreg-examples"
     infos = headreg.plugins.plugin_infos()
-    assert infos["examples"].distribution == "headreg-examples" and infos["examples"].module == "headreg_examples.plugin"
+    assert infos["examples"].distribution == "headreg-examples"
+    assert infos["examples"].module == "headreg_examples.plugin"

@@ -1,0 +1,337 @@
+"""``headreg compare``: train one model per head on the same budget, then draw and tabulate their features.
+
+Every head is trained by :func:`headreg.engine.train.train` with the same backbone, data, seed and
+schedule (a :data:`PRESETS` entry), into ``OUT/<head>/``; the comparison then writes
+``OUT/compare.png`` (one column per head: the test features, and for the angular heads the same
+features normalised onto the unit circle), ``OUT/compare.md`` and ``OUT/compare.json``.
+
+Heads are built with face-recognition defaults (``s = 64``, CosFace ``m = 0.35``...) that do not
+fit ten classes in two dimensions: in the plane ten class directions are at most ``2π/10`` apart,
+which caps CosFace's margin at ``1 − cos 36° ≈ 0.19`` and ArcFace's at ``0.63`` rad (see
+:mod:`headreg.engine._feasibility`), and ``s = 64`` saturates the softmax of a 10-class problem
+long before the features separate. :data:`HEAD_SETTINGS_2D` holds the settings used with
+``--embedding-dim 2`` instead; ``--head-option HEAD:KEY=VALUE`` overrides them, with a warning when
+the result is infeasible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidValueError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "DEFAULT_HEADS",
+    "HEAD_SETTINGS_2D",
+    "PRESETS",
+    "ANGULAR_HEADS",
+    "CompareEntry",
+    "run_compare",
+    "head_settings",
+    "plot_compare",
+    "compare_table",
+]
+
+DEFAULT_HEADS = ("softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "center")
+#: Heads whose decision depends on the angle only: their features are also drawn normalised.
+ANGULAR_HEADS = frozenset({"modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined"})
+
+#: Head options for 2-D features and 10 classes, and why they differ from the heads' defaults.
+HEAD_SETTINGS_2D: dict[str, dict[str, Any]] = {
+    "softmax": {},
+    "modified_softmax": {},
+    # Default s = 16 kept: the nearest classes sit at cos 36° = 0.81, so logits differ by up to 0.19 s = 3.
+    "normface": {"scale": 16.0},
+    # m = 4 and the λ annealing of the paper kept (always feasible, within δ/(m+1) = 7.2° of the class direction).
+    "sphereface": {},
+    # Default (s, m) = (64, 0.5): m = 0.5 leaves features (0.628 − 0.5)/2 = 3.7° of room; 0.2 leaves 12°.
+    "arcface": {"scale": 16.0, "margin": 0.2},
+    # Default (64, 0.35) is infeasible (cap 0.191); half the cap.
+    "cosface": {"scale": 16.0, "margin": 0.1},
+    # Default (64, 1.0, 0.3, 0.2) is infeasible: cos 0.3 − 0.2 = 0.755 < cos 36° = 0.809.
+    "combined": {"scale": 16.0, "m1": 1.0, "m2": 0.1, "m3": 0.05},
+    # λ = 0.003 is the paper's face setting; its MNIST figure uses larger λ for visibly tight clusters.
+    "center": {"lambda_c": 0.05, "alpha": 0.5},
+}
+
+#: Training budgets. ``quick``: minutes on a laptop CPU; ``paper``: LeNets++ as in Wen et al. 2016.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "model": "lenetpp_bn",
+        "model_options": {"widths": [8, 16, 32]},
+        "epochs": 3,
+        "batch_size": 128,
+        "optimizer": "adamw",
+        "lr": 5e-3,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+        "warmup_epochs": 0.0,
+        "limit": 20000,
+        "test_limit": None,
+        "eval_limit": 5000,
+        "augment": False,
+    },
+    "paper": {
+        "model": "lenetpp",
+        "model_options": {},
+        "epochs": 20,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "weight_decay": 5e-4,
+        "schedule": "step",
+        "warmup_epochs": 0.0,
+        "limit": None,
+        "test_limit": None,
+        "eval_limit": None,
+        "augment": False,
+    },
+}
+
+COMPARE_FILES = ("compare.png", "compare.md", "compare.json")
+
+
+@dataclass
+class CompareEntry:
+    """One head's outcome.
+
+    Attributes:
+        head: head name.
+        options: the head options it was trained with.
+        test_accuracy: accuracy of the head's margin-free logits on the test set.
+        metrics: the final evaluation's metrics (``precision_at_1``, ``mean_average_precision_at_r``, ``nmi``...).
+        train_seconds: time spent in training steps.
+        total_seconds: wall time of the head's whole run (data, training, evaluation, saving).
+        warnings: feasibility warnings for its settings.
+        embeddings: ``(N, D)`` test embeddings of the trained model.
+        labels: ``(N,)`` their labels.
+    """
+
+    head: str
+    options: dict[str, Any]
+    test_accuracy: float | None
+    metrics: dict[str, Any]
+    train_seconds: float
+    total_seconds: float
+    warnings: list[str]
+    embeddings: Tensor | None = field(default=None, repr=False)
+    labels: Tensor | None = field(default=None, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "head": self.head,
+            "test_accuracy": self.test_accuracy,
+            "precision_at_1": m.get("precision_at_1"),
+            "mean_average_precision_at_r": m.get("mean_average_precision_at_r"),
+            "nmi": m.get("nmi"),
+            "train_seconds": self.train_seconds,
+            "total_seconds": self.total_seconds,
+            "options": self.options,
+        }
+
+
+def head_settings(head: str, embedding_dim: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options ``head`` is trained with: the 2-D settings when ``embedding_dim == 2``, then ``overrides``."""
+    base = dict(HEAD_SETTINGS_2D.get(head, {})) if embedding_dim == 2 else {}
+    base.update(overrides or {})
+    return base
+
+
+def _prepare_out(out: Path, heads: list[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InvalidValueError(f"--out must be a directory, got the file {out}")
+    present = sorted(out.iterdir()) if out.is_dir() else []
+    present = [p for p in present if not (p.is_dir() and not any(p.iterdir()))]  # empty: a run that failed early
+    foreign = [p.name for p in present if not (p.name in COMPARE_FILES or (p.is_dir() and (p / "run.json").exists()))]
+    if foreign:
+        raise InvalidValueError(
+            f"--out {out} holds files that are not a headreg comparison ({', '.join(foreign[:5])}); "
+            "choose a new directory"
+        )
+    if present and not overwrite:
+        raise InvalidValueError(
+            f"--out {out} already holds a comparison ({', '.join(p.name for p in present[:8])}); "
+            "pass --overwrite to replace it or choose a new directory"
+        )
+    for p in present:
+        if p.name in COMPARE_FILES:
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_compare(
+    heads: list[str],
+    dataset: str,
+    out: str | Path,
+    *,
+    embedding_dim: int = 2,
+    preset: str = "quick",
+    overwrite: bool = False,
+    head_options: dict[str, dict[str, Any]] | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Any = None,
+) -> list[CompareEntry]:
+    """Train each head with the same budget and write the figure and the table.
+
+    Args:
+        heads: head names (built-in or plugin).
+        dataset: dataset name, as for ``headreg train``.
+        out: output directory; each head's run goes to ``out/<head>/``.
+        embedding_dim: feature width ``D`` (2 to draw the features as they are).
+        preset: a :data:`PRESETS` name.
+        overwrite: replace a comparison already in ``out``.
+        head_options: per-head overrides of :data:`HEAD_SETTINGS_2D`.
+        overrides: :class:`~headreg.engine.train.TrainConfig` fields overriding the preset
+            (``epochs``, ``limit``, ``device``, ``seed``, ``data_dir``...).
+        progress: progress bars and lines.
+        log: where lines go (default stderr).
+
+    Returns:
+        One :class:`CompareEntry` per head, in order.
+    """
+    from .engine.train import TrainConfig, margin_feasibility, train
+    from .registry import get_head_entry
+
+    if preset not in PRESETS:
+        raise InvalidValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if not heads:
+        raise InvalidValueError("heads must name at least one head, e.g. softmax,arcface")
+    heads = [h.strip().lower().replace("-", "_") for h in heads]
+    dupes = sorted({h for h in heads if heads.count(h) > 1})
+    if dupes:
+        raise InvalidValueError(f"heads must not repeat, got {', '.join(dupes)} twice")
+    for h in heads:
+        get_head_entry(h)  # unknown names fail before anything is trained
+    unknown = sorted(set(head_options or {}) - set(heads))
+    if unknown:
+        raise InvalidValueError(f"--head-option names heads that are not compared: {', '.join(unknown)}")
+    out = Path(out)
+    _prepare_out(out, heads, overwrite)
+    entries: list[CompareEntry] = []
+    for head in heads:
+        options = head_settings(head, embedding_dim, (head_options or {}).get(head))
+        config = TrainConfig(
+            **{**PRESETS[preset], **(overrides or {})},
+            head=head,
+            dataset=dataset,
+            embedding_dim=embedding_dim,
+            head_options=options,
+        )
+        t0 = time.perf_counter()
+        result = train(config, out / head, overwrite=overwrite, progress=progress, log=log)  # warns if infeasible
+        notes = margin_feasibility(head, options, embedding_dim, int(result.model.num_classes))
+        if result.status != "completed":
+            raise InvalidValueError(f"training of head '{head}' stopped before the end; nothing compared")
+        entries.append(
+            CompareEntry(
+                head=head,
+                options=options,
+                test_accuracy=result.test_accuracy,
+                metrics=dict(result.eval.get("metrics", {})),
+                train_seconds=result.train_seconds,
+                total_seconds=time.perf_counter() - t0,
+                warnings=notes,
+                embeddings=result.embeddings,
+                labels=result.labels,
+            )
+        )
+    plot_compare(entries, out / "compare.png", title=f"{dataset}, {embedding_dim}-D features, preset {preset}")
+    table = compare_table(entries)
+    (out / "compare.md").write_text(
+        f"# headreg compare: {dataset}, {embedding_dim}-D features, preset `{preset}`\n\n{table}\n\n"
+        f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n"
+    )
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "dataset": dataset,
+                "embedding_dim": embedding_dim,
+                "preset": preset,
+                "settings": {**PRESETS[preset], **(overrides or {})},
+                "heads": [_clean(e.row()) for e in entries],
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    return entries
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    return obj
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{100 * v:.2f}" if pct else f"{v:.3f}"
+
+
+def compare_table(entries: list[CompareEntry]) -> str:
+    """A Markdown table: head, options, test accuracy (%), precision@1 (%), MAP@R (%), NMI, training time."""
+    lines = [
+        "| head | options | test acc. % | P@1 % | MAP@R % | NMI | train s | total s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        r = e.row()
+        opts = ", ".join(f"{k}={v}" for k, v in e.options.items()) or "defaults"
+        lines.append(
+            f"| {e.head} | {opts} | {_fmt(r['test_accuracy'], True)} | {_fmt(r['precision_at_1'], True)} | "
+            f"{_fmt(r['mean_average_precision_at_r'], True)} | {_fmt(r['nmi'])} | {r['train_seconds']:.1f} | "
+            f"{r['total_seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_compare(entries: list[CompareEntry], path: str | Path, title: str = "") -> Path:
+    """One column per head: its test features; below, for angular heads, the same features on the unit circle."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .plotting import plot_embeddings
+
+    n = len(entries)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), dpi=110, squeeze=False)
+    try:
+        for i, e in enumerate(entries):
+            emb, labels = e.embeddings, e.labels
+            acc = f"{100 * e.test_accuracy:.2f}%" if e.test_accuracy is not None else "n/a"
+            top, bottom = axes[0, i], axes[1, i]
+            plot_embeddings(top, emb, labels, title=f"{e.head}\ntest acc. {acc}")
+            if e.head in ANGULAR_HEADS:
+                plot_embeddings(bottom, emb, labels, title="normalised", normalize=True)
+            else:
+                bottom.axis("off")
+            for ax in (top, bottom):
+                legend = ax.get_legend()
+                if legend is not None and i != n - 1:
+                    legend.remove()
+                ax.tick_params(labelsize=7)
+                ax.xaxis.label.set_size(7)
+                ax.yaxis.label.set_size(7)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path

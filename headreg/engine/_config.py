@@ -1,0 +1,147 @@
+"""The run configuration and result of :mod:`headreg.engine.train`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import InvalidValueError
+from ._optim import DEFAULT_LR, OPTIMIZERS, SCHEDULES
+
+__all__ = ["TrainConfig", "TrainResult"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored as ``run.json`` in the run directory.
+
+    Attributes:
+        model: backbone name (timm, ``torchvision/<name>``, ``lenetpp``, ``lenetpp_bn``).
+        head: registered head name.
+        dataset: a name :func:`headreg.data.create_dataset` reads (``mnist``, ``fake``, ``imagefolder:PATH``...).
+        embedding_dim: embedding width ``D``; None keeps the backbone's.
+        num_classes: classes of the head; None takes the training set's.
+        neck: projection to ``embedding_dim`` (``linear_bn``, ``linear``, ``none``); None lets
+            :func:`headreg.create_model` choose (``linear_bn`` for timm/torchvision backbones given an
+            ``embedding_dim``, none for LeNet++, whose last layer is the embedding).
+        model_options: backbone keyword arguments (``widths``, ``in_chans``, ``drop_rate``...).
+        head_options: head keyword arguments (``scale``, ``margin``...).
+        epochs: passes over the (limited) training set.
+        batch_size: global batch size (split over the ranks under torchrun).
+        lr: base learning rate; None gives 0.1 for SGD, 1e-3 for AdamW.
+        weight_decay: weight decay on weight matrices and kernels.
+        optimizer: ``sgd`` (momentum) or ``adamw``.
+        momentum: SGD momentum.
+        schedule: ``cosine``, ``step`` (×0.1 at 50% and 75%) or ``constant``, per step.
+        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
+        amp: mixed precision; None means on for CUDA (bf16 where supported, else fp16 with loss scaling).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        seed: seed of the initialisation, the shuffling, the ``limit`` subset and the augmentation.
+        limit: train on a seeded random subset of this many samples.
+        test_limit: evaluate on a seeded random subset of this many test samples.
+        augment: random translation (and flips where label-preserving) while training.
+        data_dir: dataset root (else ``HEADREG_DATA_DIR``).
+        eval_metrics: metric families of the final evaluation (see ``headreg eval --metrics``); empty skips it.
+        eval_limit: compute those metrics on a seeded random subset of this many test embeddings
+            (retrieval and clustering cost grows with N²; the test accuracy always uses all of them).
+    """
+
+    model: str
+    head: str
+    dataset: str
+    embedding_dim: int | None = None
+    num_classes: int | None = None
+    neck: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    head_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    amp: bool | None = None
+    device: str = "auto"
+    seed: int = 0
+    limit: int | None = None
+    test_limit: int | None = None
+    augment: bool = True
+    data_dir: str | None = None
+    eval_metrics: tuple[str, ...] = ("retrieval", "clustering")
+    eval_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("limit", "test_limit", "eval_limit", "embedding_dim", "num_classes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidValueError(f"{name} must be a positive integer or None, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_epochs < 0:
+            raise InvalidValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        self.eval_metrics = tuple(self.eval_metrics)
+        self.model_options = dict(self.model_options or {})
+        self.head_options = dict(self.head_options or {})
+
+    @property
+    def base_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eval_metrics"] = list(self.eval_metrics)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidValueError(f"run config has unknown keys {unknown}; written by a newer headreg?")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank; files are written by rank 0 only).
+
+    Attributes:
+        run_dir: the run directory.
+        status: ``completed`` or ``stopped`` (Ctrl-C or a step budget; resumable).
+        epochs_done: epochs finished.
+        global_step: optimiser steps taken.
+        history: the ``metrics.jsonl`` records of the epochs run so far.
+        eval: the final evaluation (``eval.json``), empty when stopped.
+        train_seconds: training time (steps only) summed over epochs.
+        model: the trained (unwrapped) model.
+        embeddings: ``(N, D)`` test embeddings of the final model (rank 0), or None when stopped.
+        labels: ``(N,)`` their labels.
+    """
+
+    run_dir: Path
+    status: str
+    epochs_done: int
+    global_step: int
+    history: list[dict[str, Any]]
+    eval: dict[str, Any]
+    train_seconds: float
+    model: Any = None
+    embeddings: Tensor | None = None
+    labels: Tensor | None = None
+
+    @property
+    def test_accuracy(self) -> float | None:
+        if self.eval:
+            return self.eval.get("test_accuracy")
+        return self.history[-1]["test_accuracy"] if self.history else None

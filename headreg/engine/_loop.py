@@ -1,0 +1,286 @@
+"""The inner loops of training: one epoch of steps, one pass over the test split, and stopping cleanly.
+
+Kept free of file I/O and configuration: :mod:`headreg.engine.train` sets things up and
+decides what to save; this module only runs steps and counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import HeadregError
+from ._optim import lr_factor, set_lr
+
+__all__ = ["EpochTally", "StepContext", "StopFlag", "run_epoch", "evaluate_split"]
+
+
+class StopFlag:
+    """Set by the first Ctrl-C (SIGINT) or a step budget; the loop stops after the step in flight.
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once, as usual. Under ``torch.distributed``
+    the flag is combined across ranks each step, so all ranks stop after the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.requested = True
+        self.reason = self.reason or reason
+
+    @contextlib.contextmanager
+    def catch_sigint(self) -> Iterator[None]:
+        """Turn the first SIGINT into a stop request while the block runs (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.request("interrupted (Ctrl-C)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def synced(self, distributed: bool, device: torch.device) -> bool:
+        """Whether any rank asked to stop (one all-reduce under distributed)."""
+        if not distributed:
+            return self.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self.request("stopped on another rank")
+        return self.requested
+
+
+@dataclass
+class EpochTally:
+    """Running sums of one epoch on this rank; tensors so the hot loop never waits for the device.
+
+    Attributes:
+        loss_sum: Σ batch loss × batch size.
+        correct: training predictions (margin logits' argmax) equal to the label.
+        seen: samples processed.
+        batches: steps done in this epoch (resume skips this many).
+        seconds: training time spent in this epoch so far.
+    """
+
+    loss_sum: Tensor
+    correct: Tensor
+    seen: Tensor
+    batches: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochTally:
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "loss_sum": float(self.loss_sum),
+            "correct": float(self.correct),
+            "seen": float(self.seen),
+            "batches": self.batches,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochTally:
+        t = cls.zeros(device)
+        t.loss_sum.fill_(state["loss_sum"])
+        t.correct.fill_(state["correct"])
+        t.seen.fill_(state["seen"])
+        t.batches, t.seconds = int(state["batches"]), float(state["seconds"])
+        return t
+
+
+@dataclass
+class StepContext:
+    """What one training step needs, built once per run.
+
+    Attributes:
+        model: the model to call (DDP-wrapped under distributed).
+        head: the unwrapped head, for the training accuracy of the margin-free logits.
+        optimizer: the optimiser.
+        transform: uint8 batch → model input.
+        device: where the batches go.
+        base_lr: learning rate before the schedule.
+        schedule: schedule name.
+        total_steps: steps in the whole run.
+        warmup_steps: warm-up steps.
+        autocast_dtype: None for float32, else the autocast dtype.
+        scaler: a GradScaler for float16, else None.
+        distributed: several ranks (the stop flag is synchronised).
+        global_step: steps taken so far in the run (advanced here).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    transform: nn.Module
+    device: torch.device
+    base_lr: float
+    schedule: str
+    total_steps: int
+    warmup_steps: int
+    autocast_dtype: torch.dtype | None
+    scaler: Any
+    distributed: bool
+    global_step: int = 0
+    head: nn.Module | None = None
+    on_step: Callable[[int], None] | None = None
+    in_step: bool = field(default=False)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run_epoch(
+    ctx: StepContext,
+    loader: Any,
+    tally: EpochTally,
+    stop: StopFlag,
+    *,
+    stop_at_step: int | None = None,
+    bar: Any = None,
+) -> bool:
+    """Train over ``loader`` from batch ``tally.batches`` on; returns True when the epoch finished.
+
+    Returns False when a stop was requested (Ctrl-C, ``stop_at_step`` reached); the state after the
+    last completed step is then consistent and can be saved.
+    """
+    skip = tally.batches
+    non_blocking = ctx.device.type == "cuda"
+    next_refresh = time.perf_counter() + 0.5
+    start = time.perf_counter()
+    finished = True
+    for i, (images, labels) in enumerate(loader):
+        if i < skip:
+            continue
+        if stop.synced(ctx.distributed, ctx.device) or (stop_at_step is not None and ctx.global_step >= stop_at_step):
+            if not stop.requested:
+                stop.request(f"stopped after step {ctx.global_step} as asked")
+            finished = False
+            break
+        ctx.in_step = True
+        images = images.to(ctx.device, non_blocking=non_blocking)
+        labels = labels.to(ctx.device, non_blocking=non_blocking)
+        x = ctx.transform(images)
+        set_lr(ctx.optimizer, ctx.base_lr * lr_factor(ctx.schedule, ctx.global_step, ctx.total_steps, ctx.warmup_steps))
+        with _autocast(ctx.device, ctx.autocast_dtype):
+            out = ctx.model(x, labels)
+        loss = out.loss
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            loss.backward()
+            ctx.optimizer.step()
+        n = labels.shape[0]
+        tally.loss_sum += loss.detach().double() * n
+        with torch.no_grad():  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
+            logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
+            tally.correct += (logits.argmax(dim=1) == labels).sum()
+        tally.seen += n
+        tally.batches += 1
+        ctx.global_step += 1
+        ctx.in_step = False
+        if ctx.on_step is not None:
+            ctx.on_step(ctx.global_step)
+        if bar is not None:
+            bar.update(1)
+            now = time.perf_counter()
+            if now >= next_refresh:  # one device sync per refresh, not per step
+                next_refresh = now + 0.5
+                seen = float(tally.seen)
+                mean = float(tally.loss_sum) / max(seen, 1.0)
+                check_finite(mean, ctx.global_step)
+                bar.set_postfix(
+                    loss=f"{mean:.4f}",
+                    acc=f"{float(tally.correct) / max(seen, 1.0):.3f}",
+                    img_s=f"{seen / max(tally.seconds + now - start, 1e-9):.0f}",
+                    refresh=False,
+                )
+    tally.seconds += time.perf_counter() - start
+    return finished
+
+
+def check_finite(loss: float, step: int) -> None:
+    """Raise a HeadregError when the running loss is NaN or infinite."""
+    if loss != loss or loss in (float("inf"), float("-inf")):
+        raise HeadregError(
+            f"the training loss became {loss} by step {step}; lower --lr, use --no-amp, or a smaller scale/margin"
+        )
+
+
+@torch.inference_mode()
+def evaluate_split(
+    model: nn.Module,
+    loader: Any,
+    transform: nn.Module,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    *,
+    keep_embeddings: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Classify this rank's shard of a split with the head's margin-free logits.
+
+    Args:
+        model: the unwrapped :class:`~headreg.HeadModel`.
+        loader: an unshuffled loader.
+        transform: uint8 batch → model input (eval mode).
+        device: where to compute.
+        autocast_dtype: None or the autocast dtype.
+        keep_embeddings: also return the embeddings (float32, CPU) and labels.
+
+    Returns:
+        ``(correct, count, embeddings, labels)``: float64 scalar tensors on ``device`` and, when kept,
+        ``(n, D)`` / ``(n,)`` CPU tensors.
+    """
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    embs: list[Tensor] = []
+    labs: list[Tensor] = []
+    try:
+        for images, labels in loader:
+            images = images.to(device)
+            labels = labels.to(device)
+            with _autocast(device, autocast_dtype):
+                emb = model.embed(transform(images))
+                logits = model.head(emb)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            count += labels.shape[0]
+            if keep_embeddings:
+                embs.append(emb.float().cpu())
+                labs.append(labels.cpu())
+    finally:
+        model.train(was_training)
+    if not keep_embeddings:
+        return correct, count, None, None
+    width = getattr(model, "embedding_dim", 0)
+    emb_all = torch.cat(embs) if embs else torch.zeros(0, width)
+    lab_all = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
+    return correct, count, emb_all, lab_all

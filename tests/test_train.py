@@ -1,0 +1,232 @@
+"""`headreg train` and its engine: every head learns, checkpoints load, resume is exact, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import headreg
+from headreg.cli import main
+from headreg.engine.train import MarginFeasibilityWarning, TrainConfig, margin_feasibility, resume, train
+from headreg.errors import InvalidValueError
+from headreg.heads._builtin import BUILTIN_HEADS
+
+TINY = {"widths": [4, 8, 8]}
+# SphereFace's λ anneals from 1000, which changes the loss it reports; a constant λ keeps "loss goes down" meaningful.
+STEADY = {"sphereface": {"base": 0.0, "lambda_min": 5.0}}
+
+
+def tiny_config(head: str = "softmax", **kw) -> TrainConfig:
+    base = dict(
+        model="lenetpp",
+        head=head,
+        dataset="fake",
+        embedding_dim=8,
+        model_options=dict(TINY),
+        head_options=dict(STEADY.get(head, {})),
+        epochs=1,
+        batch_size=32,
+        optimizer="adamw",
+        lr=3e-3,
+        limit=128,
+        test_limit=200,
+        device="cpu",
+        eval_metrics=("retrieval",),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("head", sorted(BUILTIN_HEADS))
+def test_each_builtin_head_learns(head, tmp_path):
+    result = train(tiny_config(head, epochs=3, limit=256), tmp_path / head, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert result.status == "completed" and len(losses) == 3
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], f"{head}: loss did not go down: {losses}"
+
+
+def test_run_directory_contents_and_checkpoint_round_trip(tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config("arcface", epochs=2, head_options={"scale": 16.0, "margin": 0.2}), out, progress=False)
+    for name in ("run.json", "config.json", "model.safetensors", "metrics.jsonl", "eval.json", "resume.json"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert {"loss", "train_accuracy", "test_accuracy", "time", "images_per_s"} <= set(lines[0])
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["samples"] == 200 and "precision_at_1" in ev["metrics"]
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+    loaded = headreg.load_model(out)
+    assert loaded.config["head"] == "arcface" and loaded.num_classes == 10
+    x = torch.randn(5, 1, 28, 28)
+    result.model.eval()
+    torch.testing.assert_close(loaded.embed(x), result.model.embed(x), rtol=0, atol=0)
+    # The final evaluation's embeddings are the loaded model's on the same test images.
+    assert result.embeddings.shape == (200, 8)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("head", ["center", "sphereface"])
+def test_resume_gives_the_same_next_step(head, tmp_path):
+    # Two epochs of 4 steps, augmentation on (its RNG must be restored), SGD with momentum (its buffers too),
+    # and a head with state that advances per step (centres / the SphereFace step counter).
+    cfg = dict(epochs=2, optimizer="sgd", lr=0.05, augment=True, head_options={})
+    full = train(tiny_config(head, **cfg), tmp_path / "full", progress=False)
+    assert full.global_step == 8
+
+    stopped = train(tiny_config(head, **cfg), tmp_path / "part", stop_after_steps=5, progress=False)
+    assert stopped.status == "stopped" and stopped.global_step == 5
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["status"] == "stopped"
+    # Stopped one step short of ... then resume: the next steps land exactly where the uninterrupted run did.
+    one_more = resume(tmp_path / "part", stop_after_steps=6, progress=False)
+    assert one_more.global_step == 6
+    again = resume(tmp_path / "part", progress=False)
+    assert again.status == "completed" and again.global_step == 8
+    a, b = _weights(full.model), _weights(again.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    hist_full = [h["loss"] for h in full.history]
+    hist_resumed = [json.loads(x)["loss"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert hist_resumed == pytest.approx(hist_full, rel=1e-9)
+
+
+def test_ctrl_c_stops_cleanly_and_resumes_exactly(tmp_path):
+    cfg = dict(epochs=1, limit=192, optimizer="sgd", lr=0.05)
+    full = train(tiny_config("cosface", **cfg), tmp_path / "full", progress=False)
+
+    def press_ctrl_c(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = train(tiny_config("cosface", **cfg), tmp_path / "part", on_step=press_ctrl_c, progress=False)
+    assert stopped.status == "stopped" and stopped.global_step == 3
+    assert not (tmp_path / "part" / "eval.json").exists()
+    done = resume(tmp_path / "part", progress=False)
+    assert done.global_step == full.global_step == 6
+    for k, v in _weights(full.model).items():
+        assert torch.equal(v, done.model.state_dict()[k]), k
+
+
+def test_margin_feasibility_bounds():
+    # CosFace: m < 1 − cos(2π/C); ArcFace: m < 2π/C, in 2-D with C classes.
+    assert margin_feasibility("cosface", {"margin": 0.18}, 2, 10) == []
+    assert "0.191" in margin_feasibility("cosface", {"margin": 0.35}, 2, 10)[0]
+    assert margin_feasibility("arcface", {"margin": 0.6}, 2, 10) == []
+    assert margin_feasibility("arcface", {"margin": 0.63}, 2, 10)
+    assert margin_feasibility("arcface", {}, 2, 10) == []  # default 0.5 < 0.628
+    assert margin_feasibility("cosface", {}, 2, 10)  # default 0.35 is infeasible in 2-D
+    assert margin_feasibility("cosface", {}, 128, 10) == []  # simplex: 1 − cos(arccos(−1/9)) = 1.11
+    assert margin_feasibility("combined", {}, 2, 10)  # cos(0.3) − 0.2 = 0.755 < cos 36° = 0.809
+    assert margin_feasibility("softmax", {}, 2, 10) == []
+
+
+def test_infeasible_margin_warns_in_train(tmp_path):
+    with pytest.warns(MarginFeasibilityWarning, match="cannot be met"):
+        train(tiny_config("cosface", embedding_dim=2, head_options={"margin": 0.35}), tmp_path / "r", progress=False)
+
+
+def _cli(args, tmp_path):
+    return CliRunner().invoke(main, ["train", *args])
+
+
+CLI_BASE = ["--model", "lenetpp", "--dataset", "fake", "--model-option", "widths=[4,8,8]", "--epochs", "1",
+            "--batch-size", "32", "--limit", "64", "--test-limit", "100", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+
+
+def test_cli_trains_and_warns_about_infeasible_margin(tmp_path):
+    out = tmp_path / "cos"
+    r = _cli([*CLI_BASE, "--head", "cosface", "--embedding-dim", "2", "--head-option", "margin=0.35",
+              "--head-option", "scale=16", "--out", str(out)], tmp_path)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "warning: cosface margin=0.35 cannot be met" in r.output
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert cfg["head_options"] == {"margin": 0.35, "scale": 16} and cfg["model_options"] == {"widths": [4, 8, 8]}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--head", "arcfce"], "unknown head 'arcfce'; did you mean 'arcface'"),
+        (["--head", "arcface", "--dataset", "mnst"], "unknown dataset 'mnst'"),
+        (["--head", "arcface", "--num-classes", "5"], "labels up to 9"),
+        (["--head", "arcface", "--head-option", "margin"], "--head-option must look like key=value"),
+        (["--head", "arcface", "--head-option", "margn=0.2"], "has no option 'margn'"),
+        (["--head", "arcface", "--batch-size", "1000"], "larger than the 64 training samples"),
+        (["--head", "arcface", "--model", "resnet1"], "unknown backbone 'resnet1'"),
+    ],
+)
+def test_cli_bad_input_is_a_clean_error(args, message, tmp_path):
+    base = list(CLI_BASE)
+    if "--dataset" in args:
+        i = base.index("--dataset")
+        del base[i : i + 2]
+    if "--model" in args:
+        i = base.index("--model")
+        del base[i : i + 2]
+    r = _cli([*base, *args, "--out", str(tmp_path / "r")], tmp_path)
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_missing_options(tmp_path):
+    r = _cli(["--head", "arcface"], tmp_path)
+    assert r.exit_code != 0 and "needs --model, --dataset, --out" in r.output
+
+
+def test_labels_beyond_num_classes_rejected(tmp_path):
+    with pytest.raises(InvalidValueError, match=r"labels must lie in \[0, num_classes\)"):
+        train(tiny_config(num_classes=3), tmp_path / "r", progress=False)
+    with pytest.warns(UserWarning, match="will never see a sample"):
+        train(tiny_config(num_classes=12), tmp_path / "r2", progress=False)
+
+
+def test_existing_run_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    r = _cli([*CLI_BASE, "--head", "softmax", "--out", str(out)], tmp_path)
+    assert r.exit_code == 0, r.output
+    r = _cli([*CLI_BASE, "--head", "normface", "--out", str(out)], tmp_path)
+    assert r.exit_code != 0 and "already holds a different run" in r.output and "head: 'softmax'" in r.output
+    r = _cli([*CLI_BASE, "--head", "softmax", "--out", str(out)], tmp_path)
+    assert r.exit_code != 0 and "already holds this run" in r.output
+    r = _cli([*CLI_BASE, "--head", "normface", "--out", str(out), "--overwrite"], tmp_path)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "run.json").read_text())["config"]["head"] == "normface"
+    # A directory with someone else's files is never a run to overwrite.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    r = _cli([*CLI_BASE, "--head", "softmax", "--out", str(other), "--overwrite"], tmp_path)
+    assert r.exit_code != 0 and "not a headreg run" in r.output
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_resume_after_max_steps(tmp_path):
+    out = tmp_path / "run"
+    r = _cli([*CLI_BASE, "--head", "softmax", "--out", str(out), "--max-steps", "1"], tmp_path)
+    assert r.exit_code == 0 and "--resume" in r.output, r.output
+    r = _cli(["--resume", str(out), "--no-progress"], tmp_path)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "run.json").read_text())["global_step"] == 2
+    r = _cli(["--resume", str(tmp_path / "nothing")], tmp_path)
+    assert r.exit_code != 0 and "holds no run.json" in r.output
+
+
+def test_parse_key_values():
+    from headreg.cli.train import parse_key_values
+
+    got = parse_key_values(["scale=30", "margin=0.2", "learn-scale=true", "widths=[16,32]", "name=x", "n=None"], "-o")
+    assert got == {"scale": 30, "margin": 0.2, "learn_scale": True, "widths": [16, 32], "name": "x", "n": None}
