@@ -87,12 +87,22 @@ class CenterLossHead(Head):
     @torch.no_grad()
     def _alpha_update(self, diff: Tensor, labels: Tensor) -> None:
         # Eq. 4 over the classes present; `diff` is x − c_y, so Σ(c_j − x_i) = −Σ diff.
-        sums = torch.zeros_like(self.centers).index_add_(0, labels, diff.to(self.centers.dtype))
-        counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
+        diff = diff.to(self.centers.dtype)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # all_reduce needs the same shape on every rank: sum over all C classes.
+            sums = torch.zeros_like(self.centers).index_add_(0, labels, diff)
+            counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
             dist.all_reduce(sums)
             dist.all_reduce(counts)
-        self.centers.add_(sums / (1.0 + counts).unsqueeze(1), alpha=self.alpha)
+            self.centers.add_(sums / (1.0 + counts).unsqueeze(1), alpha=self.alpha)
+            return
+        # Single process: only the classes in the batch, never a (C, D) temporary.
+        present, inverse = torch.unique(labels, return_inverse=True)
+        sums = torch.zeros(len(present), diff.shape[1], dtype=diff.dtype, device=diff.device).index_add_(
+            0, inverse, diff
+        )
+        counts = torch.bincount(inverse, minlength=len(present)).to(diff.dtype)
+        self.centers.index_add_(0, present, sums / (1.0 + counts).unsqueeze(1), alpha=self.alpha)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lambda_c={self.lambda_c:g}, alpha={self.alpha:g}, update={self.center_update}"
