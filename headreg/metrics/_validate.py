@@ -6,7 +6,10 @@ call never surfaces as a traceback from deep inside torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torchmetrics import Metric
 
 from headreg.errors import InvalidInputError, InvalidValueError
 
@@ -85,3 +88,30 @@ def check_positive_ints(values: object, name: str) -> tuple[int, ...]:
     if not out or any(v < 1 for v in out):
         raise InvalidValueError(f"{name} must be a non-empty sequence of positive integers, got {values!r}")
     return out
+
+
+class EmbeddingMetric(Metric):
+    """A torchmetrics ``Metric`` that keeps every ``(embeddings, labels)`` batch until ``compute``.
+
+    The list states are concatenated across processes by torchmetrics (``dist_reduce_fx="cat"``),
+    so a subclass computes over the whole set; it implements ``compute`` with :meth:`_stored`.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: `(B, D)` float embeddings and `(B,)` integer labels."""
+        check_embeddings(embeddings)
+        self.embeddings.append(embeddings.detach())
+        self.labels.append(check_labels(labels, embeddings.shape[0]))
+
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything added since the last reset, ``(N, D)`` and ``(N,)``."""
+        if not self.embeddings:
+            raise InvalidInputError(f"{type(self).__name__}.compute() called before any update()")
+        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
+        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
+        return emb, lab

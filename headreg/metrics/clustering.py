@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 from torchmetrics.functional.clustering import adjusted_mutual_info_score, normalized_mutual_info_score
 
-from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.metrics._validate import check_embeddings, check_labels, resolve_device
+from headreg.errors import InvalidValueError
+from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_labels, resolve_device
 
 __all__ = ["kmeans", "clustering_metrics", "ClusteringMetrics"]
 
@@ -118,7 +117,7 @@ def clustering_metrics(
     return {"nmi": nmi, "ami": ami, "num_clusters": k}
 
 
-class ClusteringMetrics(Metric):
+class ClusteringMetrics(EmbeddingMetric):
     """NMI / AMI of k-means clusters over embeddings gathered batch by batch.
 
     Example:
@@ -139,19 +138,8 @@ class ClusteringMetrics(Metric):
         super().__init__(**kwargs)
         self.seed = seed
         self.max_iter = max_iter
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: `(B, D)` float embeddings and `(B,)` integer labels."""
-        check_embeddings(embeddings)
-        self.embeddings.append(embeddings.detach())
-        self.labels.append(check_labels(labels, embeddings.shape[0]))
 
     def compute(self) -> dict[str, float | int]:
         """NMI and AMI over everything added since the last reset."""
-        if not self.embeddings:
-            raise InvalidInputError("ClusteringMetrics.compute() called before any update()")
-        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
-        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
+        emb, lab = self._stored()
         return clustering_metrics(emb, lab, seed=self.seed, max_iter=self.max_iter)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.metrics._validate import check_embeddings, check_labels, resolve_device
+from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_labels, resolve_device
 
 __all__ = ["sample_pairs", "verification_metrics", "verification_from_scores", "VerificationMetrics"]
 
@@ -224,7 +223,7 @@ def verification_metrics(
     return verification_from_scores(scores.cpu(), same, far_targets)
 
 
-class VerificationMetrics(Metric):
+class VerificationMetrics(EmbeddingMetric):
     """Pair verification (ROC-AUC, EER, TAR@FAR, accuracy) over embeddings gathered batch by batch.
 
     Example:
@@ -252,19 +251,8 @@ class VerificationMetrics(Metric):
         self.max_pairs = max_pairs
         self.far_targets = tuple(far_targets)
         self.seed = seed
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: `(B, D)` float embeddings and `(B,)` integer labels."""
-        check_embeddings(embeddings)
-        self.embeddings.append(embeddings.detach())
-        self.labels.append(check_labels(labels, embeddings.shape[0]))
 
     def compute(self) -> dict[str, float | int]:
         """Verification metrics over everything added since the last reset."""
-        if not self.embeddings:
-            raise InvalidInputError("VerificationMetrics.compute() called before any update()")
-        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
-        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
+        emb, lab = self._stored()
         return verification_metrics(emb, lab, max_pairs=self.max_pairs, far_targets=self.far_targets, seed=self.seed)
