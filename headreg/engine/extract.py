@@ -184,10 +184,13 @@ def extract_embeddings(
             for images, labels in loader:
                 x = images.to(device, non_blocking=non_blocking)
                 y = torch.as_tensor(labels).to(device, non_blocking=non_blocking)
+                if channels_last and x.dim() == 4:
+                    # Re-layout the uint8 batch (1 byte a value) before the transform, which keeps it.
+                    x = x.contiguous(memory_format=torch.channels_last)
                 if transform is not None:
                     x = transform(x)
                 if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    x = x.contiguous(memory_format=torch.channels_last)  # a no-op when already so
                 with autocast_context(device, bf16):
                     emb = embed(x)
                     if head is not None:
