@@ -9,6 +9,7 @@ subclass anything here; the helpers are public so that they can reuse them.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_labels",
     "check_positive",
     "check_non_negative",
+    "check_angle",
     "float32_region",
 ]
 
@@ -93,6 +95,14 @@ def check_non_negative(name: str, value: float) -> float:
         raise InvalidValueError(f"{name} must be a number >= 0, got {value!r}") from None
     if not (v >= 0 and v != float("inf")):
         raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_angle(name: str, value: float) -> float:
+    """Return ``float(value)`` or raise `InvalidValueError` unless it is an angle in ``[0, π)`` radians."""
+    v = check_non_negative(name, value)
+    if v >= math.pi:
+        raise InvalidValueError(f"{name} must be in [0, π) radians, got {value!r}")
     return v
 
 

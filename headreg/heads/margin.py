@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import InvalidValueError
-from .base import Head, HeadOutput, check_non_negative, check_positive
+from .base import Head, HeadOutput, check_angle, check_non_negative, check_positive
 from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
 
 __all__ = ["AngularMarginHead", "NormFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead"]
@@ -136,9 +135,7 @@ class ArcFaceHead(AngularMarginHead):
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False
     ) -> None:
         super().__init__(in_features, num_classes, scale=scale)
-        self.margin = check_non_negative("margin", margin)
-        if self.margin >= torch.pi:
-            raise InvalidValueError(f"margin must be in [0, π) radians, got {margin!r}")
+        self.margin = check_angle("margin", margin)
         self.easy_margin = bool(easy_margin)
 
     def margin_target(self, cos_target: Tensor) -> Tensor:

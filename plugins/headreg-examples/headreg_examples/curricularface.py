@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from headreg.errors import InvalidValueError
 from headreg.heads import Head, HeadOutput
-from headreg.heads.base import check_non_negative, check_positive
+from headreg.heads.base import check_angle, check_non_negative, check_positive
 from headreg.heads.functional import arcface_margin, cosine_linear, replace_target, target_logit
 from torch import Tensor, nn
 
@@ -60,9 +58,7 @@ class CurricularFaceHead(Head):
     ) -> None:
         super().__init__(in_features, num_classes)
         self.scale = check_positive("scale", scale)
-        self.margin = check_non_negative("margin", margin)
-        if self.margin >= math.pi:
-            raise InvalidValueError(f"margin must be in [0, π) radians, got {margin!r}")
+        self.margin = check_angle("margin", margin)
         self.momentum = check_non_negative("momentum", momentum)
         if self.momentum > 1:
             raise InvalidValueError(f"momentum must be in [0, 1], got {momentum!r}")
