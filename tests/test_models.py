@@ -112,11 +112,27 @@ def test_bad_arguments_give_clear_errors():
         model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
 
 
-def test_pretrained_offline_is_a_clear_error(monkeypatch):
+def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
+    """No weights in the cache and no network: one clear error, and no download is even attempted."""
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (simulated by the test)")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import, which timm has already done: set the constant.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", "/nonexistent-headreg-test")
-    with pytest.raises(HeadregError, match="pretrained"):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(HeadregError, match="pretrained weights for backbone 'torchvision/resnet18'"):
         headreg.create_model("torchvision/resnet18", pretrained=True)
+    with pytest.raises(HeadregError, match="pretrained weights for backbone 'resnet18'"):
+        headreg.create_model("resnet18", pretrained=True)
 
 
 def test_save_and_load_round_trip(tmp_path):
