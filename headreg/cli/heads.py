@@ -38,7 +38,7 @@ def list_cmd(pattern: str, as_json: bool) -> None:
                 "name": name,
                 "origin": e.origin,
                 "description": e.description,
-                "defaults": {k: v for k, v in e.defaults.items()},
+                "defaults": e.defaults,
                 "paper": e.paper,
             }
         )
