@@ -106,6 +106,13 @@ def test_sampled_threshold_path_and_fallback(monkeypatch):
     forced = retrieval_with_masks(x, y, query_mask=torch.arange(4200) < 90, chunk_size=37, stats=stats)
     assert stats["fallback_rows"] == 90
     assert_close(forced, ref)
+    # The fallback recomputes rows in batches of _FALLBACK_BYTES; rows must keep their identity
+    # across batches, on the numpy path and on the torch path.
+    monkeypatch.setattr(_knn, "_FALLBACK_BYTES", 4 * 4200 * 7)
+    batched = retrieval_with_masks(x, y, query_mask=torch.arange(4200) < 90, chunk_size=37)
+    assert_close(batched, ref)
+    monkeypatch.setattr(_knn, "_numpy_ok", lambda t: False)
+    assert_close(retrieval_with_masks(x, y, query_mask=torch.arange(4200) < 90, chunk_size=37), ref)
 
 
 def test_ties_rank_lower_gallery_index_first():
@@ -251,23 +258,28 @@ def _collect(chunks, rows, width):
     return out
 
 
-def test_block_pruning_numpy_and_torch_paths_agree(monkeypatch):
-    # Sampled thresholds, a padded last block (4200 % _BLOCK != 0), grouped gallery: the CPU
-    # numpy path and the plain torch path (used on GPUs) must return the same neighbours.
+def test_numpy_and_torch_paths_agree(monkeypatch):
+    # Sampled thresholds, a last tile shorter than the others (4200 items, tiles of 512), a last
+    # chunk shorter than the others, grouped gallery: the CPU numpy path and the plain torch path
+    # (used on GPUs) must return the same neighbours.
     x, y = clustered(4200, 20, 8, 1.5, seed=10)
     x = torch.nn.functional.normalize(x, dim=1)
     k = torch.bincount(y)[y[:300]].clamp(min=5)
     args = (x[:300], x, k, torch.arange(300))
-    fast = _collect(_knn.iter_ranked_neighbours(*args, chunk_size=64, gallery_groups=y), 300, int(k.max()))
+    kwargs = {"chunk_size": 64, "tile_size": 512, "gallery_groups": y}
+    fast = _collect(_knn.iter_ranked_neighbours(*args, **kwargs), 300, int(k.max()))
     monkeypatch.setattr(_knn, "_numpy_ok", lambda t: False)
-    plain = _collect(_knn.iter_ranked_neighbours(*args, chunk_size=64, gallery_groups=y), 300, int(k.max()))
+    plain = _collect(_knn.iter_ranked_neighbours(*args, **kwargs), 300, int(k.max()))
     assert torch.equal(fast, plain)
     assert bool(((fast >= 0).sum(1) == k).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_exact_neighbours_with_many_ties(dtype, grouped):
+@pytest.mark.parametrize("fallback", [False, True])
+def test_exact_neighbours_with_many_ties(dtype, grouped, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setattr(_knn, "_SAMPLE_Z", -20.0)  # every row recomputed at its exact threshold
     # Small integer vectors: every dot product is exact, so the reference order is exact and
     # ties (bit-identical similarities) are everywhere; they must rank by lower gallery index.
     gen = torch.Generator().manual_seed(11)

@@ -68,7 +68,7 @@ def compute_metrics(
         knn_k: neighbours voting in `knn_accuracy`.
         device: where to compute; None keeps the embeddings' device.
         knn_backend: `"torch"` or `"faiss"` for the retrieval k-NN search.
-        chunk_size: queries per similarity chunk; None picks one (~32 MiB per chunk).
+        chunk_size: queries per similarity chunk; None picks one (512 on a CPU).
         seed: seeds pair sampling, k-means++ and threshold sampling.
         progress: show a progress bar during retrieval.
 

@@ -4,40 +4,42 @@ The retrieval metrics need, for each query `q`, its `K_q` nearest gallery items 
 exact order, where `K_q = max(R_q, k_small)` varies from query to query (`R_q`, the
 number of positives, reaches ~1,000 at N = 100,000 with 100 classes). A `torch.topk`
 with k = max K over whole rows costs about twice the similarity matmul itself on a
-CPU, and so does any elementwise pass that writes a `(chunk, N_g)` buffer, so after
-the matmul this module reads the similarity buffer once and only touches the few
-blocks that can hold a neighbour:
+CPU, so this module never ranks whole rows; it keeps only the entries above a
+per-query threshold, and on a CPU it does so while each piece of the similarity
+matrix is still in the core's cache:
 
-0. Layout (once): the gallery is shuffled (seeded), stably sorted by `gallery_groups`
-   (the labels, when the caller has them) and cut into blocks of `_BLOCK` = 16
-   consecutive items, stored lane-major: block `j`, lane `i` is column
-   `i * num_blocks + j` (`_BlockLayout`). Items of one class share blocks.
-1. Similarities of a chunk of queries against the whole gallery: `S = Q_c @ G^T`,
-   `(chunk, N_g)`, never `N × N`; then the maximum of every block, one vectorised
-   read pass (`S.view(chunk, 16, num_blocks).amax(1)`).
-2. A per-row threshold `t_q` estimated from a sample: lane 0 of every block (one item
-   in 16, spread evenly over the classes; contiguous columns); `t_q` is its `j_q`-th
-   largest value with `j_q = ceil(K_q/16 + z·sqrt(K_q/16)) + 1`, slightly more than the
-   expected count, so usually `count(S_q ≥ t_q) ≥ K_q`. Below `_MIN_SAMPLED_GALLERY`
-   items `t_q` is the exact `K_q`-th value.
-3. Block-max pruning: a block whose maximum is below `t_q` holds no candidate, so only
-   the other blocks (on clustered data ~10 % of them) are gathered and tested; the
-   candidates are exactly `{S_q ≥ t_q}`. Every row's count is checked: where it is at
-   least `K_q`, `t_q` is a proven lower bound of the `K_q`-th largest similarity, so
-   the candidates contain the exact top `K_q`. Rows that fail (rare, or forced in
-   tests) fall back to the exact `K_q`-th value on those rows only.
-4. Only the candidates (~1.6 K_q per row) are sorted, row by row, with one int64 key
-   per candidate (similarity descending, original gallery index ascending).
+0. Layout (once): the gallery is shuffled (seeded) and stably sorted by
+   `gallery_groups` (the labels, when the caller has them); every `_SAMPLE_STRIDE`-th
+   item of that order, a sample spread evenly over the groups, is moved to the front
+   (`m` items). The layout only changes speed, never the result.
+1. Per chunk of queries, the sample's similarities `G[:m] @ Q_c^T` give each query a
+   threshold `t_q`: the `j_q`-th largest of them, with `j_q = ceil(e + z·sqrt(e)) + 1`
+   and `e = K_q·m/N` the expected count, so that usually `count(S_q ≥ t_q) ≥ K_q`.
+   Below `_MIN_SAMPLED_GALLERY` items `t_q` is the exact `K_q`-th value instead.
+2. The rest of the gallery goes by in tiles of `tile` items: each tile's similarities
+   `G_t @ Q_c^T` (`tile × chunk` floats, 2 MiB by default on a CPU: the whole
+   `N × chunk` block never goes out to memory) are compared with `t` and only the
+   entries `≥ t_q` are kept, with their row and column. The candidates are exactly
+   `{S_q ≥ t_q}`.
+3. Every row's count is checked: where it is at least `K_q`, `t_q` is a proven lower
+   bound of the `K_q`-th largest similarity, so the candidates contain the exact top
+   `K_q`. Rows that fail (rare, or forced in tests) are recomputed against the whole
+   gallery with their exact `K_q`-th value.
+4. Only the candidates (~1.4 K_q per row) are sorted, with one int64 key each (row,
+   then similarity descending, then original gallery index ascending), in one sort
+   per chunk.
 
-On a CPU, steps 2–4 run in numpy (zero-copy views): its SIMD sort and partition are
-3–9× faster than `torch.sort`/`torch.topk`. Other devices use the same steps in torch.
+On a CPU, steps 1–4 run in numpy on zero-copy views: its SIMD compare, partition and
+sort are several times faster than torch's CPU kernels for these shapes, and the
+mask of step 2 is scanned eight entries at a time (as uint64 words). Other devices
+run the same steps in torch, with the whole gallery as one tile.
 
 Ties: two gallery items with bit-identical similarity are ranked by their original
 gallery index, lower first, whatever the device, chunking or layout. A query is never
 its own neighbour (`self_index`), even when a duplicate has the same similarity.
 
-Memory: O(chunk × N_g) for `S` plus O(chunk × N_g / 16) block maxima and the
-candidates; the whole result is never held: neighbours are yielded chunk by chunk.
+Memory: O(chunk × tile) for the similarity tile, O(chunk × N/_SAMPLE_STRIDE) for the
+sample, and the candidates (~1.4 chunk × K); neighbours are yielded chunk by chunk.
 """
 
 from __future__ import annotations
@@ -50,23 +52,46 @@ import torch
 
 from headreg.errors import InvalidValueError
 
-__all__ = ["iter_ranked_neighbours", "default_chunk_size"]
+__all__ = ["iter_ranked_neighbours", "plan_chunks", "similarity_tiles"]
 
 # z-score of the sampled threshold: larger means fewer fallbacks but more candidates to sort.
 _SAMPLE_Z = 3.0
-# Gallery items per block of the block-max pruning; also the sampling stride of the threshold.
-_BLOCK = 16
-# Lanes of each block that form the threshold sample (one gallery item in `_BLOCK / _SAMPLE_LANES`).
-_SAMPLE_LANES = 1
+# One gallery item in this many forms the threshold sample.
+_SAMPLE_STRIDE = 16
 # Below this many gallery items the threshold is the exact `K_q`-th value (no sampling).
 _MIN_SAMPLED_GALLERY = 4096
-# Bytes of similarity buffer a chunk may use when the caller gives no chunk size.
-_CHUNK_BYTES = 32 * 2**20
+# CPU: queries per chunk and gallery items per tile (a 1024 x 512 float32 tile is 2 MiB,
+# about one core's L2 cache; the matmul is also fastest at this shape, see docs/benchmarks.md).
+_CPU_CHUNK = 512
+_CPU_TILE = 1024
+# Other devices: bytes of similarity buffer per chunk (the whole gallery is one tile).
+_DEVICE_CHUNK_BYTES = 256 * 2**20
+# Bytes of full similarity rows the fallback may hold at once.
+_FALLBACK_BYTES = 32 * 2**20
 
 
-def default_chunk_size(num_gallery: int) -> int:
-    """Queries per chunk so that one `(chunk, N_g)` float32 buffer stays near 32 MiB."""
-    return int(max(8, min(1024, _CHUNK_BYTES // (4 * max(num_gallery, 1)))))
+def plan_chunks(num_gallery: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """`(queries per chunk, gallery items per tile)` used when the caller gives no chunk size."""
+    if torch.device(device).type == "cpu":
+        return _CPU_CHUNK, _CPU_TILE
+    rows = int(max(8, min(4096, _DEVICE_CHUNK_BYTES // (4 * max(num_gallery, 1)))))
+    return rows, max(num_gallery, 1)
+
+
+def similarity_tiles(
+    query: torch.Tensor, gallery: torch.Tensor, tile: int, out: torch.Tensor | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield `(g0, Q @ G[g0:g0+tile]^T)`: one `(Q, tile)` similarity tile at a time.
+
+    `out`, if given, is a `(Q, tile)` buffer reused for every full tile. This is all the
+    matmul work of `iter_ranked_neighbours` (the benchmarks time it alone as the floor).
+    """
+    for g0 in range(0, gallery.shape[0], tile):
+        g1 = min(g0 + tile, gallery.shape[0])
+        if out is not None and out.shape == (query.shape[0], g1 - g0):
+            yield g0, torch.mm(query, gallery[g0:g1].T, out=out)
+        else:
+            yield g0, torch.mm(query, gallery[g0:g1].T)
 
 
 def _ordered_desc_bits(values: torch.Tensor) -> torch.Tensor:
@@ -88,6 +113,7 @@ def iter_ranked_neighbours(
     self_index: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
+    tile_size: int | None = None,
     backend: str = "torch",
     seed: int = 0,
     stats: dict[str, float] | None = None,
@@ -102,13 +128,14 @@ def iter_ranked_neighbours(
             gallery items the query may match (`N_g`, or `N_g - 1` when it has a self index).
         self_index: `(Q,)` int64 index of each query inside the gallery, `-1` for none;
             that item is never returned. `None`: no query is in the gallery.
-        chunk_size: queries per chunk; `None` picks one from the gallery size.
+        chunk_size: queries per chunk; `None` picks one (`plan_chunks`).
+        tile_size: gallery items per similarity tile; `None` picks one (`plan_chunks`).
         backend: `"torch"` (exact, described in the module docstring) or `"faiss"`
             (faiss `IndexFlatIP`, CPU; ties in faiss's own order).
         seed: seeds the gallery shuffle behind the threshold sample (results do not depend on it).
         stats: if given, receives seconds spent per stage and the number of fallback rows.
-        gallery_groups: `(N_g,)` optional group (label) of each gallery item; items of one
-            group share blocks, which is what makes block-max pruning effective. Speed only.
+        gallery_groups: `(N_g,)` optional group (label) of each gallery item; spreads the
+            threshold sample evenly over the groups. Speed only.
 
     Yields:
         `(start, neighbours)`: `neighbours` is `(c, L)` int64 gallery indices for queries
@@ -123,218 +150,287 @@ def iter_ranked_neighbours(
         has_self = self_index >= 0
     available = num_gallery - has_self.long()
     k_all = torch.minimum(k_per_query.to(device).clamp(min=1), available).clamp(min=0)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(num_gallery)
+    auto_chunk, auto_tile = plan_chunks(num_gallery, device)
+    chunk_size = chunk_size or auto_chunk
+    tile_size = tile_size or auto_tile
     if backend == "faiss":
         yield from _iter_faiss(query, gallery, k_all, self_index, chunk_size)
         return
     if backend != "torch":
         raise InvalidValueError(f"knn_backend must be 'torch' or 'faiss', got {backend!r}")
 
-    col_bits = max(1, (num_gallery - 1).bit_length())
-    layout = _BlockLayout(gallery, gallery_groups, seed)
-    b, nb = _BLOCK, layout.num_blocks
-    sampled = num_gallery >= _MIN_SAMPLED_GALLERY
-    sim_buf = torch.empty(chunk_size, b * nb, dtype=gallery.dtype, device=device)
-    bmax_buf = torch.empty(chunk_size, nb, dtype=gallery.dtype, device=device)
+    layout = _Layout(gallery, gallery_groups, seed, sampled=num_gallery >= _MIN_SAMPLED_GALLERY)
     timing = stats if stats is not None else {}
     for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
         timing.setdefault(key, 0.0)
-    clock = time.perf_counter if stats is not None else None
-    arange_rows = torch.arange(chunk_size, device=device)
-
+    scan = _Scan(layout, chunk_size, tile_size, timing if stats is not None else None)
     for start in range(0, num_query, chunk_size):
         stop = min(start + chunk_size, num_query)
         rows = stop - start
         k = k_all[start:stop]
-        t0 = _tick(clock, device)
-        sim = sim_buf[:rows]
-        torch.mm(query[start:stop], layout.gallery.T, out=sim)
-        if layout.pad_cols.numel():
-            sim.index_fill_(1, layout.pad_cols, float("-inf"))
-        if self_index is not None:
-            own = self_index[start:stop]
-            has = own >= 0
-            # -inf ranks the query itself below every real item; thresholds stay finite.
-            sim[arange_rows[:rows][has], layout.orig_to_col[own[has]]] = float("-inf")
-        t1 = _tick(clock, device)
         k_max = int(k.max()) if rows else 0
         if k_max == 0:
             yield start, torch.full((rows, 0), -1, dtype=torch.long, device=device)
             continue
-        blocks = sim.view(rows, b, nb)
-        bmax = torch.amax(blocks, 1, out=bmax_buf[:rows])
-        if sampled:
-            # The first lanes of every block: a sample spread evenly over all groups.
-            m = min(_SAMPLE_LANES, b) * nb
-            expect = k.double() * m / num_gallery
-            j = (expect + _SAMPLE_Z * expect.sqrt()).ceil().long() + 1
-            thresh = _kth_largest(sim[:, :m], j.clamp(min=1, max=m))
-        else:
-            thresh = _kth_largest(sim, k)
-        # Cosines are >= -1; this keeps the -inf self and padding entries out of every candidate set.
-        thresh = thresh.clamp(min=-2.0)
-        t2 = _tick(clock, device)
-        row, col, val = _select_blocks(blocks, bmax, thresh)
-        counts = torch.bincount(row, minlength=rows)
-        bad = counts < k
-        if bool(bad.any()):
-            bad_rows = bad.nonzero().squeeze(1)
-            timing["fallback_rows"] += float(bad_rows.numel())
-            exact = _kth_largest(sim[bad_rows], k[bad_rows]).clamp(min=-2.0)
-            row_b, col_b, val_b = _select_blocks(blocks[bad_rows], bmax[bad_rows], exact)
-            keep_old = ~bad[row]
-            row = torch.cat([row[keep_old], bad_rows[row_b]])
-            col = torch.cat([col[keep_old], col_b])
-            val = torch.cat([val[keep_old], val_b])
-            order = torch.argsort(row, stable=True)
-            row, col, val = row[order], col[order], val[order]
-            counts = torch.bincount(row, minlength=rows)
-        t3 = _tick(clock, device)
-        out = _rank_candidates(row, layout.col_to_orig[col], val, counts, k, k_max, col_bits)
-        t4 = _tick(clock, device)
-        if clock is not None:
-            timing["matmul"] += t1 - t0
-            timing["threshold"] += t2 - t1
-            timing["select"] += t3 - t2
-            timing["sort"] += t4 - t3
-        yield start, out
+        # Column of each query's own entry in the layout, -1 for none.
+        own = torch.full((rows,), -1, dtype=torch.long, device=device)
+        if self_index is not None:
+            s = self_index[start:stop]
+            own = torch.where(s >= 0, layout.orig_to_col[s.clamp(min=0)], own)
+        yield start, scan.chunk(query[start:stop], k, k_max, own)
 
 
-class _BlockLayout:
-    """The gallery reordered into blocks of `_BLOCK` items of one group, stored lane-major.
+class _Layout:
+    """The gallery shuffled, grouped, with a threshold sample spread over the groups in front.
 
-    Items are shuffled (seeded), then stably sorted by group, and cut into consecutive
-    blocks of `_BLOCK`; block `j`, lane `i` (its `i`-th item) goes to column
-    `i * num_blocks + j`. So `sim.view(rows, _BLOCK, num_blocks).amax(1)` gives every
-    block's maximum with one contiguous, vectorised pass, and columns `[0, num_blocks)`
-    (lane 0) are a sample of one item per block, spread evenly over the groups.
-    The last block is padded with zero rows whose columns are set to -inf.
+    Items are shuffled (seeded), stably sorted by group, and every `_SAMPLE_STRIDE`-th
+    item of that order is moved to the front (`num_sampled` items, none when not
+    `sampled`). `col_to_orig[c]` is the original index of column `c`, `orig_to_col` its inverse.
     """
 
-    def __init__(self, gallery: torch.Tensor, groups: torch.Tensor | None, seed: int) -> None:
+    def __init__(self, gallery: torch.Tensor, groups: torch.Tensor | None, seed: int, sampled: bool) -> None:
         n, device = gallery.shape[0], gallery.device
         gen = torch.Generator().manual_seed(int(seed))
         order = torch.randperm(n, generator=gen)
         if groups is not None:
             order = order[torch.argsort(groups.cpu()[order], stable=True)]
-        order = order.to(device)
-        self.num_blocks = nb = -(-n // _BLOCK)
-        rank = torch.arange(nb * _BLOCK, device=device)
-        col_of_rank = (rank % _BLOCK) * nb + rank // _BLOCK
-        self.col_to_orig = torch.full((nb * _BLOCK,), -1, dtype=torch.long, device=device)
-        self.col_to_orig[col_of_rank[:n]] = order
+        self.num_sampled = 0
+        if sampled:
+            in_sample = torch.zeros(n, dtype=torch.bool)
+            in_sample[::_SAMPLE_STRIDE] = True
+            order = torch.cat([order[in_sample], order[~in_sample]])
+            self.num_sampled = int(in_sample.sum())
+        self.size = n
+        self.col_to_orig = order.to(device)
         self.orig_to_col = torch.empty(n, dtype=torch.long, device=device)
-        self.orig_to_col[order] = col_of_rank[:n]
-        self.pad_cols = col_of_rank[n:]
-        self.gallery = gallery.new_zeros(nb * _BLOCK, gallery.shape[1])
-        self.gallery[col_of_rank[:n]] = gallery[order]
+        self.orig_to_col[self.col_to_orig] = torch.arange(n, device=device)
+        self.gallery = gallery[self.col_to_orig].contiguous()
 
 
-def _tick(clock: object, device: torch.device) -> float:
-    if clock is None:
-        return 0.0
-    _sync(device)
-    return time.perf_counter()
+class _Scan:
+    """Steps 1–4 of the module docstring for one chunk of queries at a time."""
+
+    def __init__(self, layout: _Layout, chunk: int, tile: int, timing: dict[str, float] | None) -> None:
+        self.layout, self.tile, self.timing = layout, tile, timing
+        g = layout.gallery
+        self.col_bits = max(1, (layout.size - 1).bit_length())
+        self.shift = 32 + self.col_bits
+        # One int64 key per candidate (row, similarity descending, original index) when it fits.
+        self.packed = g.dtype == torch.float32 and max(1, (chunk - 1).bit_length()) + self.shift <= 63
+        self.fast = self.packed and _numpy_ok(g)
+        self.tile_buf = torch.empty(chunk, tile, dtype=g.dtype, device=g.device)
+        # The first block (the sample, or a small gallery) and a scratch copy for the partition.
+        self.first_buf = torch.empty(chunk, layout.num_sampled or layout.size, dtype=g.dtype, device=g.device)
+        self.scratch = torch.empty_like(self.first_buf) if self.fast else None
+        if self.fast:
+            self.mask_buf = np.empty(chunk * max(tile, layout.num_sampled or layout.size), dtype=np.bool_)
+            self.c2o = layout.col_to_orig.numpy()
+
+    def _tick(self) -> float:
+        if self.timing is None:
+            return 0.0
+        _sync(self.layout.gallery.device)
+        return time.perf_counter()
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, k_max: int, own: torch.Tensor) -> torch.Tensor:
+        """`(rows, k_max)` original gallery indices of each query's `k_r` nearest, padded with -1."""
+        layout, rows = self.layout, q.shape[0]
+        n, m = layout.size, layout.num_sampled
+        t0 = self._tick()
+        # The sample (or, for a small gallery, everything): its similarities give the thresholds
+        # and are also the candidates' source for their own columns.
+        first = torch.mm(q, layout.gallery[: m or n].T, out=self.first_buf[:rows])
+        _exclude_self(first, own, 0)
+        scratch = None if self.scratch is None else self.scratch[:rows]
+        if m:
+            e = k.double() * (m / n)
+            j = ((e + _SAMPLE_Z * e.sqrt()).ceil().long() + 1).clamp(min=1, max=m)
+            thresh = _kth_largest(first, j, scratch)
+        else:
+            thresh = _kth_largest(first, k, scratch)
+        # Cosines are >= -1; this keeps the -inf self entries out of every candidate set.
+        thresh = thresh.clamp(min=-2.0)
+        t1 = self._tick()
+        parts = [self._select(first, thresh, 0)]
+        t_mm = t_sel = 0.0
+        t2 = self._tick()
+        buf = self.tile_buf if rows == self.tile_buf.shape[0] else None
+        for g0, sims in similarity_tiles(q, layout.gallery[m or n :], self.tile, buf):
+            t3 = self._tick()
+            self._exclude(sims, own, g0 + (m or n))
+            parts.append(self._select(sims, thresh, g0 + (m or n)))
+            t4 = self._tick()
+            t_mm, t_sel, t2 = t_mm + t3 - t2, t_sel + t4 - t3, t4
+        cands = self._merge(parts, k, own, q, rows)
+        t5 = self._tick()
+        out = self._rank(cands, k, rows, k_max)
+        if self.timing is not None:
+            t6 = self._tick()
+            self.timing["threshold"] += t1 - t0
+            self.timing["matmul"] += t_mm
+            self.timing["select"] += t_sel + (t2 - t1) + (t5 - t2 - t_mm - t_sel)
+            self.timing["sort"] += t6 - t5
+        return out
+
+    def _exclude(self, sims: torch.Tensor, own: torch.Tensor, col0: int) -> None:
+        """`_exclude_self` on one tile; in numpy on the CPU path, where torch's per-call cost would dominate."""
+        if not self.fast:
+            _exclude_self(sims, own, col0)
+            return
+        rel = own.numpy() - col0
+        hit = np.flatnonzero((rel >= 0) & (rel < sims.shape[1]))
+        if hit.size:
+            sims.numpy()[hit, rel[hit]] = -np.inf
+
+    def _select(self, sims: torch.Tensor, thresh: torch.Tensor, col0: int) -> object:
+        """Candidates `sims[r, c] >= thresh[r]` of one `(rows, width)` block: packed keys or `(row, col, val)`."""
+        if not self.fast:
+            r, c = (sims >= thresh.unsqueeze(1)).nonzero().unbind(1)
+            val, orig = sims[r, c], self.layout.col_to_orig[c + col0]
+            if self.packed:
+                return (r << self.shift) | (_ordered_desc_bits(val) << self.col_bits) | orig
+            return r, orig, val
+        a = sims.numpy()
+        rows, width = a.shape
+        mask = self.mask_buf[: rows * width] if rows * width <= self.mask_buf.size else np.empty(rows * width, np.bool_)
+        np.greater_equal(a, thresh.numpy()[:, None], out=mask.reshape(rows, width))
+        flat = _flat_true(mask)
+        r = flat // width
+        bits = (a.reshape(-1)[flat] + np.float32(0.0)).view(np.int32)  # + 0.0: -0.0 ties +0.0
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed ints ordered like the floats
+        desc = 0x7FFFFFFF - ordered.astype(np.int64)
+        return (r << self.shift) | (desc << self.col_bits) | self.c2o[flat - r * width + col0]
+
+    def _merge(self, parts: list, k: torch.Tensor, own: torch.Tensor, q: torch.Tensor, rows: int) -> object:
+        """All candidates of the chunk; rows with fewer than `k_r` are redone against the whole gallery."""
+        if self.fast:
+            keys = np.concatenate(parts)
+            counts = np.bincount(keys >> self.shift, minlength=rows)
+            bad = np.flatnonzero(counts < k.numpy())
+            if not bad.size:
+                return keys
+            is_bad = np.zeros(rows, dtype=np.bool_)
+            is_bad[bad] = True
+            kept = keys[~is_bad[keys >> self.shift]]
+            fixed = self._exact(q, k, own, torch.from_numpy(bad))
+            return np.concatenate([kept, fixed])
+        cands = [torch.cat(p) for p in zip(*parts)] if not self.packed else [torch.cat(parts)]
+        row = cands[0] >> self.shift if self.packed else cands[0]
+        bad = (torch.bincount(row, minlength=rows) < k).nonzero().squeeze(1)
+        if not bad.numel():
+            return cands
+        keep = ~torch.isin(row, bad)
+        fixed = self._exact(q, k, own, bad)
+        fixed = fixed if isinstance(fixed, list) else [fixed]
+        return [torch.cat([c[keep], f]) for c, f in zip(cands, fixed)]
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, own: torch.Tensor, bad: torch.Tensor) -> object:
+        """Candidates of rows `bad` at their exact `k_r`-th similarity, against the whole gallery."""
+        if self.timing is not None:
+            self.timing["fallback_rows"] += float(bad.numel())
+        gallery = self.layout.gallery
+        step = max(1, _FALLBACK_BYTES // (4 * gallery.shape[0]))
+        parts = []
+        for s in range(0, bad.numel(), step):
+            rows = bad[s : s + step].to(q.device)
+            sims = torch.mm(q[rows], gallery.T)
+            _exclude_self(sims, own[rows], 0)
+            exact = _kth_largest(sims, k[rows]).clamp(min=-2.0)
+            part = self._select(sims, exact, 0)
+            # Renumber the sub-batch's rows as the chunk's rows.
+            if self.fast:
+                r = part >> self.shift
+                part = (part & ((1 << self.shift) - 1)) | (rows.numpy()[r] << self.shift)
+            elif self.packed:
+                r = part >> self.shift
+                part = (part & ((1 << self.shift) - 1)) | (rows[r] << self.shift)
+            else:
+                part = (rows[part[0]], part[1], part[2])
+            parts.append(part)
+        if self.fast:
+            return np.concatenate(parts)
+        if self.packed:
+            return torch.cat(parts)
+        return [torch.cat(p) for p in zip(*parts)]
+
+    def _rank(self, cands: object, k: torch.Tensor, rows: int, k_max: int) -> torch.Tensor:
+        """`(rows, k_max)` original indices of the best `k_r` candidates of each row, padded with -1."""
+        col_mask = (1 << self.col_bits) - 1
+        if self.fast:
+            keys = cands
+            keys.sort()  # numpy's SIMD sort: row, then similarity descending, then original index
+            counts = np.bincount(keys >> self.shift, minlength=rows)
+            # Row r's candidates are keys[start_r : start_r + counts_r], best first; take k_r of them.
+            idx = (np.cumsum(counts) - counts)[:, None] + np.arange(k_max)
+            valid = np.arange(k_max) < k.numpy()[:, None]
+            out = np.where(valid, keys[np.minimum(idx, keys.size - 1)] & col_mask, -1)
+            return torch.from_numpy(out)
+        device = k.device
+        if self.packed:
+            keys = torch.sort(cands[0]).values
+            row, orig = keys >> self.shift, keys & col_mask
+        else:
+            row, orig, val = cands
+            order = torch.argsort(orig, stable=True)
+            order = order[torch.argsort(val[order], descending=True, stable=True)]
+            order = order[torch.argsort(row[order], stable=True)]
+            row, orig = row[order], orig[order]
+        counts = torch.bincount(row, minlength=rows)
+        pos = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[row]
+        keep = pos < k[row]
+        out = torch.full((rows, k_max), -1, dtype=torch.long, device=device)
+        out[row[keep], pos[keep]] = orig[keep]
+        return out
 
 
-def _kth_largest(sim: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+def _flat_true(mask: np.ndarray) -> np.ndarray:
+    """`np.flatnonzero` of a mostly-False 1-D bool array, about 3x faster.
+
+    The mask is packed into bits and scanned 64 entries per uint64 word; only the
+    non-zero words are unpacked again.
+    """
+    if mask.size % 64:
+        return np.flatnonzero(mask)
+    words = np.packbits(mask, bitorder="little").view(np.uint64)
+    hit = np.flatnonzero(words)
+    sub = np.flatnonzero(np.unpackbits(words[hit].view(np.uint8), bitorder="little").view(np.bool_))
+    return hit[sub >> 6] * 64 + (sub & 63)
+
+
+def _exclude_self(sims: torch.Tensor, own: torch.Tensor, col0: int) -> None:
+    """Set `sims[r, own[r] - col0]` to -inf where that column is inside `sims` (`(rows, width)`)."""
+    rel = own - col0
+    hit = (rel >= 0) & (rel < sims.shape[1])
+    if bool(hit.any()):
+        r = hit.nonzero().squeeze(1)
+        sims[r, rel[r]] = float("-inf")
+
+
+def _numpy_ok(t: torch.Tensor) -> bool:
+    """Whether the CPU fast path (numpy: SIMD sort, partition and compare) applies."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+
+
+def _kth_largest(sim: torch.Tensor, j: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The exact `j_r`-th largest value of each row `r` of `sim` (`1 <= j_r <= width`), `(rows,)`.
 
-    On a CPU, numpy's partition and sort (SIMD) are several times faster than `torch.topk`.
+    On a CPU, numpy's partition (SIMD) is several times faster than `torch.topk`; it works
+    in `scratch` (same shape as `sim`) when given, which saves a fresh allocation per call.
     """
     j_max = int(j.max())
     if not _numpy_ok(sim):
         top = torch.topk(sim, j_max, dim=1, sorted=True).values
         return top.gather(1, (j - 1).unsqueeze(1)).squeeze(1)
-    a = sim.numpy()
-    width = a.shape[1]
-    top = np.partition(a, width - j_max, axis=1)[:, width - j_max :]  # the j_max largest, unordered
+    width = sim.shape[1]
+    if scratch is None:
+        a = np.partition(sim.numpy(), width - j_max, axis=1)
+    else:
+        a = scratch.numpy()
+        np.copyto(a, sim.numpy())
+        a.partition(width - j_max, axis=1)
+    top = a[:, width - j_max :]  # the j_max largest, unordered
     top.sort(axis=1)
     return torch.from_numpy(top[np.arange(a.shape[0]), j_max - j.numpy()])
-
-
-def _numpy_ok(t: torch.Tensor) -> bool:
-    """Whether the CPU fast path (numpy: SIMD sort and partition, cheap fancy indexing) applies."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
-
-
-def _select_blocks(
-    blocks: torch.Tensor, bmax: torch.Tensor, thresh: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row, column and value of every entry with `sim >= thresh[:, None]`, grouped by row.
-
-    Args:
-        blocks: `(c, _BLOCK, num_blocks)` contiguous view of the similarities
-            (column = lane * num_blocks + block).
-        bmax: `(c, num_blocks)` maximum of each block.
-        thresh: `(c,)` per-row thresholds.
-
-    A block whose maximum is below the threshold holds no candidate, so only the other
-    blocks are gathered and tested; the result is exactly the set `sim >= thresh`.
-    """
-    rows, b, nb = blocks.shape
-    if _numpy_ok(blocks):
-        t = thresh.numpy()
-        kept = np.flatnonzero(bmax.numpy() >= t[:, None])  # row * nb + block, row-major
-        kr = kept // nb
-        lane0 = kept + kr * ((b - 1) * nb)  # flat index of each kept block's lane 0 in `blocks`
-        vals = blocks.numpy().reshape(-1)[lane0[:, None] + np.arange(b) * nb]  # (kept, b)
-        hit = np.flatnonzero(vals >= t[kr][:, None])
-        which, lane = np.divmod(hit, b)
-        row = kr[which]
-        col = lane * nb + (kept[which] - row * nb)
-        return torch.from_numpy(row), torch.from_numpy(col), torch.from_numpy(vals.reshape(-1)[hit])
-    kr, kb = (bmax >= thresh.unsqueeze(1)).nonzero().unbind(1)
-    vals = blocks[kr, :, kb]  # (kept blocks, b)
-    which, lane = (vals >= thresh[kr].unsqueeze(1)).nonzero().unbind(1)
-    return kr[which], lane * nb + kb[which], vals[which, lane]
-
-
-def _rank_candidates(
-    row: torch.Tensor,
-    orig: torch.Tensor,
-    val: torch.Tensor,
-    counts: torch.Tensor,
-    k: torch.Tensor,
-    k_max: int,
-    col_bits: int,
-) -> torch.Tensor:
-    """`(c, k_max)` original indices of the best `k_r` candidates of each row, padded with -1.
-
-    Candidates come grouped by row. For float32, each gets one int64 key (similarity
-    descending, then original index ascending) in a `(c, max count)` matrix padded with
-    the largest int64, sorted row by row (numpy's SIMD sort on a CPU, ~9x `torch.sort`).
-    Other dtypes use three stable sorts.
-    """
-    rows, device = counts.numel(), row.device
-    valid = torch.arange(k_max, device=device).unsqueeze(0) < k.unsqueeze(1)
-    if val.dtype != torch.float32:
-        order = torch.argsort(orig, stable=True)
-        order = order[torch.argsort(val[order], descending=True, stable=True)]
-        order = order[torch.argsort(row[order], stable=True)]
-        row_s = row[order]
-        pos = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[row_s]
-        keep = pos < k_max
-        out = torch.full((rows, k_max), -1, dtype=torch.long, device=device)
-        out[row_s[keep], pos[keep]] = orig[order][keep]
-        return torch.where(valid, out, torch.full_like(out, -1))
-    width = max(int(counts.max()), k_max)
-    mask = (1 << col_bits) - 1
-    if _numpy_ok(val):
-        r, c = row.numpy(), counts.numpy()
-        pos = np.arange(r.size) - (np.cumsum(c) - c)[r]
-        bits = (val.numpy() + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0.0: -0.0 ties +0.0
-        desc = 0x7FFFFFFF - np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        keys = np.full((rows, width), np.iinfo(np.int64).max, dtype=np.int64)
-        keys[r, pos] = (desc << col_bits) | orig.numpy()
-        idx = torch.from_numpy(np.sort(keys, axis=1)[:, :k_max] & mask)
-        return torch.where(valid, idx, torch.full_like(idx, -1))
-    pos = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[row]
-    keys = torch.full((rows, width), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
-    keys[row, pos] = (_ordered_desc_bits(val) << col_bits) | orig
-    idx = torch.sort(keys, dim=1).values[:, :k_max] & mask
-    return torch.where(valid, idx, torch.full_like(idx, -1))
 
 
 def _iter_faiss(

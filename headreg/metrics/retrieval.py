@@ -86,7 +86,7 @@ def retrieval_metrics(
         r_metrics: compute `r_precision` and `mean_average_precision_at_r` (needs the top `R_q`).
         device: where to compute; None keeps the embeddings' device.
         knn_backend: `"torch"` (exact, chunked) or `"faiss"`.
-        chunk_size: queries per similarity chunk; None picks about 16 MiB per chunk.
+        chunk_size: queries per similarity chunk; None picks one (512 on a CPU, see `_knn.plan_chunks`).
         seed: seeds the threshold sampling (the result does not depend on it).
         progress: show a tqdm bar over chunks.
         stats: optional dict receiving seconds per stage (`matmul`, `threshold`, `select`, `sort`, `metrics`).
