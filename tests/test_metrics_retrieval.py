@@ -299,3 +299,16 @@ def test_exact_neighbours_with_many_ties(dtype, grouped, fallback, monkeypatch):
         order = [b for b in sorted(range(5000), key=lambda b: (-sims[r, b], b)) if b != r][: int(k[r])]
         assert nbrs[r, : int(k[r])].tolist() == order
         assert bool((nbrs[r, int(k[r]) :] == -1).all())
+
+
+def test_metric_arithmetic_numpy_and_torch_paths_agree(monkeypatch):
+    # The per-chunk sums run in numpy on a CPU and in torch elsewhere; both must give the same numbers.
+    from headreg.metrics import retrieval as retrieval_module
+
+    x, y = clustered(700, 9, 6, 1.5, seed=12)
+    ref, _ = brute_force(x, y, x, y, list(range(700)), recall_k=(1, 4), knn_k=3)
+    fast = retrieval_metrics(x, y, recall_k=(1, 4), knn_k=3, chunk_size=64)
+    monkeypatch.setattr(retrieval_module, "_numpy_path", lambda t: False)
+    plain = retrieval_metrics(x, y, recall_k=(1, 4), knn_k=3, chunk_size=64)
+    assert_close(fast, ref)
+    assert_close(plain, ref)

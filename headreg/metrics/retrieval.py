@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
@@ -222,28 +223,53 @@ def _chunk_sums(
 ) -> torch.Tensor:
     """Per-chunk sums of the per-query metrics (float64), in the order of `retrieval_metrics`."""
     valid = nbr >= 0
-    nl = gallery_labels[nbr.clamp(min=0)]
-    rel = (nl == labels.unsqueeze(1)) & valid
+    dev = nbr.device
+    if _numpy_path(nbr):  # numpy's gather and compare are ~2x torch's here (the whole (c, K) grid)
+        nb = nbr.numpy()
+        rel_np = np.take(gallery_labels.numpy(), nb, mode="clip") == labels.numpy()[:, None]
+        rel_np &= nb >= 0
+        rel = torch.from_numpy(rel_np)
+    else:
+        rel = (gallery_labels[nbr.clamp(min=0)] == labels.unsqueeze(1)) & valid
     width = rel.shape[1]
     parts = [rel[:, 0].double().sum()]
     if r_metrics:
-        pos = torch.arange(width, device=nbr.device)
-        in_r = pos.unsqueeze(0) < r.unsqueeze(1)
-        rel_r = rel & in_r
-        rd = r.double()
-        parts.append((rel_r.sum(1).double() / rd).sum())
-        # AP@R: sum over the first R ranks of precision@i at each relevant rank, divided by R.
-        cum = rel_r.cumsum(1).double()
-        prec = cum / (pos + 1).double()
-        parts.append(((prec * rel_r).sum(1) / rd).sum())
+        parts += _r_sums(rel, r)
     else:
-        parts += [torch.zeros((), dtype=torch.float64, device=nbr.device)] * 2
+        parts += [torch.zeros((), dtype=torch.float64, device=dev)] * 2
     for k in recall_k:
         parts.append(rel[:, : min(k, width)].any(1).double().sum())
     kk = min(knn_k, width)
-    pred = _knn_vote(nl[:, :kk], valid[:, :kk])
+    pred = _knn_vote(gallery_labels[nbr[:, :kk].clamp(min=0)], valid[:, :kk])
     parts.append((pred == labels).double().sum())
-    return torch.stack(parts)
+    return torch.stack([p.to(dev) for p in parts])
+
+
+def _numpy_path(t: torch.Tensor) -> bool:
+    """Whether the per-chunk metric arithmetic runs in numpy (CPU tensors) rather than torch."""
+    return t.device.type == "cpu"
+
+
+def _r_sums(rel: torch.Tensor, r: torch.Tensor) -> list[torch.Tensor]:
+    """Sums over the rows of R-precision and AP@R, from `rel` `(c, K)` (relevance by rank) and `r` `(c,)`.
+
+    AP@R = (1/R) · Σ over the relevant ranks i ≤ R of precision@i; at the j-th relevant item
+    (rank i) precision@i is j/i, so only the relevant entries are visited.
+    """
+    rows, width = rel.shape
+    if _numpy_path(rel):
+        rr = r.numpy()
+        row, pos = np.nonzero(rel.numpy() & (np.arange(width) < rr[:, None]))  # row-major: rank order
+        hits = np.bincount(row, minlength=rows)
+        j = np.arange(1, row.size + 1) - (np.cumsum(hits) - hits)[row]
+        ap = np.bincount(row, weights=j / (pos + 1.0), minlength=rows)
+        return [torch.tensor((hits / rr).sum(), dtype=torch.float64), torch.tensor((ap / rr).sum(), dtype=torch.float64)]
+    row, pos = (rel & (torch.arange(width, device=rel.device).unsqueeze(0) < r.unsqueeze(1))).nonzero().unbind(1)
+    hits = torch.bincount(row, minlength=rows)
+    j = torch.arange(1, row.numel() + 1, device=rel.device) - (torch.cumsum(hits, 0) - hits)[row]
+    ap = torch.zeros(rows, dtype=torch.float64, device=rel.device).index_add_(0, row, j.double() / (pos + 1).double())
+    rd = r.double()
+    return [(hits.double() / rd).sum(), (ap / rd).sum()]
 
 
 class RetrievalMetrics(Metric):
