@@ -165,7 +165,8 @@ def main() -> None:
         rows.append((n, res))
     print()
     print(
-        "| N | method | time (s) | x floor | x mm_rows | speed-up vs PML | peak extra RSS (MiB) | P@1 | R-precision | MAP@R |"
+        "| N | method | time (s) | x floor | x mm_rows | speed-up vs PML | peak extra RSS (MiB) | P@1 "
+        "| R-precision | MAP@R |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, res in rows:
@@ -174,7 +175,9 @@ def main() -> None:
             ratio = f"{r['time'] / floor:.2f}" if floor else "-"
             rows_time = res.get("mm_rows", {}).get("time")
             ratio_rows = f"{r['time'] / rows_time:.2f}" if rows_time else "-"
-            speed = f"{res['pml']['time'] / r['time']:.2f}" if "pml" in res and method not in ("floor", "mm_rows") else "-"
+            speed = (
+                f"{res['pml']['time'] / r['time']:.2f}" if "pml" in res and method not in ("floor", "mm_rows") else "-"
+            )
             m = r["result"]
             vals = [
                 f"{m[k]:.6f}" if k in m else "-"

@@ -191,3 +191,29 @@ def test_gradcheck(name):
 def test_unknown_option_rejected(name):
     with pytest.raises(HeadregError, match="no option"):
         headreg.create_head(name, D, C, not_an_option=1)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_warmup_attributes_are_settable_floats_that_change_the_loss(name):
+    # A trainer ramps these (`headreg train --head-warmup`): each must read as a float, accept a
+    # new value through a validating setter, and change the training loss.
+    head = _head(name).train()
+    x, y = _batch()
+    for attr in getattr(head, "warmup_attributes", ()):
+        value = getattr(head, attr)
+        assert isinstance(value, float), (attr, type(value))
+        before = head(x, y).loss.item()
+        setattr(head, attr, value * 0.5)
+        assert getattr(head, attr) == pytest.approx(value * 0.5)
+        assert head(x, y).loss.item() != pytest.approx(before, rel=1e-9, abs=0), attr
+        setattr(head, attr, value)
+        with pytest.raises(HeadregError):
+            setattr(head, attr, -1.0)
+        assert getattr(head, attr) == value  # a rejected value leaves the attribute as it was
+
+
+def test_learned_scale_is_not_settable():
+    head = headreg.create_head("normface", D, C, learn_scale=True)
+    assert head.warmup_attributes == ()
+    with pytest.raises(HeadregError, match="learned"):
+        head.scale = 2.0

@@ -64,6 +64,22 @@ def test_lenetpp_embedding_dim_sets_the_embedding_layer_no_neck():
     assert model.backbone.module.embed.out_features == 2
 
 
+def test_lenetpp_centred_variant_with_hidden_layer():
+    # The quick preset's variant: BN on the flattened features, a 16-wide hidden layer, no embedding bias.
+    m = timm.create_model(
+        "lenetpp_bn", num_classes=0, widths=[4, 8, 8], feature_bn=True, hidden_dim=16, embed_bias=False
+    ).eval()
+    assert isinstance(m.feature_norm, torch.nn.BatchNorm1d) and m.feature_norm.num_features == 8 * 3 * 3
+    lin = [mod for mod in m.hidden.modules() if isinstance(mod, torch.nn.Linear)]
+    assert [(x.in_features, x.out_features) for x in lin] == [(72, 16)]
+    assert m.embed.in_features == 16 and m.embed.bias is None and m.embedding_layer is m.embed
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 2)
+    plain = timm.create_model("lenetpp", num_classes=0)
+    assert isinstance(plain.feature_norm, torch.nn.Identity) and isinstance(plain.hidden, torch.nn.Identity)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        timm.create_model("lenetpp", hidden_dim=-1)
+
+
 def test_embedding_model_without_head_and_none_kwargs_dropped():
     model = headreg.create_model("resnet18", embedding_dim=8, drop_rate=None, in_chans=None)
     model.eval()

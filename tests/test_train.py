@@ -166,6 +166,11 @@ def test_cli_trains_and_warns_about_infeasible_margin(tmp_path):
         (["--head", "arcface", "--head-option", "margn=0.2"], "has no option 'margn'"),
         (["--head", "arcface", "--batch-size", "1000"], "larger than the 64 training samples"),
         (["--head", "arcface", "--model", "resnet1"], "unknown backbone 'resnet1'"),
+        (["--head", "softmax", "--head-warmup", "scale=1:0.5"], "head 'softmax' cannot warm up 'scale'"),
+        (["--head", "arcface", "--head-warmup", "margin=0.5"], "--head-warmup must look like NAME=START:FRACTION"),
+        (["--head", "arcface", "--head-warmup", "margin=0:1.5"], "fraction of the run must be in (0, 1]"),
+        (["--head", "arcface", "--head-warmup", "margin=4:0.5"], "margin must be"),
+        (["--head", "arcface", "--head-lr-scale", "0"], "head_lr_scale must be a finite number > 0"),
     ],
 )
 def test_cli_bad_input_is_a_clean_error(args, message, tmp_path):
@@ -230,3 +235,83 @@ def test_parse_key_values():
 
     got = parse_key_values(["scale=30", "margin=0.2", "learn-scale=true", "widths=[16,32]", "name=x", "n=None"], "-o")
     assert got == {"scale": 30, "margin": 0.2, "learn_scale": True, "widths": [16, 32], "name": "x", "n": None}
+
+
+def test_head_warmup_ramps_then_restores_the_configured_values(tmp_path, monkeypatch):
+    # 1 epoch of 4 steps, scale 1 -> 16 over the first half, margin 0 -> 0.2 over the whole run.
+    seen = []
+    cfg = tiny_config(
+        "arcface",
+        head_options={"scale": 16.0, "margin": 0.2},
+        head_warmup={"scale": [1.0, 0.5], "margin": [0.0, 1.0]},
+    )
+    box = {}
+
+    def record(step: int) -> None:
+        head = box["run"].model.head if "run" in box else None
+        if head is not None:
+            seen.append((step, head.scale, head.margin))
+
+    from headreg.engine import _runner
+
+    original = _runner.Run.execute
+
+    def execute(self, *args, **kwargs):  # keep a handle on the run to read its head during training
+        box["run"] = self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_runner.Run, "execute", execute)
+    result = train(cfg, tmp_path / "r", on_step=record, progress=False)
+    # on_step runs after step `step` (1-based) was taken with the values of global step `step - 1`.
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4]
+    assert [v for _, v, _ in seen] == pytest.approx([1.0, 8.5, 16.0, 16.0])
+    assert [m for _, _, m in seen] == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert result.model.head.scale == 16.0 and result.model.head.margin == pytest.approx(0.2)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["head_warmup"] == {
+        "scale": [1.0, 0.5],
+        "margin": [0.0, 1.0],
+    }
+
+
+def test_warmup_value_is_linear_then_flat():
+    from headreg.engine._optim import warmup_value
+
+    values = [warmup_value(1.0, 16.0, 0.5, step, 10) for step in range(11)]
+    assert values[:6] == pytest.approx([1.0, 4.0, 7.0, 10.0, 13.0, 16.0])
+    assert values[6:] == [16.0] * 5
+
+
+def test_head_lr_scale_speeds_up_the_head_and_the_embedding_layer():
+    from headreg.engine._optim import build_optimizer, set_lr
+
+    model = headreg.create_model(
+        "lenetpp_bn", head="arcface", num_classes=10, embedding_dim=2, widths=[4, 8, 8], hidden_dim=16,
+        feature_bn=True, embed_bias=False,
+    )  # fmt: skip
+    opt = build_optimizer(model, "adamw", 1e-3, 5e-4, head_lr_scale=10.0)
+    set_lr(opt, 2e-3)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    fast = {id(model.head.weight), id(model.embedding_layer().weight)}
+    for name, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(2e-2 if id(p) in fast else 2e-3), name
+    assert model.embedding_layer() is model.backbone.module.embed
+    plain = build_optimizer(model, "adamw", 1e-3, 5e-4)
+    assert {g["lr_scale"] for g in plain.param_groups} == {1.0}
+
+
+def test_resume_is_exact_with_warmup_and_head_lr_scale(tmp_path):
+    cfg = dict(
+        epochs=2,
+        optimizer="sgd",
+        lr=0.05,
+        head_options={"scale": 16.0, "margin": 0.1},
+        head_lr_scale=5.0,
+        head_warmup={"scale": [1.0, 0.7], "margin": [0.0, 0.5]},
+    )
+    full = train(tiny_config("cosface", **cfg), tmp_path / "full", progress=False)
+    stopped = train(tiny_config("cosface", **cfg), tmp_path / "part", stop_after_steps=3, progress=False)
+    assert stopped.status == "stopped" and stopped.model.head.scale == 16.0  # restored on stop too
+    done = resume(tmp_path / "part", progress=False)
+    assert done.global_step == full.global_step == 8
+    for k, v in _weights(full.model).items():
+        assert torch.equal(v, done.model.state_dict()[k]), k

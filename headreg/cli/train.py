@@ -48,6 +48,25 @@ def parse_key_values(items: tuple[str, ...] | list[str], option: str) -> dict[st
     return out
 
 
+def parse_warmup(items: tuple[str, ...] | list[str]) -> dict[str, list[float]]:
+    """``("scale=1:0.7", "margin=0:0.5")`` → ``{"scale": [1.0, 0.7], "margin": [0.0, 0.5]}``."""
+    from ..errors import InvalidValueError
+
+    out: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        start, colon, fraction = value.partition(":")
+        try:
+            if not (sep and colon and _KEY.match(name.strip())):
+                raise ValueError
+            out[name.strip()] = [float(start), float(fraction)]
+        except ValueError:
+            raise InvalidValueError(
+                f"--head-warmup must look like NAME=START:FRACTION (e.g. margin=0:0.5), got {item!r}"
+            ) from None
+    return out
+
+
 @contextlib.contextmanager
 def visible_warnings() -> Iterator[None]:
     """Show headreg's training warnings raised inside the block as plain ``warning: ...`` lines on stderr."""
@@ -82,6 +101,20 @@ def visible_warnings() -> Iterator[None]:
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
 @click.option("--head-option", "head_option", multiple=True, metavar="KEY=VALUE", help="Head option, repeatable.")
+@click.option(
+    "--head-lr-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Learning-rate multiplier of the head and the embedding layer.",
+)
+@click.option(
+    "--head-warmup",
+    "head_warmup",
+    multiple=True,
+    metavar="NAME=START:FRACTION",
+    help="Ramp a head attribute (scale, margin) linearly from START to its value over FRACTION of the run.",
+)
 @click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE", help="Backbone argument.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision [default: on for CUDA].")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random shifts (and flips).")
@@ -165,6 +198,8 @@ def _run(ctx: click.Context, kw: dict[str, Any]) -> Any:
         momentum=kw["momentum"],
         schedule=kw["schedule"],
         warmup_epochs=kw["warmup_epochs"],
+        head_lr_scale=kw["head_lr_scale"],
+        head_warmup=parse_warmup(kw["head_warmup"]),
         amp=kw["amp"],
         device=kw["device"],
         seed=kw["seed"],

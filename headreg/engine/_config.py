@@ -37,6 +37,11 @@ class TrainConfig:
         momentum: SGD momentum.
         schedule: ``cosine``, ``step`` (×0.1 at 50% and 75%) or ``constant``, per step.
         warmup_epochs: linear warm-up length, in epochs (fractions allowed).
+        head_lr_scale: learning-rate multiplier for the head's parameters and the layer that outputs
+            the embedding (the neck's linear layer, or LeNet++'s embedding layer).
+        head_warmup: head attributes ramped linearly from a start value to their configured value
+            over a fraction of the run, ``{name: [start, fraction]}`` (e.g. ``{"scale": [1, 0.7],
+            "margin": [0, 0.5]}``); a head lists what it allows in ``warmup_attributes``.
         amp: mixed precision; None means on for CUDA (bf16 where supported, else fp16 with loss scaling).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         seed: seed of the initialisation, the shuffling, the ``limit`` subset and the augmentation.
@@ -65,6 +70,8 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    head_lr_scale: float = 1.0
+    head_warmup: dict[str, list[float]] = field(default_factory=dict)
     amp: bool | None = None
     device: str = "auto"
     seed: int = 0
@@ -90,6 +97,10 @@ class TrainConfig:
             raise InvalidValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_epochs < 0:
             raise InvalidValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        if not (isinstance(self.head_lr_scale, (int, float)) and 0 < self.head_lr_scale < float("inf")):
+            raise InvalidValueError(f"head_lr_scale must be a finite number > 0, got {self.head_lr_scale!r}")
+        self.head_lr_scale = float(self.head_lr_scale)
+        self.head_warmup = {str(k): _warmup_entry(k, v) for k, v in dict(self.head_warmup or {}).items()}
         self.eval_metrics = tuple(self.eval_metrics)
         self.model_options = dict(self.model_options or {})
         self.head_options = dict(self.head_options or {})
@@ -110,6 +121,16 @@ class TrainConfig:
         if unknown:
             raise InvalidValueError(f"run config has unknown keys {unknown}; written by a newer headreg?")
         return cls(**d)
+
+
+def _warmup_entry(name: str, value: Any) -> list[float]:
+    try:
+        start, fraction = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InvalidValueError(f"head_warmup[{name!r}] must be [start, fraction], got {value!r}") from None
+    if not 0 < fraction <= 1:
+        raise InvalidValueError(f"head_warmup[{name!r}]: the fraction of the run must be in (0, 1], got {fraction!r}")
+    return [start, fraction]
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HeadregError
-from ._optim import lr_factor, set_lr
+from ._optim import lr_factor, set_lr, warmup_value
 
 __all__ = ["EpochTally", "StepContext", "StopFlag", "run_epoch", "evaluate_split"]
 
@@ -129,6 +129,8 @@ class StepContext:
         scaler: a GradScaler for float16, else None.
         distributed: several ranks (the stop flag is synchronised).
         global_step: steps taken so far in the run (advanced here).
+        head_warmup: ``{attribute: [start, fraction]}`` of the head, set before every step.
+        head_targets: the configured value of each warmed-up attribute (reached at the fraction).
     """
 
     model: nn.Module
@@ -144,6 +146,8 @@ class StepContext:
     distributed: bool
     global_step: int = 0
     head: nn.Module | None = None
+    head_warmup: dict[str, list[float]] = field(default_factory=dict)
+    head_targets: dict[str, float] = field(default_factory=dict)
     on_step: Callable[[int], None] | None = None
     in_step: bool = field(default=False)
 
@@ -186,6 +190,9 @@ def run_epoch(
         labels = labels.to(ctx.device, non_blocking=non_blocking)
         x = ctx.transform(images)
         set_lr(ctx.optimizer, ctx.base_lr * lr_factor(ctx.schedule, ctx.global_step, ctx.total_steps, ctx.warmup_steps))
+        for name, (first, fraction) in ctx.head_warmup.items():
+            value = warmup_value(first, ctx.head_targets[name], fraction, ctx.global_step, ctx.total_steps)
+            setattr(ctx.head, name, value)
         with _autocast(ctx.device, ctx.autocast_dtype):
             out = ctx.model(x, labels)
         loss = out.loss

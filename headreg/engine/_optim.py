@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InvalidValueError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "DEFAULT_LR", "build_optimizer", "lr_factor", "set_lr"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "DEFAULT_LR", "build_optimizer", "lr_factor", "set_lr", "warmup_value"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -29,12 +29,20 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    head_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """SGD (Nesterov-free momentum) or AdamW over every trainable parameter, head included.
 
     Weight decay applies to matrices and convolution kernels (including the head's class
     weights and SGD-learned centres), not to biases, norm and PReLU weights or scales.
+    Each parameter group carries an ``lr_scale`` that :func:`set_lr` multiplies in:
+    ``head_lr_scale`` for the head's parameters and the model's embedding layer
+    (``model.embedding_layer()``), 1 for the rest.
 
     Args:
         model: the (unwrapped) model.
@@ -42,6 +50,7 @@ def build_optimizer(
         lr: base learning rate.
         weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
         momentum: SGD momentum.
+        head_lr_scale: learning-rate multiplier of the head and the embedding layer.
     """
     if name not in OPTIMIZERS:
         raise InvalidValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
@@ -49,15 +58,32 @@ def build_optimizer(
         raise InvalidValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (weight_decay >= 0 and math.isfinite(weight_decay)):
         raise InvalidValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    decay, no_decay = [], []
+    fast = _head_side_params(model) if head_lr_scale != 1.0 else set()
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for pname, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_decay(pname, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+            buckets.setdefault((_no_decay(pname, p), id(p) in fast), []).append(p)
+    groups = [
+        {"params": buckets[key], "weight_decay": 0.0 if key[0] else weight_decay,
+         "lr_scale": head_lr_scale if key[1] else 1.0}
+        for key in ((False, False), (True, False), (False, True), (True, True)) if key in buckets
+    ]  # fmt: skip
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def _head_side_params(model: nn.Module) -> set[int]:
+    """Ids of the head's parameters and of the embedding layer's, when the model says which it is."""
+    ids = set()
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module):
+        ids |= {id(p) for p in head.parameters()}
+    get_layer = getattr(model, "embedding_layer", None)
+    layer = get_layer() if callable(get_layer) else None
+    if isinstance(layer, nn.Module):
+        ids |= {id(p) for p in layer.parameters()}
+    return ids
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -81,6 +107,16 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group: ``lr`` times the group's ``lr_scale``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def warmup_value(start: float, target: float, fraction: float, step: int, total_steps: int) -> float:
+    """A head attribute's value at ``step``: linear from ``start`` to ``target`` over ``fraction`` of the run.
+
+    Like :func:`lr_factor`, a pure function of the global step, so resuming needs no state.
+    """
+    span = fraction * total_steps
+    progress = 1.0 if span <= 0 else min(1.0, step / span)
+    return start + (target - start) * progress

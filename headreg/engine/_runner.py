@@ -131,7 +131,10 @@ class Run:
         data_cfg = dict(model.pretrained_cfg)
         self.train_tf = resolve_transform(data_cfg, train_ds, train=True, augment=cfg.augment, seed=cfg.seed + rank)
         self.test_tf = resolve_transform(data_cfg, test_ds, train=False)
-        self.optimizer = build_optimizer(model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum)
+        self.optimizer = build_optimizer(
+            model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale
+        )
+        head_targets = _check_head_warmup(model.head, cfg.head, cfg.head_warmup)
         self.autocast_dtype = _amp_dtype(cfg.amp, dev)
         scaler = torch.amp.GradScaler(dev.type) if self.autocast_dtype == torch.float16 else None
         wrapped: torch.nn.Module = model
@@ -145,6 +148,7 @@ class Run:
             schedule=cfg.schedule, total_steps=cfg.epochs * steps_per_epoch,
             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), autocast_dtype=self.autocast_dtype,
             scaler=scaler, distributed=self.info.is_distributed, head=model.head,
+            head_warmup=cfg.head_warmup, head_targets=head_targets,
         )  # fmt: skip
 
     def _check_classes(self, train_ds: Any, test_ds: Any) -> int:
@@ -253,12 +257,14 @@ class Run:
                     self.epoch, self._tally = e + 1, None
                     self._save(self.epoch, None, "running")
             except KeyboardInterrupt:
+                _restore_head(ctx)
                 if ctx.in_step:
                     self.say("interrupted inside a step: the last saved resumable state is kept")
                 else:
                     self._save(self.epoch, self._tally, "stopped")
                     self.say("interrupted: resumable state saved")
                 raise
+        _restore_head(ctx)  # the configured scale/margin, not a warm-up value, from here on
         final: dict[str, Any] = {}
         if status == "completed":
             final, emb, labels = self._final_eval(emb, labels)
@@ -435,6 +441,27 @@ def _seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover
         pass
+
+
+def _check_head_warmup(head: Any, head_name: str, warmup: dict[str, list[float]]) -> dict[str, float]:
+    """The configured value of each attribute in ``warmup``; checks the head allows it and the start is valid."""
+    allowed = tuple(getattr(head, "warmup_attributes", ()))
+    targets: dict[str, float] = {}
+    for name, (start, _) in warmup.items():
+        if name not in allowed:
+            raise InvalidValueError(
+                f"head {head_name!r} cannot warm up {name!r}; it allows "
+                + (", ".join(repr(a) for a in allowed) if allowed else "no warm-up")
+            )
+        targets[name] = float(getattr(head, name))
+        setattr(head, name, start)  # the head's setter validates the start value
+        setattr(head, name, targets[name])
+    return targets
+
+
+def _restore_head(ctx: StepContext) -> None:
+    for name, value in ctx.head_targets.items():
+        setattr(ctx.head, name, value)
 
 
 def _amp_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None:

@@ -2,8 +2,9 @@
 
 The loop is built to cost nothing beyond the backbone (``benchmarks/bench_extract.py`` checks it against a bare
 timm inference loop): batches stay on the device, nothing synchronises the host per batch (no ``.item()``, no
-``.cpu()``), the transform runs on the device, and the head's logits (for the rank of the true label among them)
-are computed once after the loop, in large blocks, rather than per batch. Under ``torchrun`` each rank extracts its shard;
+``.cpu()``), the transform runs on the device, and the head's logits (for the rank of the true label among
+them) are computed once after the loop, in large blocks, rather than per batch. Under ``torchrun`` each rank
+extracts its shard;
 :func:`gather_extraction` concatenates the shards in rank order, which restores dataset order because evaluation
 loaders shard contiguously.
 """

@@ -136,6 +136,9 @@ class Head(nn.Module):
 
     #: A link to the paper the head implements; shown by ``headreg list``.
     paper: str = ""
+    #: Float attributes a trainer may ramp from a start value to their configured value
+    #: (``headreg train --head-warmup NAME=START:FRACTION``); each must have a validating setter.
+    warmup_attributes: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InvalidValueError
 from .base import Head, HeadOutput, check_angle, check_non_negative, check_positive
 from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
 
@@ -29,6 +30,8 @@ class AngularMarginHead(Head):
         learn_scale: Make ``s`` a learned parameter (kept positive through its log).
     """
 
+    warmup_attributes: tuple[str, ...] = ("scale",)
+
     def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, learn_scale: bool = False) -> None:
         super().__init__(in_features, num_classes)
         scale = check_positive("scale", scale)
@@ -40,11 +43,18 @@ class AngularMarginHead(Head):
         self._fixed_scale = float(scale)
         if self.learn_scale:
             self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
+            self.warmup_attributes = ()  # a learned s is the optimiser's
 
     @property
     def scale(self) -> float:
         """The current ``s`` as a Python float."""
         return float(self.log_scale.detach().exp()) if self.learn_scale else self._fixed_scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if self.learn_scale:
+            raise InvalidValueError("scale is learned (learn_scale=True); it cannot be set")
+        self._fixed_scale = check_positive("scale", value)
 
     def _scale(self, dtype: torch.dtype) -> Tensor | float:
         return self.log_scale.to(dtype).exp() if self.learn_scale else self._fixed_scale
@@ -100,11 +110,22 @@ class CosFaceHead(AngularMarginHead):
         margin: additive cosine margin ``m ≥ 0``.
     """
 
+    warmup_attributes: tuple[str, ...] = ("scale", "margin")
+
     paper = "https://arxiv.org/abs/1801.09414"
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.35) -> None:
         super().__init__(in_features, num_classes, scale=scale)
-        self.margin = check_non_negative("margin", margin)
+        self.margin = margin
+
+    @property
+    def margin(self) -> float:
+        """The additive cosine margin ``m``."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self._margin = check_non_negative("margin", value)
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         return cosface_margin(cos_target, self.margin)
@@ -129,14 +150,25 @@ class ArcFaceHead(AngularMarginHead):
         easy_margin: apply the margin only where ``cos θ > 0`` (no fallback needed).
     """
 
+    warmup_attributes: tuple[str, ...] = ("scale", "margin")
+
     paper = "https://arxiv.org/abs/1801.07698"
 
     def __init__(
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False
     ) -> None:
         super().__init__(in_features, num_classes, scale=scale)
-        self.margin = check_angle("margin", margin)
+        self.margin = margin
         self.easy_margin = bool(easy_margin)
+
+    @property
+    def margin(self) -> float:
+        """The additive angular margin ``m`` in radians."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self._margin = check_angle("margin", value)
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         return arcface_margin(cos_target, self.margin, self.easy_margin)

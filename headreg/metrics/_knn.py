@@ -314,7 +314,7 @@ class _Scan:
             kept = keys[~is_bad[keys >> self.shift]]
             fixed = self._exact(q, k, own, torch.from_numpy(bad))
             return np.concatenate([kept, fixed])
-        cands = [torch.cat(p) for p in zip(*parts)] if not self.packed else [torch.cat(parts)]
+        cands = [torch.cat(p) for p in zip(*parts, strict=True)] if not self.packed else [torch.cat(parts)]
         row = cands[0] >> self.shift if self.packed else cands[0]
         bad = (torch.bincount(row, minlength=rows) < k).nonzero().squeeze(1)
         if not bad.numel():
@@ -322,7 +322,7 @@ class _Scan:
         keep = ~torch.isin(row, bad)
         fixed = self._exact(q, k, own, bad)
         fixed = fixed if isinstance(fixed, list) else [fixed]
-        return [torch.cat([c[keep], f]) for c, f in zip(cands, fixed)]
+        return [torch.cat([c[keep], f]) for c, f in zip(cands, fixed, strict=True)]
 
     def _exact(self, q: torch.Tensor, k: torch.Tensor, own: torch.Tensor, bad: torch.Tensor) -> object:
         """Candidates of rows `bad` at their exact `k_r`-th similarity, against the whole gallery."""
@@ -351,7 +351,7 @@ class _Scan:
             return np.concatenate(parts)
         if self.packed:
             return torch.cat(parts)
-        return [torch.cat(p) for p in zip(*parts)]
+        return [torch.cat(p) for p in zip(*parts, strict=True)]
 
     def _rank(self, cands: object, k: torch.Tensor, rows: int, k_max: int) -> torch.Tensor:
         """`(rows, k_max)` original indices of the best `k_r` candidates of each row, padded with -1."""

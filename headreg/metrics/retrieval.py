@@ -263,7 +263,10 @@ def _r_sums(rel: torch.Tensor, r: torch.Tensor) -> list[torch.Tensor]:
         hits = np.bincount(row, minlength=rows)
         j = np.arange(1, row.size + 1) - (np.cumsum(hits) - hits)[row]
         ap = np.bincount(row, weights=j / (pos + 1.0), minlength=rows)
-        return [torch.tensor((hits / rr).sum(), dtype=torch.float64), torch.tensor((ap / rr).sum(), dtype=torch.float64)]
+        return [
+            torch.tensor((hits / rr).sum(), dtype=torch.float64),
+            torch.tensor((ap / rr).sum(), dtype=torch.float64),
+        ]
     row, pos = (rel & (torch.arange(width, device=rel.device).unsqueeze(0) < r.unsqueeze(1))).nonzero().unbind(1)
     hits = torch.bincount(row, minlength=rows)
     j = torch.arange(1, row.numel() + 1, device=rel.device) - (torch.cumsum(hits, 0) - hits)[row]

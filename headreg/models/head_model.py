@@ -112,6 +112,14 @@ class HeadModel(nn.Module):
             return emb
         return self.head(emb)
 
+    def embedding_layer(self) -> nn.Module | None:
+        """The layer that outputs the embedding: the neck's linear layer, else the backbone's
+        ``embedding_layer`` when it declares one (LeNet++), else None."""
+        if isinstance(self.neck, Neck):
+            return self.neck.fc
+        layer = getattr(self.backbone.module, "embedding_layer", None)
+        return layer if isinstance(layer, nn.Module) else None
+
     def embed(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W)`` images → ``(B, D)`` embeddings (not normalised)."""
         return self.forward_head(self.forward_features(x), pre_logits=True)

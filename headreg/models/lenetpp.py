@@ -34,6 +34,12 @@ class LeNetPP(nn.Module):
         embed_act: PReLU after the embedding layer.
         input_size: ``(H, W)`` the flattened feature size is computed for.
         drop_rate: dropout before the classifier.
+        feature_bn: batch norm on the flattened convolution features, which centres them
+            (not in the paper; with ``embed_bias=False`` the embedding starts centred on the
+            origin instead of on one side of it, which normalised-feature heads need).
+        hidden_dim: width of a hidden fully connected layer (linear → batch norm → PReLU)
+            between the convolutions and the embedding layer; 0 for none (the paper).
+        embed_bias: bias in the embedding layer.
     """
 
     def __init__(
@@ -46,6 +52,9 @@ class LeNetPP(nn.Module):
         embed_act: bool = False,
         input_size: Sequence[int] = (28, 28),
         drop_rate: float = 0.0,
+        feature_bn: bool = False,
+        hidden_dim: int = 0,
+        embed_bias: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -73,7 +82,18 @@ class LeNetPP(nn.Module):
         for _ in widths:
             h, w = h // 2, w // 2
         self.flat_dim = prev * h * w
-        self.embed = nn.Linear(self.flat_dim, embed_dim)
+        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 0:
+            raise ValueError(f"hidden_dim must be an integer >= 0, got {hidden_dim!r}")
+        self.feature_norm = nn.BatchNorm1d(self.flat_dim) if feature_bn else nn.Identity()
+        width = self.flat_dim
+        if hidden_dim:
+            self.hidden: nn.Module = nn.Sequential(
+                nn.Linear(self.flat_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.PReLU(hidden_dim)
+            )
+            width = hidden_dim
+        else:
+            self.hidden = nn.Identity()
+        self.embed = nn.Linear(width, embed_dim, bias=embed_bias)
         self.embed_act = nn.PReLU() if embed_act else nn.Identity()
         self.fc = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -83,7 +103,7 @@ class LeNetPP(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Feature maps → embedding ``(B, embed_dim)`` (``pre_logits``) or class logits."""
-        x = self.embed_act(self.embed(torch.flatten(x, 1)))
+        x = self.embed_act(self.embed(self.hidden(self.feature_norm(torch.flatten(x, 1)))))
         if pre_logits:
             return x
         if self.drop_rate:
@@ -92,6 +112,11 @@ class LeNetPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @property
+    def embedding_layer(self) -> nn.Module:
+        """The linear layer that outputs the embedding (``--head-lr-scale`` speeds it up with the head)."""
+        return self.embed
 
     def get_classifier(self) -> nn.Module:
         return self.fc
