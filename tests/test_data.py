@@ -122,6 +122,19 @@ def test_batch_transform_gray_to_rgb() -> None:
         assert torch.allclose(out[:, c], torch.full_like(out[:, c], (1 - m) / s))
 
 
+@pytest.mark.parametrize("size", [None, (6, 6)])
+def test_batch_transform_writes_the_requested_memory_format(size) -> None:
+    # channels_last straight from the transform equals the contiguous result, bit for bit,
+    # on the fast path (no resize) and the general one (resize).
+    tf = BatchTransform(IMAGENET_CFG["mean"], IMAGENET_CFG["std"], in_chans=3, size=size)
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = tf(x)
+    cl = tf(x, memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    assert torch.equal(cl, plain)
+    assert tf(plain, memory_format=torch.channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_batch_transform_rgb_to_gray_uses_luminance() -> None:
     tf = BatchTransform((0.5,), (0.25,), in_chans=1)
     x = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)

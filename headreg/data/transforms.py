@@ -108,11 +108,13 @@ class BatchTransform(nn.Module):
     def augments(self) -> bool:
         return self.training and (self.translate > 0 or self.hflip > 0)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, memory_format: torch.memory_format | None = None) -> torch.Tensor:
         """Transform a batch.
 
         Args:
             images: ``(B, C, H, W)`` uint8 in [0, 255], any device. Float input passes through unchanged.
+            memory_format: layout of the result (e.g. ``torch.channels_last``); None: the input's.
+                Written directly in that layout, which saves a separate copy.
 
         Returns:
             ``(B, in_chans, *size)`` float32, normalised; a new tensor (the input is never modified).
@@ -121,7 +123,7 @@ class BatchTransform(nn.Module):
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise InvalidInputError(f"images must be a (B, C, H, W) tensor, got {got}")
         if images.is_floating_point():
-            return images
+            return images if memory_format is None else images.contiguous(memory_format=memory_format)
         if images.dtype != torch.uint8:
             raise InvalidInputError(
                 f"images must be uint8 in [0, 255] or already-transformed float, got {images.dtype}"
@@ -133,7 +135,10 @@ class BatchTransform(nn.Module):
             # stays channels_last, so a uint8 batch can be made channels_last before, cheaply).
             scale = (1.0 / (255.0 * self.std)).to(device=images.device)
             shift = (-self.mean / self.std).to(device=images.device)
-            return torch.addcmul(shift, images.to(torch.float32), scale)
+            if memory_format is None:
+                return torch.addcmul(shift, images.to(torch.float32), scale)
+            out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
+            return torch.addcmul(shift, images.to(torch.float32), scale, out=out)
         x = images.to(torch.float32).div_(255.0)
         if self.augments:
             x = self._augment(x)
@@ -150,7 +155,8 @@ class BatchTransform(nn.Module):
             x = x.expand(-1, self.in_chans, -1, -1)  # after the resize: resize one channel, not three
         mean = self.mean.to(device=x.device)
         std = self.std.to(device=x.device)
-        return torch.addcmul(-mean / std, x, 1.0 / std)
+        x = torch.addcmul(-mean / std, x, 1.0 / std)
+        return x if memory_format is None else x.contiguous(memory_format=memory_format)
 
     def _luma(self, x: torch.Tensor) -> torch.Tensor:
         w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from headreg.data.transforms import BatchTransform
 from headreg.errors import InvalidValueError
 
 __all__ = [
@@ -180,6 +181,8 @@ def extract_embeddings(
         transform = transform.to(device).eval()
     embed = _embed_fn(model)
     head = _head_of(model) if with_predictions else None
+    direct_layout = channels_last and isinstance(transform, BatchTransform)
+    fmt = torch.channels_last
     total = getattr(loader, "num_samples", None)
     embs: list[Tensor] = []
     labs: list[Tensor] = []
@@ -201,10 +204,10 @@ def extract_embeddings(
                     x = images.to(device, non_blocking=non_blocking)
                     y = torch.as_tensor(labels).to(device, non_blocking=non_blocking)
                     if transform is not None:
-                        # In float32 (a nested region keeps the cache), on the contiguous batch: per-channel
-                        # scaling of a channels_last (…, C=3) layout vectorises badly; converting after is cheaper.
+                        # In float32 (a nested region keeps the cache). headreg's transform writes its
+                        # result straight into channels_last, which saves a copy of the float batch.
                         with torch.autocast(device.type, enabled=False):
-                            x = transform(x)
+                            x = transform(x, memory_format=fmt) if direct_layout else transform(x)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)  # a no-op when already so
                     emb = embed(x)
