@@ -63,49 +63,45 @@ HEAD_SETTINGS_2D: dict[str, dict[str, Any]] = {
     "center": {"lambda_c": 0.01, "alpha": 0.5},
 }
 
+#: The optimiser, schedule and head aids both presets share (docs/compare.md measures each part): AdamW
+#: with a cosine schedule; the class weights and the 2-D layer learn 10x faster; heads with a fixed scale
+#: ramp s from 1 to its value over the first 70 % of the run (the others ignore it); bf16 autocast.
+_RECIPE: dict[str, Any] = {
+    "batch_size": 128,
+    "optimizer": "adamw",
+    "lr": 5e-3,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "warmup_epochs": 0.0,
+    "head_lr_scale": 10.0,
+    "head_warmup": {"scale": [1.0, 0.7]},
+    "amp": True,
+    "augment": False,
+}
+
 #: Training budgets. ``quick``: minutes on a laptop CPU; ``paper``: LeNets++ as in Wen et al. 2016.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
+        **_RECIPE,
         "model": "lenetpp_bn",
         # A quarter of LeNets++'s channels; batch norm on the flattened features and no bias in the
         # embedding layer centre the 2-D features on the origin; a 64-wide hidden layer before it.
         "model_options": {"widths": [8, 16, 32], "feature_bn": True, "hidden_dim": 64, "embed_bias": False},
         "epochs": 5,
-        "batch_size": 128,
-        "optimizer": "adamw",
-        "lr": 5e-3,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-        "warmup_epochs": 0.0,
-        # The class weights and the 2-D layer learn 10x faster; s ramps from 1 to its value over the first
-        # 70 % of the run (heads without a fixed scale ignore this): see docs/compare.md.
-        "head_lr_scale": 10.0,
-        "head_warmup": {"scale": [1.0, 0.7]},
-        "amp": True,
         "limit": 20000,
         "test_limit": None,
         "eval_limit": 5000,
-        "augment": False,
     },
     "paper": {
+        **_RECIPE,
         # LeNets++ as in Wen et al. 2016. The paper's SGD (lr 0.01, step decay) trains softmax but left
-        # ArcFace at 20 % after 3 epochs; the quick preset's optimiser reached 97.7 % in 3 (docs/compare.md).
+        # ArcFace at 20 % after 3 epochs; the shared recipe reached 97.7 % in 3 (docs/compare.md).
         "model": "lenetpp",
         "model_options": {},
         "epochs": 10,
-        "batch_size": 128,
-        "optimizer": "adamw",
-        "lr": 5e-3,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-        "warmup_epochs": 0.0,
-        "head_lr_scale": 10.0,
-        "head_warmup": {"scale": [1.0, 0.7]},
-        "amp": True,
         "limit": None,
         "test_limit": None,
         "eval_limit": None,
-        "augment": False,
     },
 }
 
