@@ -321,7 +321,6 @@ class _Scan:
             return cands
         keep = ~torch.isin(row, bad)
         fixed = self._exact(q, k, own, bad)
-        fixed = fixed if isinstance(fixed, list) else [fixed]
         return [torch.cat([c[keep], f]) for c, f in zip(cands, fixed, strict=True)]
 
     def _exact(self, q: torch.Tensor, k: torch.Tensor, own: torch.Tensor, bad: torch.Tensor) -> object:
@@ -338,19 +337,16 @@ class _Scan:
             exact = _kth_largest(sims, k[rows]).clamp(min=-2.0)
             part = self._select(sims, exact, 0)
             # Renumber the sub-batch's rows as the chunk's rows.
-            if self.fast:
-                r = part >> self.shift
-                part = (part & ((1 << self.shift) - 1)) | (rows.numpy()[r] << self.shift)
-            elif self.packed:
-                r = part >> self.shift
-                part = (part & ((1 << self.shift) - 1)) | (rows[r] << self.shift)
+            if self.packed:
+                chunk_rows = rows.numpy() if self.fast else rows
+                part = (part & ((1 << self.shift) - 1)) | (chunk_rows[part >> self.shift] << self.shift)
             else:
                 part = (rows[part[0]], part[1], part[2])
             parts.append(part)
         if self.fast:
             return np.concatenate(parts)
         if self.packed:
-            return torch.cat(parts)
+            return [torch.cat(parts)]
         return [torch.cat(p) for p in zip(*parts, strict=True)]
 
     def _rank(self, cands: object, k: torch.Tensor, rows: int, k_max: int) -> torch.Tensor:
