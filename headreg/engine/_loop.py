@@ -272,17 +272,19 @@ def evaluate_split(
     embs: list[Tensor] = []
     labs: list[Tensor] = []
     try:
-        for images, labels in loader:
-            images = images.to(device)
-            labels = labels.to(device)
-            with _autocast(device, autocast_dtype):
+        # One autocast region for the whole pass: leaving it clears autocast's cache of low-precision
+        # weight copies, so a region per batch would cast every weight again for every batch.
+        with _autocast(device, autocast_dtype):
+            for images, labels in loader:
+                images = images.to(device)
+                labels = labels.to(device)
                 emb = model.embed(transform(images))
                 logits = model.head(emb)
-            correct += (logits.argmax(dim=1) == labels).sum()
-            count += labels.shape[0]
-            if keep_embeddings:
-                embs.append(emb.float().cpu())
-                labs.append(labels.cpu())
+                correct += (logits.argmax(dim=1) == labels).sum()
+                count += labels.shape[0]
+                if keep_embeddings:
+                    embs.append(emb.float().cpu())
+                    labs.append(labels.cpu())
     finally:
         model.train(was_training)
     if not keep_embeddings:

@@ -182,7 +182,6 @@ def extract_embeddings(
     embed = _embed_fn(model)
     head = _head_of(model) if with_predictions else None
     direct_layout = channels_last and isinstance(transform, BatchTransform)
-    fmt = torch.channels_last
     total = getattr(loader, "num_samples", None)
     embs: list[Tensor] = []
     labs: list[Tensor] = []
@@ -207,7 +206,7 @@ def extract_embeddings(
                         # In float32 (a nested region keeps the cache). headreg's transform writes its
                         # result straight into channels_last, which saves a copy of the float batch.
                         with torch.autocast(device.type, enabled=False):
-                            x = transform(x, memory_format=fmt) if direct_layout else transform(x)
+                            x = transform(x, memory_format=torch.channels_last) if direct_layout else transform(x)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)  # a no-op when already so
                     emb = embed(x)
