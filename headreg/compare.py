@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_HEADS",
     "HEAD_SETTINGS_2D",
     "PRESETS",
+    "SCALE_HEAD_AIDS",
     "ANGULAR_HEADS",
     "CompareEntry",
     "run_compare",
@@ -63,9 +64,8 @@ HEAD_SETTINGS_2D: dict[str, dict[str, Any]] = {
     "center": {"lambda_c": 0.01, "alpha": 0.5},
 }
 
-#: The optimiser, schedule and head aids both presets share (docs/compare.md measures each part): AdamW
-#: with a cosine schedule; the class weights and the 2-D layer learn 10x faster; heads with a fixed scale
-#: ramp s from 1 to its value over the first 70 % of the run (the others ignore it); bf16 autocast.
+#: The optimiser and schedule both presets share (docs/compare.md measures each part): AdamW with a
+#: cosine schedule, bf16 autocast.
 _RECIPE: dict[str, Any] = {
     "batch_size": 128,
     "optimizer": "adamw",
@@ -73,11 +73,16 @@ _RECIPE: dict[str, Any] = {
     "weight_decay": 5e-4,
     "schedule": "cosine",
     "warmup_epochs": 0.0,
-    "head_lr_scale": 10.0,
-    "head_warmup": {"scale": [1.0, 0.7]},
     "amp": True,
     "augment": False,
 }
+
+#: Aids for the heads with a fixed logit scale ``s`` (NormFace, ArcFace, CosFace...: ``s · cos θ``, the
+#: feature norm discarded): the class weights and the 2-D layer learn 10x faster, and ``s`` ramps from 1
+#: to its value over the first 70 % of the run. A head that keeps the feature norm (softmax, modified
+#: softmax, SphereFace, center loss) trains without them: x10 left softmax at 97.2 % in the paper
+#: preset, where x1 gives 99.3 % (docs/compare.md). A setting given by the caller wins.
+SCALE_HEAD_AIDS: dict[str, Any] = {"head_lr_scale": 10.0, "head_warmup": {"scale": [1.0, 0.7]}}
 
 #: Training budgets. ``quick``: minutes on a laptop CPU; ``paper``: LeNets++ as in Wen et al. 2016.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -120,6 +125,7 @@ class CompareEntry:
         train_seconds: time spent in training steps.
         total_seconds: wall time of the head's whole run (data, training, evaluation, saving).
         warnings: feasibility warnings for its settings.
+        aids: the :data:`SCALE_HEAD_AIDS` it was trained with (empty for a head without a fixed scale).
         embeddings: ``(N, D)`` test embeddings of the trained model.
         labels: ``(N,)`` their labels.
     """
@@ -131,6 +137,7 @@ class CompareEntry:
     train_seconds: float
     total_seconds: float
     warnings: list[str]
+    aids: dict[str, Any] = field(default_factory=dict)
     embeddings: Tensor | None = field(default=None, repr=False)
     labels: Tensor | None = field(default=None, repr=False)
 
@@ -145,6 +152,7 @@ class CompareEntry:
             "train_seconds": self.train_seconds,
             "total_seconds": self.total_seconds,
             "options": self.options,
+            "aids": self.aids,
         }
 
 
@@ -229,10 +237,10 @@ def run_compare(
     entries: list[CompareEntry] = []
     for head in heads:
         options = head_settings(head, embedding_dim, (head_options or {}).get(head))
-        settings = {**PRESETS[preset], **(overrides or {})}
-        # The preset's warm-up applies to the attributes each head has (softmax has no scale).
+        # The aids go to the heads that can ramp a fixed s (a learned s lists no warm-up attribute).
         allowed = getattr(create_head(head, embedding_dim, 10, **options), "warmup_attributes", ())
-        settings["head_warmup"] = {k: v for k, v in settings.get("head_warmup", {}).items() if k in allowed}
+        aids = SCALE_HEAD_AIDS if "scale" in allowed else {}
+        settings = {**PRESETS[preset], **aids, **(overrides or {})}
         config = TrainConfig(
             **settings,
             head=head,
@@ -254,6 +262,7 @@ def run_compare(
                 train_seconds=result.train_seconds,
                 total_seconds=time.perf_counter() - t0,
                 warnings=notes,
+                aids={k: settings[k] for k in SCALE_HEAD_AIDS} if aids else {},
                 embeddings=result.embeddings,
                 labels=result.labels,
             )
@@ -262,7 +271,9 @@ def run_compare(
     table = compare_table(entries)
     (out / "compare.md").write_text(
         f"# headreg compare: {dataset}, {embedding_dim}-D features, preset `{preset}`\n\n{table}\n\n"
-        f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n"
+        f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n\n"
+        f"Heads with a fixed scale ({', '.join(e.head for e in entries if e.aids) or 'none here'}) also: "
+        f"`{json.dumps(SCALE_HEAD_AIDS, sort_keys=True)}`\n"
     )
     (out / "compare.json").write_text(
         json.dumps(
@@ -271,6 +282,7 @@ def run_compare(
                 "embedding_dim": embedding_dim,
                 "preset": preset,
                 "settings": {**PRESETS[preset], **(overrides or {})},
+                "scale_head_aids": SCALE_HEAD_AIDS,
                 "heads": [_clean(e.row()) for e in entries],
             },
             indent=2,

@@ -9,7 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from headreg.cli import main
-from headreg.compare import DEFAULT_HEADS, HEAD_SETTINGS_2D, PRESETS, head_settings, run_compare
+from headreg.compare import (
+    DEFAULT_HEADS,
+    HEAD_SETTINGS_2D,
+    PRESETS,
+    SCALE_HEAD_AIDS,
+    head_settings,
+    run_compare,
+)
 from headreg.engine.train import margin_feasibility
 from headreg.errors import InvalidValueError, UnknownHeadError
 
@@ -35,10 +42,15 @@ def test_compare_tiny_budget_writes_figure_and_table(tmp_path):
     assert sum(line.startswith(f"| {h} |") for h in heads for line in md.splitlines()) == len(heads)
     for h in heads:  # each head's run is a complete `headreg train` run
         assert (out / h / "model.safetensors").is_file() and (out / h / "eval.json").is_file()
-    assert json.loads((out / "arcface" / "run.json").read_text())["config"]["head_options"] == {
-        "scale": 16.0,
-        "margin": 0.2,
-    }
+    configs = {h: json.loads((out / h / "run.json").read_text())["config"] for h in heads}
+    assert configs["arcface"]["head_options"] == {"scale": 16.0, "margin": 0.2}
+    # The fixed-scale aids go to ArcFace only; softmax and center loss keep the plain recipe.
+    assert configs["arcface"]["head_lr_scale"] == SCALE_HEAD_AIDS["head_lr_scale"] != 1.0
+    assert configs["arcface"]["head_warmup"] == SCALE_HEAD_AIDS["head_warmup"]
+    for h in ("softmax", "center"):
+        assert configs[h]["head_lr_scale"] == 1.0 and configs[h]["head_warmup"] == {}, h
+    assert [bool(r["aids"]) for r in table["heads"]] == [False, True, False]
+    assert "Heads with a fixed scale (arcface) also" in md
 
     # Same directory again: refused, then replaced with --overwrite.
     with pytest.raises(InvalidValueError, match="already holds a comparison"):
