@@ -85,6 +85,7 @@ def child(args: argparse.Namespace) -> None:
     # Imports happen before timing and before the RSS baseline.
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+    import headreg.metrics._kernels  # noqa: F401 - numba and llvmlite, imported lazily by headreg
     from headreg.metrics._knn import plan_chunks, similarity_tiles
     from headreg.metrics.retrieval import retrieval_metrics
 

@@ -312,3 +312,55 @@ def test_metric_arithmetic_numpy_and_torch_paths_agree(monkeypatch):
     plain = retrieval_metrics(x, y, recall_k=(1, 4), knn_k=3, chunk_size=64)
     assert_close(fast, ref)
     assert_close(plain, ref)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_symmetric_leave_one_out_scan_matches_the_query_scan(fallback, monkeypatch):
+    # Leave-one-out on a CPU scans each tile above the diagonal once, for its rows and its columns.
+    # It must return exactly what the per-query scan returns: small integer vectors make every
+    # similarity exact and ties everywhere; 4,700 items in blocks of 96 leave short last blocks in
+    # both the sample and the rest; items with k = 0 query nothing but remain neighbours.
+    if fallback:
+        monkeypatch.setattr(_knn, "_SAMPLE_Z", -20.0)  # every row recomputed at its exact threshold
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randint(-2, 3, (4700, 5), generator=gen).float()
+    x = x[x.norm(dim=1) > 0]
+    labels = torch.randint(0, 30, (x.shape[0],), generator=gen)
+    n = x.shape[0]
+    k = torch.randint(1, 300, (n,), generator=gen)
+    k[::7] = 0
+    assert _knn.self_scan_applies(x, 96)
+    stats: dict[str, float] = {}
+    got = torch.full((n, int(k.max())), -1, dtype=torch.long)
+    seen = torch.zeros(n, dtype=torch.long)
+    for items, nbr in _knn.iter_self_neighbours(x, k, chunk_size=96, groups=labels, stats=stats):
+        got[items, : nbr.shape[1]] = nbr
+        seen[items] += 1
+    assert torch.equal(seen, (k > 0).long())  # every querying item exactly once, the others never
+    if fallback:  # (a row whose k-th value ties the sample's maximum needs none)
+        assert stats["fallback_rows"] > 0.5 * int((k > 0).sum())
+    queries = (k > 0).nonzero().squeeze(1)
+    ref = _collect(
+        _knn.iter_ranked_neighbours(x[queries], x, k[queries], queries, chunk_size=96, gallery_groups=labels),
+        queries.numel(),
+        int(k.max()),
+    )
+    assert torch.equal(got[queries], ref)
+    sims = (x[:40].double() @ x.double().T).numpy()  # and against a brute-force order
+    for r in range(40):
+        if k[r]:
+            order = [b for b in sorted(range(n), key=lambda b: (-sims[r, b], b)) if b != r][: int(k[r])]
+            assert got[r, : int(k[r])].tolist() == order
+
+
+def test_leave_one_out_metrics_through_the_symmetric_scan():
+    x, y = clustered(4500, 12, 6, 1.5, seed=14)
+    y[:3] = 99  # a class of... three; and one of one below: no positive, excluded
+    y[3] = 100
+    assert _knn.self_scan_applies(x)
+    out = retrieval_metrics(x, y)
+    # Against the per-query scan (checked against the brute force above and below); the two
+    # compute some similarities in other tiles, so near-ties may swap (the PML tolerance).
+    per_query = retrieval_with_masks(x, y, query_mask=torch.ones(4500, dtype=torch.bool))
+    assert_close(out, per_query, tol=1e-6)
+    assert out["num_queries_without_positive"] == per_query["num_queries_without_positive"] == 1

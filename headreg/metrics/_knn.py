@@ -52,7 +52,7 @@ import torch
 
 from headreg.errors import InvalidValueError
 
-__all__ = ["iter_ranked_neighbours", "plan_chunks", "similarity_tiles"]
+__all__ = ["iter_ranked_neighbours", "iter_self_neighbours", "plan_chunks", "self_scan_applies", "similarity_tiles"]
 
 # z-score of the sampled threshold: larger means fewer fallbacks but more candidates to sort.
 _SAMPLE_Z = 3.0
@@ -68,6 +68,10 @@ _CPU_TILE = 1024
 _DEVICE_CHUNK_BYTES = 256 * 2**20
 # Bytes of full similarity rows the fallback may hold at once.
 _FALLBACK_BYTES = 32 * 2**20
+# The symmetric scan's keys hold the original index in this many bits at most (N < 2^22).
+_SELF_MAX_COL_BITS = 22
+_NONE_F32 = np.empty(0, dtype=np.float32)
+_NONE_I64 = np.empty(0, dtype=np.int64)
 
 
 def plan_chunks(num_gallery: int, device: torch.device | str = "cpu") -> tuple[int, int]:
@@ -223,7 +227,8 @@ class _Scan:
         self.first_buf = torch.empty(chunk, layout.num_sampled or layout.size, dtype=g.dtype, device=g.device)
         self.scratch = torch.empty_like(self.first_buf) if self.fast else None
         if self.fast:
-            self.mask_buf = np.empty(chunk * max(tile, layout.num_sampled or layout.size), dtype=np.bool_)
+            self.out_buf = np.empty(chunk * tile, dtype=np.int64)  # a larger block gets a fresh one
+            self.out_c_buf = np.empty(chunk * chunk, dtype=np.int64)  # square tiles of the leave-one-out scan
             self.c2o = layout.col_to_orig.numpy()
 
     def _tick(self) -> float:
@@ -243,9 +248,7 @@ class _Scan:
         _exclude_self(first, own, 0)
         scratch = None if self.scratch is None else self.scratch[:rows]
         if m:
-            e = k.double() * (m / n)
-            j = ((e + _SAMPLE_Z * e.sqrt()).ceil().long() + 1).clamp(min=1, max=m)
-            thresh = _kth_largest(first, j, scratch)
+            thresh = _kth_largest(first, _sample_rank(k, m, n), scratch)
         else:
             thresh = _kth_largest(first, k, scratch)
         # Cosines are >= -1; this keeps the -inf self entries out of every candidate set.
@@ -290,16 +293,26 @@ class _Scan:
             if self.packed:
                 return (r << self.shift) | (_ordered_desc_bits(val) << self.col_bits) | orig
             return r, orig, val
-        a = sims.numpy()
-        rows, width = a.shape
-        mask = self.mask_buf[: rows * width] if rows * width <= self.mask_buf.size else np.empty(rows * width, np.bool_)
-        np.greater_equal(a, thresh.numpy()[:, None], out=mask.reshape(rows, width))
-        flat = _flat_true(mask)
-        r = flat // width
-        bits = (a.reshape(-1)[flat] + np.float32(0.0)).view(np.int32)  # + 0.0: -0.0 ties +0.0
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed ints ordered like the floats
-        desc = 0x7FFFFFFF - ordered.astype(np.int64)
-        return (r << self.shift) | (desc << self.col_bits) | self.c2o[flat - r * width + col0]
+        return self._kernel_scan(sims.numpy(), thresh.numpy(), self.c2o[col0 : col0 + sims.shape[1]])
+
+    def _kernel_scan(
+        self,
+        a: np.ndarray,
+        thr_r: np.ndarray,
+        orig_c: np.ndarray,
+        thr_c: np.ndarray = _NONE_F32,
+        orig_r: np.ndarray = _NONE_I64,
+    ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+        """`_kernels.scan_tile` on one float32 block: the row keys, and with `thr_c` also the column keys."""
+        from headreg.metrics._kernels import scan_tile  # noqa: PLC0415 - compiled on first use
+
+        size = a.shape[0] * a.shape[1]
+        out_r = self.out_buf if size <= self.out_buf.size else np.empty(size, dtype=np.int64)
+        out_c = self.out_c_buf if thr_c.size else _NONE_I64
+        thr_r = thr_r.astype(np.float32, copy=False)
+        nr, nc = scan_tile(a, a.view(np.int32), thr_r, thr_c, orig_r, orig_c, self.shift, self.col_bits, out_r, out_c)
+        rows_part = out_r[:nr].copy()
+        return (rows_part, out_c[:nc].copy()) if thr_c.size else rows_part
 
     def _merge(self, parts: list, k: torch.Tensor, own: torch.Tensor, q: torch.Tensor, rows: int) -> object:
         """All candidates of the chunk; rows with fewer than `k_r` are redone against the whole gallery."""
@@ -379,18 +392,172 @@ class _Scan:
         return out
 
 
-def _flat_true(mask: np.ndarray) -> np.ndarray:
-    """`np.flatnonzero` of a mostly-False 1-D bool array, about 3x faster.
+def _sample_rank(k: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """`j_q` of step 1: the rank in the `m`-item sample whose value is, usually, below the `K_q`-th of `n`."""
+    e = k.double() * (m / n)
+    return ((e + _SAMPLE_Z * e.sqrt()).ceil().long() + 1).clamp(min=1, max=m)
 
-    The mask is packed into bits and scanned 64 entries per uint64 word; only the
-    non-zero words are unpacked again.
+
+def self_scan_applies(x: torch.Tensor, block: int = _CPU_CHUNK) -> bool:
+    """Whether `iter_self_neighbours` runs its symmetric scan for these embeddings (else it delegates)."""
+    n = x.shape[0]
+    key_bits = max(1, (block - 1).bit_length()) + 32 + max(1, (n - 1).bit_length())
+    return _numpy_ok(x) and x.dtype == torch.float32 and n >= _MIN_SAMPLED_GALLERY and key_bits <= 63
+
+
+def iter_self_neighbours(
+    x: torch.Tensor,
+    k_per_item: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    stats: dict[str, float] | None = None,
+    groups: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Leave-one-out: the exact `K_i` nearest other items of every item `i` with `K_i > 0`.
+
+    The same neighbours as `iter_ranked_neighbours(x, x, k, arange(N))`, but the similarity
+    matrix is symmetric, so on a CPU each tile above the diagonal is computed once and
+    serves both its rows and its columns (about half the matrix products):
+
+    1. Strip: every block of rows against the threshold sample (the first `m` items of
+       the layout) gives all thresholds, the candidates of every row among the sample's
+       columns, and, read by column, the candidates of the sample's rows among the other
+       items. The sample's rows are then complete.
+    2. Square: for the other items, blocks `(I, J)` with `J >= I` are scanned by row (for
+       block `I`) and by column (for block `J`); block `I` is complete after its row of
+       tiles. With the gallery grouped by label, a block's candidates come from blocks
+       nearby, so few wait in memory.
+
+    Elsewhere (GPU, float64, a small or huge `N`) it runs `iter_ranked_neighbours`.
+
+    Args:
+        x: `(N, D)` L2-normalised embeddings.
+        k_per_item: `(N,)` int64 neighbours wanted per item; `0`: the item is not a query.
+        chunk_size: items per block (`None`: 512 on a CPU).
+        seed, stats, groups: as `iter_ranked_neighbours` (`groups` = `gallery_groups`).
+
+    Yields:
+        `(items, neighbours)`: `items` are the `(c,)` original indices of items with
+        `K_i > 0`, `neighbours` `(c, L)` their neighbours, best first, padded with `-1`.
     """
-    if mask.size % 64:
-        return np.flatnonzero(mask)
-    words = np.packbits(mask, bitorder="little").view(np.uint64)
-    hit = np.flatnonzero(words)
-    sub = np.flatnonzero(np.unpackbits(words[hit].view(np.uint8), bitorder="little").view(np.bool_))
-    return hit[sub >> 6] * 64 + (sub & 63)
+    n = x.shape[0]
+    k_all = k_per_item.to(x.device).clamp(min=0, max=n - 1)
+    block = chunk_size or _CPU_CHUNK
+    if not self_scan_applies(x, block):
+        queries = (k_all > 0).nonzero().squeeze(1)
+        chunks = iter_ranked_neighbours(
+            x[queries], x, k_all[queries], queries, chunk_size=chunk_size, seed=seed, stats=stats, gallery_groups=groups
+        )
+        for start, nbr in chunks:
+            yield queries[start : start + nbr.shape[0]], nbr
+        return
+    yield from _SelfScan(x, k_all, groups, seed, stats, block).run()
+
+
+class _SelfScan:
+    """The two passes of `iter_self_neighbours` (CPU, float32), with `_Scan`'s keys, fallback and ranking."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        groups: torch.Tensor | None,
+        seed: int,
+        stats: dict[str, float] | None,
+        block: int,
+    ) -> None:
+        self.layout = layout = _Layout(x, groups, seed, sampled=True)
+        self.stats = stats
+        self.timing: dict[str, float] = stats if stats is not None else {}
+        for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
+            self.timing.setdefault(key, 0.0)
+        b = block
+        self.scan = _Scan(layout, b, b, stats)
+        n, m = layout.size, layout.num_sampled
+        self.k = k.cpu()[layout.col_to_orig]  # in layout order
+        # Blocks of rows (and columns): the sample's, then the others', each aligned to its start.
+        self.starts = [*range(0, m, b), *range(m, n, b)]
+        self.ends = [min(s + b, m if s < m else n) for s in self.starts]
+        self.pending: dict[int, list[np.ndarray]] = {i: [] for i in range(len(self.starts))}
+        self.thr = np.full(n, np.inf, dtype=np.float32)
+
+    def run(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        layout, m = self.layout, self.layout.num_sampled
+        sample_blocks = [i for i, s in enumerate(self.starts) if s < m]
+        for i in range(len(self.starts)):
+            self._strip(i, sample_blocks)
+        for i in sample_blocks:
+            yield from self._finish(i)
+        g = layout.gallery
+        others = [i for i, s in enumerate(self.starts) if s >= m]
+        for a, bi in enumerate(others):
+            r0, r1 = self.starts[bi], self.ends[bi]
+            for bj in others[a:]:
+                c0, c1 = self.starts[bj], self.ends[bj]
+                t0 = time.perf_counter()
+                buf = self.scan.tile_buf if (r1 - r0, c1 - c0) == tuple(self.scan.tile_buf.shape) else None
+                sims = torch.mm(g[r0:r1], g[c0:c1].T, out=buf).numpy()
+                t1 = time.perf_counter()
+                if bi == bj:
+                    np.fill_diagonal(sims, -np.inf)  # never its own neighbour
+                    self._scan(sims, bi, r0, c0)
+                else:
+                    self._scan(sims, bi, r0, c0, bj)
+                self.timing["matmul"] += t1 - t0
+                self.timing["select"] += time.perf_counter() - t1
+            yield from self._finish(bi)
+
+    def _strip(self, i: int, sample_blocks: list[int]) -> None:
+        """Pass 1 for block `i`: its similarities to the sample, thresholds, and candidates both ways."""
+        layout, scan = self.layout, self.scan
+        n, m = layout.size, layout.num_sampled
+        r0, r1 = self.starts[i], self.ends[i]
+        t0 = time.perf_counter()
+        sims = torch.mm(layout.gallery[r0:r1], layout.gallery[:m].T, out=scan.first_buf[: r1 - r0])
+        if r0 < m:
+            _exclude_self(sims, torch.arange(r0, r1), 0)
+        k = self.k[r0:r1]
+        thr = _kth_largest(sims, _sample_rank(k.clamp(min=1), m, n), scan.scratch[: r1 - r0])
+        self.thr[r0:r1] = np.where(k.numpy() > 0, thr.clamp(min=-2.0).numpy(), np.inf)
+        t1 = time.perf_counter()
+        a = sims.numpy()
+        for j in sample_blocks:  # column blocks of the sample: a column's candidates go to its block
+            c0, c1 = self.starts[j], self.ends[j]
+            self._scan(a[:, c0:c1], i, r0, c0, j if r0 >= m else None)
+        self.timing["threshold"] += t1 - t0
+        self.timing["select"] += time.perf_counter() - t1
+
+    def _scan(self, a: np.ndarray, bi: int, r0: int, c0: int, bj: int | None = None) -> None:
+        """Candidates of tile rows `r0:` (to block `bi`), and with `bj` of its columns `c0:` (to block `bj`)."""
+        rows, cols = a.shape
+        c2o = self.scan.c2o
+        if bj is None:
+            self.pending[bi].append(self.scan._kernel_scan(a, self.thr[r0 : r0 + rows], c2o[c0 : c0 + cols]))
+            return
+        by_row, by_col = self.scan._kernel_scan(
+            a, self.thr[r0 : r0 + rows], c2o[c0 : c0 + cols], self.thr[c0 : c0 + cols], c2o[r0 : r0 + rows]
+        )
+        self.pending[bi].append(by_row)
+        self.pending[bj].append(by_col)
+
+    def _finish(self, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Block `i` is complete: check counts (fallback), rank, and yield its querying items."""
+        r0, r1 = self.starts[i], self.ends[i]
+        k = self.k[r0:r1]
+        parts = self.pending.pop(i) or [_NONE_I64]
+        k_max = int(k.max())
+        if k_max == 0:
+            return
+        t0 = time.perf_counter()
+        own = torch.arange(r0, r1)
+        cands = self.scan._merge(parts, k, own, self.layout.gallery[r0:r1], r1 - r0)
+        t1 = time.perf_counter()
+        nbr = self.scan._rank(cands, k, r1 - r0, k_max)
+        self.timing["select"] += t1 - t0
+        self.timing["sort"] += time.perf_counter() - t1
+        keep = (k > 0).nonzero().squeeze(1)
+        yield self.layout.col_to_orig[r0:r1][keep], nbr[keep]
 
 
 def _exclude_self(sims: torch.Tensor, own: torch.Tensor, col0: int) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from headreg.errors import InvalidInputError
-from headreg.metrics._knn import check_chunk_size, iter_ranked_neighbours
+from headreg.metrics._knn import check_chunk_size, iter_ranked_neighbours, iter_self_neighbours
 from headreg.metrics._validate import (
     check_embeddings,
     check_labels,
@@ -143,18 +143,28 @@ def retrieval_metrics(
         qk, rk, lk = q[kept], r[kept], ql[kept]
         sk = None if self_idx is None else self_idx[kept]
         want = torch.clamp(rk, min=k_small) if r_metrics else torch.full_like(rk, k_small)
-        chunks = iter_ranked_neighbours(
-            qk, g, want, sk, chunk_size=chunk_size, backend=knn_backend, seed=seed, stats=stats, gallery_groups=gl
-        )
+        if leave_one_out and knn_backend == "torch":
+            # Symmetric: each similarity tile serves its rows and its columns (_knn.iter_self_neighbours).
+            k_items = torch.zeros_like(r)
+            k_items[kept] = want
+            chunks = iter_self_neighbours(q, k_items, chunk_size=chunk_size, seed=seed, stats=stats, groups=gl)
+            lk, rk = ql, r
+        else:
+            chunks = (
+                (torch.arange(start, start + nbr.shape[0], device=dev), nbr)
+                for start, nbr in iter_ranked_neighbours(
+                    qk, g, want, sk, chunk_size=chunk_size, backend=knn_backend, seed=seed, stats=stats,
+                    gallery_groups=gl,
+                )
+            )  # fmt: skip
         if progress:
             from tqdm.auto import tqdm  # noqa: PLC0415 - only when asked for
 
             chunks = tqdm(chunks, desc="retrieval", unit="chunk")
         t_metrics = 0.0
-        for start, nbr in chunks:
+        for rows, nbr in chunks:
             t0 = time.perf_counter()
-            stop = start + nbr.shape[0]
-            sums += _chunk_sums(nbr, gl, lk[start:stop], rk[start:stop], recall_k, knn_k, r_metrics)
+            sums += _chunk_sums(nbr, gl, lk[rows], rk[rows], recall_k, knn_k, r_metrics)
             t_metrics += time.perf_counter() - t0
         if stats is not None:
             stats["metrics"] = stats.get("metrics", 0.0) + t_metrics
