@@ -29,10 +29,15 @@ matrix is still in the core's cache:
    then similarity descending, then original gallery index ascending), in one sort
    per chunk.
 
-On a CPU, steps 1–4 run in numpy on zero-copy views: its SIMD compare, partition and
-sort are several times faster than torch's CPU kernels for these shapes, and the
-mask of step 2 is scanned eight entries at a time (as uint64 words). Other devices
-run the same steps in torch, with the whole gallery as one tile.
+On a CPU the compare of step 2 is one compiled pass per tile while the tile is still
+in cache (`_kernels.scan_tile`, numba), which writes the keys of step 4 directly;
+thresholds, counts and sorts run in numpy on zero-copy views (its SIMD partition and
+sort are several times faster than torch's CPU kernels for these shapes). Other
+devices run the same steps in torch, with the whole gallery as one tile.
+
+Leave-one-out (`iter_self_neighbours`): the similarity matrix is symmetric, so on a
+CPU each tile above the diagonal is computed once and scanned for its rows and for
+its columns, against each side's threshold: about half the matrix products.
 
 Ties: two gallery items with bit-identical similarity are ranked by their original
 gallery index, lower first, whatever the device, chunking or layout. A query is never
@@ -468,7 +473,6 @@ class _SelfScan:
         block: int,
     ) -> None:
         self.layout = layout = _Layout(x, groups, seed, sampled=True)
-        self.stats = stats
         self.timing: dict[str, float] = stats if stats is not None else {}
         for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
             self.timing.setdefault(key, 0.0)
