@@ -314,8 +314,17 @@ def test_metric_arithmetic_numpy_and_torch_paths_agree(monkeypatch):
     assert_close(plain, ref)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def torch_threads(request):
+    """One torch thread (tiles scanned inline) and two (tiles scanned by two worker threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fallback", [False, True])
-def test_symmetric_leave_one_out_scan_matches_the_query_scan(fallback, monkeypatch):
+def test_symmetric_leave_one_out_scan_matches_the_query_scan(fallback, torch_threads, monkeypatch):
     # Leave-one-out on a CPU scans each tile above the diagonal once, for its rows and its columns.
     # It must return exactly what the per-query scan returns: small integer vectors make every
     # similarity exact and ties everywhere; 4,700 items in blocks of 96 leave short last blocks in

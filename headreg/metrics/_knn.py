@@ -49,8 +49,11 @@ sample, and the candidates (~1.4 chunk × K); neighbours are yielded chunk by ch
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -228,9 +231,10 @@ class _Scan:
         self.packed = g.dtype == torch.float32 and max(1, (chunk - 1).bit_length()) + self.shift <= 63
         self.fast = self.packed and _numpy_ok(g)
         self.tile_buf = torch.empty(chunk, tile, dtype=g.dtype, device=g.device)
-        # The first block (the sample, or a small gallery) and a scratch copy for the partition.
-        self.first_buf = torch.empty(chunk, layout.num_sampled or layout.size, dtype=g.dtype, device=g.device)
-        self.scratch = torch.empty_like(self.first_buf) if self.fast else None
+        # The first block (the sample, or a small gallery) and a scratch copy for the partition:
+        # allocated by the first `chunk` (the leave-one-out scan has its own per thread).
+        self.first_buf: torch.Tensor | None = None
+        self.scratch: torch.Tensor | None = None
         if self.fast:
             self.out_buf = np.empty(chunk * tile, dtype=np.int64)  # a larger block gets a fresh one
             self.out_c_buf = np.empty(chunk * chunk, dtype=np.int64)  # square tiles of the leave-one-out scan
@@ -247,6 +251,10 @@ class _Scan:
         layout, rows = self.layout, q.shape[0]
         n, m = layout.size, layout.num_sampled
         t0 = self._tick()
+        if self.first_buf is None:
+            g = layout.gallery
+            self.first_buf = torch.empty(self.tile_buf.shape[0], m or n, dtype=g.dtype, device=g.device)
+            self.scratch = torch.empty_like(self.first_buf) if self.fast else None
         # The sample (or, for a small gallery, everything): its similarities give the thresholds
         # and are also the candidates' source for their own columns.
         first = torch.mm(q, layout.gallery[: m or n].T, out=self.first_buf[:rows])
@@ -307,13 +315,18 @@ class _Scan:
         orig_c: np.ndarray,
         thr_c: np.ndarray = _NONE_F32,
         orig_r: np.ndarray = _NONE_I64,
+        bufs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
-        """`_kernels.scan_tile` on one float32 block: the row keys, and with `thr_c` also the column keys."""
+        """`_kernels.scan_tile` on one float32 block: the row keys, and with `thr_c` also the column keys.
+
+        `bufs`: the `(row, column)` key buffers to write into (another thread's); default this scan's.
+        """
         from headreg.metrics._kernels import scan_tile  # noqa: PLC0415 - compiled on first use
 
+        buf_r, buf_c = bufs or (self.out_buf, self.out_c_buf)
         size = a.shape[0] * a.shape[1]
-        out_r = self.out_buf if size <= self.out_buf.size else np.empty(size, dtype=np.int64)
-        out_c = self.out_c_buf if thr_c.size else _NONE_I64
+        out_r = buf_r if size <= buf_r.size else np.empty(size, dtype=np.int64)
+        out_c = buf_c if thr_c.size else _NONE_I64
         thr_r = thr_r.astype(np.float32, copy=False)
         nr, nc = scan_tile(a, a.view(np.int32), thr_r, thr_c, orig_r, orig_c, self.shift, self.col_bits, out_r, out_c)
         rows_part = out_r[:nr].copy()
@@ -460,8 +473,17 @@ def iter_self_neighbours(
     yield from _SelfScan(x, k_all, groups, seed, stats, block).run()
 
 
+# A unit of the symmetric scan's work: candidate keys per destination block, and seconds per stage.
+_Work = tuple[list[tuple[int, np.ndarray]], dict[str, float]]
+
+
 class _SelfScan:
-    """The two passes of `iter_self_neighbours` (CPU, float32), with `_Scan`'s keys, fallback and ranking."""
+    """The two passes of `iter_self_neighbours` (CPU, float32), with `_Scan`'s keys, fallback and ranking.
+
+    With more than one torch thread the tiles go to as many worker threads, one torch thread
+    each (the matmul and the compiled scan release the GIL); this thread files their
+    candidates, ranks finished blocks and hands them on. Stage times are then thread-seconds.
+    """
 
     def __init__(
         self,
@@ -476,8 +498,9 @@ class _SelfScan:
         self.timing: dict[str, float] = stats if stats is not None else {}
         for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
             self.timing.setdefault(key, 0.0)
-        b = block
+        self.block = b = block
         self.scan = _Scan(layout, b, b, stats)
+        self.local = threading.local()
         n, m = layout.size, layout.num_sampled
         self.k = k.cpu()[layout.col_to_orig]  # in layout order
         # Blocks of rows (and columns): the sample's, then the others', each aligned to its start.
@@ -487,63 +510,102 @@ class _SelfScan:
         self.thr = np.full(n, np.inf, dtype=np.float32)
 
     def run(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        layout, m = self.layout, self.layout.num_sampled
-        sample_blocks = [i for i, s in enumerate(self.starts) if s < m]
-        for i in range(len(self.starts)):
-            self._strip(i, sample_blocks)
-        for i in sample_blocks:
-            yield from self._finish(i)
-        g = layout.gallery
+        m = self.layout.num_sampled
+        sample = [i for i, s in enumerate(self.starts) if s < m]
         others = [i for i, s in enumerate(self.starts) if s >= m]
-        for a, bi in enumerate(others):
-            r0, r1 = self.starts[bi], self.ends[bi]
-            for bj in others[a:]:
-                c0, c1 = self.starts[bj], self.ends[bj]
-                t0 = time.perf_counter()
-                buf = self.scan.tile_buf if (r1 - r0, c1 - c0) == tuple(self.scan.tile_buf.shape) else None
-                sims = torch.mm(g[r0:r1], g[c0:c1].T, out=buf).numpy()
-                t1 = time.perf_counter()
-                if bi == bj:
-                    np.fill_diagonal(sims, -np.inf)  # never its own neighbour
-                    self._scan(sims, bi, r0, c0)
-                else:
-                    self._scan(sims, bi, r0, c0, bj)
-                self.timing["matmul"] += t1 - t0
-                self.timing["select"] += time.perf_counter() - t1
-            yield from self._finish(bi)
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if threads > 1 else None
+        try:
+            # The sample's thresholds first: the other strips read them for their column candidates.
+            self._collect([self._submit(pool, self._strip, i, sample) for i in sample])
+            self._collect([self._submit(pool, self._strip, i, sample) for i in others])
+            for i in sample:
+                yield from self._finish(i)
+            # Row of tiles by row of tiles; the next row's tiles are computed while a finished
+            # block is ranked and handed on.
+            rows = [[self._submit(pool, self._tile, bi, bj) for bj in others[a:]] for a, bi in enumerate(others[:1])]
+            for a, bi in enumerate(others):
+                if a + 1 < len(others):
+                    rows.append([self._submit(pool, self._tile, others[a + 1], bj) for bj in others[a + 1 :]])
+                self._collect(rows.pop(0))
+                yield from self._finish(bi)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
-    def _strip(self, i: int, sample_blocks: list[int]) -> None:
+    @staticmethod
+    def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., _Work], *args: object) -> Future[_Work]:
+        """`fn(*args)` on the pool, or now on this thread (one torch thread: no pool)."""
+        if pool is not None:
+            return pool.submit(fn, *args)
+        done: Future[_Work] = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def _collect(self, futures: list[Future[_Work]]) -> None:
+        """File each work item's candidates under their blocks and add up its stage times."""
+        for fut in futures:
+            parts, times = fut.result()
+            for block, keys in parts:
+                self.pending[block].append(keys)
+            for key, sec in times.items():
+                self.timing[key] += sec
+
+    def _buffers(self) -> SimpleNamespace:
+        """This thread's buffers: a tile, the sample strip and its partition scratch, the key outputs."""
+        bufs = getattr(self.local, "bufs", None)
+        if bufs is None:
+            b, m = self.block, self.layout.num_sampled
+            bufs = self.local.bufs = SimpleNamespace(
+                tile=torch.empty(b, b),
+                strip=torch.empty(b, m),
+                scratch=torch.empty(b, m),
+                keys=(np.empty(b * b, dtype=np.int64), np.empty(b * b, dtype=np.int64)),
+            )
+        return bufs
+
+    def _strip(self, i: int, sample: list[int]) -> _Work:
         """Pass 1 for block `i`: its similarities to the sample, thresholds, and candidates both ways."""
-        layout, scan = self.layout, self.scan
+        layout, bufs = self.layout, self._buffers()
         n, m = layout.size, layout.num_sampled
         r0, r1 = self.starts[i], self.ends[i]
         t0 = time.perf_counter()
-        sims = torch.mm(layout.gallery[r0:r1], layout.gallery[:m].T, out=scan.first_buf[: r1 - r0])
+        sims = torch.mm(layout.gallery[r0:r1], layout.gallery[:m].T, out=bufs.strip[: r1 - r0])
         if r0 < m:
             _exclude_self(sims, torch.arange(r0, r1), 0)
         k = self.k[r0:r1]
-        thr = _kth_largest(sims, _sample_rank(k.clamp(min=1), m, n), scan.scratch[: r1 - r0])
+        thr = _kth_largest(sims, _sample_rank(k.clamp(min=1), m, n), bufs.scratch[: r1 - r0])
         self.thr[r0:r1] = np.where(k.numpy() > 0, thr.clamp(min=-2.0).numpy(), np.inf)
         t1 = time.perf_counter()
-        a = sims.numpy()
-        for j in sample_blocks:  # column blocks of the sample: a column's candidates go to its block
+        a, parts = sims.numpy(), []
+        for j in sample:  # column blocks of the sample: a column's candidates go to its block
             c0, c1 = self.starts[j], self.ends[j]
-            self._scan(a[:, c0:c1], i, r0, c0, j if r0 >= m else None)
-        self.timing["threshold"] += t1 - t0
-        self.timing["select"] += time.perf_counter() - t1
+            parts += self._scan(a[:, c0:c1], i, r0, c0, j if r0 >= m else None)
+        return parts, {"threshold": t1 - t0, "select": time.perf_counter() - t1}
 
-    def _scan(self, a: np.ndarray, bi: int, r0: int, c0: int, bj: int | None = None) -> None:
-        """Candidates of tile rows `r0:` (to block `bi`), and with `bj` of its columns `c0:` (to block `bj`)."""
+    def _tile(self, bi: int, bj: int) -> _Work:
+        """Pass 2: tile `(bi, bj)` of the square, `bj >= bi`, scanned by row and (above the diagonal) by column."""
+        g, bufs = self.layout.gallery, self._buffers()
+        r0, r1, c0, c1 = self.starts[bi], self.ends[bi], self.starts[bj], self.ends[bj]
+        t0 = time.perf_counter()
+        out = bufs.tile if (r1 - r0, c1 - c0) == tuple(bufs.tile.shape) else None
+        sims = torch.mm(g[r0:r1], g[c0:c1].T, out=out).numpy()
+        t1 = time.perf_counter()
+        if bi == bj:
+            np.fill_diagonal(sims, -np.inf)  # never its own neighbour
+        parts = self._scan(sims, bi, r0, c0, None if bi == bj else bj)
+        return parts, {"matmul": t1 - t0, "select": time.perf_counter() - t1}
+
+    def _scan(self, a: np.ndarray, bi: int, r0: int, c0: int, bj: int | None = None) -> list[tuple[int, np.ndarray]]:
+        """Candidates of tile rows `r0:` (for block `bi`), and with `bj` of its columns `c0:` (for block `bj`)."""
         rows, cols = a.shape
-        c2o = self.scan.c2o
+        c2o, keys = self.scan.c2o, self._buffers().keys
         if bj is None:
-            self.pending[bi].append(self.scan._kernel_scan(a, self.thr[r0 : r0 + rows], c2o[c0 : c0 + cols]))
-            return
+            return [(bi, self.scan._kernel_scan(a, self.thr[r0 : r0 + rows], c2o[c0 : c0 + cols], bufs=keys))]
         by_row, by_col = self.scan._kernel_scan(
-            a, self.thr[r0 : r0 + rows], c2o[c0 : c0 + cols], self.thr[c0 : c0 + cols], c2o[r0 : r0 + rows]
+            a, self.thr[r0 : r0 + rows], c2o[c0 : c0 + cols], self.thr[c0 : c0 + cols], c2o[r0 : r0 + rows], keys
         )
-        self.pending[bi].append(by_row)
-        self.pending[bj].append(by_col)
+        return [(bi, by_row), (bj, by_col)]
 
     def _finish(self, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Block `i` is complete: check counts (fallback), rank, and yield its querying items."""
