@@ -32,7 +32,8 @@ __all__ = [
     "DEFAULT_HEADS",
     "HEAD_SETTINGS_2D",
     "PRESETS",
-    "SCALE_HEAD_AIDS",
+    "HEAD_AIDS",
+    "head_aids",
     "ANGULAR_HEADS",
     "CompareEntry",
     "run_compare",
@@ -77,12 +78,32 @@ _RECIPE: dict[str, Any] = {
     "augment": False,
 }
 
-#: Aids for the heads with a fixed logit scale ``s`` (NormFace, ArcFace, CosFace...: ``s · cos θ``, the
-#: feature norm discarded): the class weights and the 2-D layer learn 10x faster, and ``s`` ramps from 1
-#: to its value over the first 70 % of the run. A head that keeps the feature norm (softmax, modified
-#: softmax, SphereFace, center loss) trains without them: x10 left softmax at 97.2 % in the paper
-#: preset, where x1 gives 99.3 % (docs/compare.md). A setting given by the caller wins.
-SCALE_HEAD_AIDS: dict[str, Any] = {"head_lr_scale": 10.0, "head_warmup": {"scale": [1.0, 0.7]}}
+#: Training aids, by the attribute a head can ramp (its ``warmup_attributes``); the caller's settings win.
+#:
+#: - ``scale``: heads with a fixed logit scale ``s`` (NormFace, ArcFace, CosFace...: ``s · cos θ``, the
+#:   feature norm discarded). The class weights and the 2-D layer learn 10x faster, and ``s`` ramps from
+#:   1 to its value over the first 70 % of the run.
+#: - ``lambda_c``: center loss. λ ramps from 0 over the first half, so that softmax spreads the classes
+#:   before the pull towards the centres (which start at the origin) sets in: with λ from the first
+#:   step the paper preset's LeNets++ (no batch norm) collapsed its features (loss 69, 33 % test
+#:   accuracy after one epoch, 87 % after eight).
+#:
+#: Softmax, modified softmax and SphereFace get none: x10 left softmax at 97.2 % in the paper preset,
+#: where x1 gives 99.3 % (docs/compare.md).
+HEAD_AIDS: dict[str, dict[str, Any]] = {
+    "scale": {"head_lr_scale": 10.0, "head_warmup": {"scale": [1.0, 0.7]}},
+    "lambda_c": {"head_warmup": {"lambda_c": [0.0, 0.5]}},
+}
+
+
+def head_aids(head: Any) -> dict[str, Any]:
+    """The :data:`HEAD_AIDS` that apply to a built ``head``: merged over the attributes it can ramp."""
+    aids: dict[str, Any] = {}
+    for attr in getattr(head, "warmup_attributes", ()):
+        for key, value in HEAD_AIDS.get(attr, {}).items():
+            aids[key] = {**aids.get(key, {}), **value} if isinstance(value, dict) else value
+    return aids
+
 
 #: Training budgets. ``quick``: minutes on a laptop CPU; ``paper``: LeNets++ as in Wen et al. 2016.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -125,7 +146,7 @@ class CompareEntry:
         train_seconds: time spent in training steps.
         total_seconds: wall time of the head's whole run (data, training, evaluation, saving).
         warnings: feasibility warnings for its settings.
-        aids: the :data:`SCALE_HEAD_AIDS` it was trained with (empty for a head without a fixed scale).
+        aids: the :data:`HEAD_AIDS` settings it was trained with (empty: none).
         embeddings: ``(N, D)`` test embeddings of the trained model.
         labels: ``(N,)`` their labels.
     """
@@ -237,9 +258,7 @@ def run_compare(
     entries: list[CompareEntry] = []
     for head in heads:
         options = head_settings(head, embedding_dim, (head_options or {}).get(head))
-        # The aids go to the heads that can ramp a fixed s (a learned s lists no warm-up attribute).
-        allowed = getattr(create_head(head, embedding_dim, 10, **options), "warmup_attributes", ())
-        aids = SCALE_HEAD_AIDS if "scale" in allowed else {}
+        aids = head_aids(create_head(head, embedding_dim, 10, **options))
         settings = {**PRESETS[preset], **aids, **(overrides or {})}
         config = TrainConfig(
             **settings,
@@ -262,18 +281,18 @@ def run_compare(
                 train_seconds=result.train_seconds,
                 total_seconds=time.perf_counter() - t0,
                 warnings=notes,
-                aids={k: settings[k] for k in SCALE_HEAD_AIDS} if aids else {},
+                aids={k: settings[k] for k in aids},
                 embeddings=result.embeddings,
                 labels=result.labels,
             )
         )
     plot_compare(entries, out / "compare.png", title=f"{dataset}, {embedding_dim}-D features, preset {preset}")
     table = compare_table(entries)
+    aids = "".join(f"- `{e.head}`: `{json.dumps(e.aids, sort_keys=True)}`\n" for e in entries if e.aids)
     (out / "compare.md").write_text(
         f"# headreg compare: {dataset}, {embedding_dim}-D features, preset `{preset}`\n\n{table}\n\n"
-        f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n\n"
-        f"Heads with a fixed scale ({', '.join(e.head for e in entries if e.aids) or 'none here'}) also: "
-        f"`{json.dumps(SCALE_HEAD_AIDS, sort_keys=True)}`\n"
+        f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n"
+        + (f"\nHead aids (`headreg.compare.HEAD_AIDS`):\n\n{aids}" if aids else "")
     )
     (out / "compare.json").write_text(
         json.dumps(
@@ -282,7 +301,7 @@ def run_compare(
                 "embedding_dim": embedding_dim,
                 "preset": preset,
                 "settings": {**PRESETS[preset], **(overrides or {})},
-                "scale_head_aids": SCALE_HEAD_AIDS,
+                "head_aids": HEAD_AIDS,
                 "heads": [_clean(e.row()) for e in entries],
             },
             indent=2,

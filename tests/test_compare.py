@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from headreg.cli import main
 from headreg.compare import (
     DEFAULT_HEADS,
+    HEAD_AIDS,
     HEAD_SETTINGS_2D,
     PRESETS,
-    SCALE_HEAD_AIDS,
     head_settings,
     run_compare,
 )
@@ -44,13 +44,14 @@ def test_compare_tiny_budget_writes_figure_and_table(tmp_path):
         assert (out / h / "model.safetensors").is_file() and (out / h / "eval.json").is_file()
     configs = {h: json.loads((out / h / "run.json").read_text())["config"] for h in heads}
     assert configs["arcface"]["head_options"] == {"scale": 16.0, "margin": 0.2}
-    # The fixed-scale aids go to ArcFace only; softmax and center loss keep the plain recipe.
-    assert configs["arcface"]["head_lr_scale"] == SCALE_HEAD_AIDS["head_lr_scale"] != 1.0
-    assert configs["arcface"]["head_warmup"] == SCALE_HEAD_AIDS["head_warmup"]
-    for h in ("softmax", "center"):
-        assert configs[h]["head_lr_scale"] == 1.0 and configs[h]["head_warmup"] == {}, h
-    assert [bool(r["aids"]) for r in table["heads"]] == [False, True, False]
-    assert "Heads with a fixed scale (arcface) also" in md
+    # Aids by what a head can ramp: ArcFace its scale (and x10 lr), center loss its λ, softmax none.
+    assert configs["arcface"]["head_lr_scale"] == HEAD_AIDS["scale"]["head_lr_scale"] != 1.0
+    assert configs["arcface"]["head_warmup"] == HEAD_AIDS["scale"]["head_warmup"]
+    assert configs["center"]["head_warmup"] == HEAD_AIDS["lambda_c"]["head_warmup"]
+    assert configs["softmax"]["head_warmup"] == {}
+    assert configs["softmax"]["head_lr_scale"] == configs["center"]["head_lr_scale"] == 1.0
+    assert [bool(r["aids"]) for r in table["heads"]] == [False, True, True]
+    assert "- `arcface`: " in md and "- `center`: " in md and "- `softmax`" not in md
 
     # Same directory again: refused, then replaced with --overwrite.
     with pytest.raises(InvalidValueError, match="already holds a comparison"):

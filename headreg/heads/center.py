@@ -43,6 +43,9 @@ class CenterLossHead(Head):
     """
 
     paper = "https://ydwen.github.io/papers/WenECCV16.pdf"
+    # A trainer may ramp λ in (`headreg train --head-warmup lambda_c=0:0.5`): softmax shapes
+    # the features first, then the pull towards the centres sets in.
+    warmup_attributes: tuple[str, ...] = ("lambda_c",)
 
     def __init__(
         self,
@@ -69,6 +72,15 @@ class CenterLossHead(Head):
             self.centers = nn.Parameter(centers.normal_())
         else:
             self.register_buffer("centers", centers)
+
+    @property
+    def lambda_c(self) -> float:
+        """The weight λ of the centre term."""
+        return self._lambda_c
+
+    @lambda_c.setter
+    def lambda_c(self, value: float) -> None:
+        self._lambda_c = check_non_negative("lambda_c", value)
 
     def inference_logits(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
