@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +105,23 @@ def check_angle(name: str, value: float) -> float:
     if v >= math.pi:
         raise InvalidValueError(f"{name} must be in [0, π) radians, got {value!r}")
     return v
+
+
+def checked_property(name: str, check: Callable[[str, Any], float], doc: str) -> property:
+    """A float attribute stored as ``_<name>`` whose setter validates with ``check(name, value)``.
+
+    For head settings a trainer may change after construction (``warmup_attributes``):
+    ``margin = checked_property("margin", check_non_negative, "The margin m.")``.
+    """
+    private = f"_{name}"
+
+    def fget(self: Any) -> float:
+        return getattr(self, private)
+
+    def fset(self: Any, value: Any) -> None:
+        setattr(self, private, check(name, value))
+
+    return property(fget, fset, doc=doc)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidValueError
-from .base import Head, HeadOutput, check_non_negative
+from .base import Head, HeadOutput, check_non_negative, checked_property
 
 __all__ = ["CenterLossHead"]
 
@@ -46,6 +46,7 @@ class CenterLossHead(Head):
     # A trainer may ramp λ in (`headreg train --head-warmup lambda_c=0:0.5`): softmax shapes
     # the features first, then the pull towards the centres sets in.
     warmup_attributes: tuple[str, ...] = ("lambda_c",)
+    lambda_c = checked_property("lambda_c", check_non_negative, "The weight λ of the centre term.")
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class CenterLossHead(Head):
         bias: bool = True,
     ) -> None:
         super().__init__(in_features, num_classes)
-        self.lambda_c = check_non_negative("lambda_c", lambda_c)
+        self.lambda_c = lambda_c
         self.alpha = check_non_negative("alpha", alpha)
         if self.alpha > 1:
             raise InvalidValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -72,15 +73,6 @@ class CenterLossHead(Head):
             self.centers = nn.Parameter(centers.normal_())
         else:
             self.register_buffer("centers", centers)
-
-    @property
-    def lambda_c(self) -> float:
-        """The weight λ of the centre term."""
-        return self._lambda_c
-
-    @lambda_c.setter
-    def lambda_c(self, value: float) -> None:
-        self._lambda_c = check_non_negative("lambda_c", value)
 
     def inference_logits(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidValueError
-from .base import Head, HeadOutput, check_angle, check_non_negative, check_positive
+from .base import Head, HeadOutput, check_angle, check_non_negative, check_positive, checked_property
 from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
 
 __all__ = ["AngularMarginHead", "NormFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead"]
@@ -118,14 +118,7 @@ class CosFaceHead(AngularMarginHead):
         super().__init__(in_features, num_classes, scale=scale)
         self.margin = margin
 
-    @property
-    def margin(self) -> float:
-        """The additive cosine margin ``m``."""
-        return self._margin
-
-    @margin.setter
-    def margin(self, value: float) -> None:
-        self._margin = check_non_negative("margin", value)
+    margin = checked_property("margin", check_non_negative, "The additive cosine margin ``m``.")
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         return cosface_margin(cos_target, self.margin)
@@ -161,14 +154,7 @@ class ArcFaceHead(AngularMarginHead):
         self.margin = margin
         self.easy_margin = bool(easy_margin)
 
-    @property
-    def margin(self) -> float:
-        """The additive angular margin ``m`` in radians."""
-        return self._margin
-
-    @margin.setter
-    def margin(self, value: float) -> None:
-        self._margin = check_angle("margin", value)
+    margin = checked_property("margin", check_angle, "The additive angular margin ``m`` in radians.")
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         return arcface_margin(cos_target, self.margin, self.easy_margin)
