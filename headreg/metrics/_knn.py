@@ -172,10 +172,7 @@ def iter_ranked_neighbours(
         raise InvalidValueError(f"knn_backend must be 'torch' or 'faiss', got {backend!r}")
 
     layout = _Layout(gallery, gallery_groups, seed, sampled=num_gallery >= _MIN_SAMPLED_GALLERY)
-    timing = stats if stats is not None else {}
-    for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
-        timing.setdefault(key, 0.0)
-    scan = _Scan(layout, chunk_size, tile_size, timing if stats is not None else None)
+    scan = _Scan(layout, chunk_size, tile_size, _stage_times(stats))
     for start in range(0, num_query, chunk_size):
         stop = min(start + chunk_size, num_query)
         rows = stop - start
@@ -410,6 +407,17 @@ class _Scan:
         return out
 
 
+_STAGES = ("matmul", "threshold", "select", "sort", "fallback_rows")
+
+
+def _stage_times(stats: dict[str, float] | None) -> dict[str, float] | None:
+    """`stats` with every stage key present (seconds, and the count of fallback rows); None stays None."""
+    if stats is not None:
+        for key in _STAGES:
+            stats.setdefault(key, 0.0)
+    return stats
+
+
 def _sample_rank(k: torch.Tensor, m: int, n: int) -> torch.Tensor:
     """`j_q` of step 1: the rank in the `m`-item sample whose value is, usually, below the `K_q`-th of `n`."""
     e = k.double() * (m / n)
@@ -495,9 +503,7 @@ class _SelfScan:
         block: int,
     ) -> None:
         self.layout = layout = _Layout(x, groups, seed, sampled=True)
-        self.timing: dict[str, float] = stats if stats is not None else {}
-        for key in ("matmul", "threshold", "select", "sort", "fallback_rows"):
-            self.timing.setdefault(key, 0.0)
+        self.timing = _stage_times(stats) if stats is not None else dict.fromkeys(_STAGES, 0.0)
         self.block = b = block
         self.scan = _Scan(layout, b, b, stats)
         self.local = threading.local()
