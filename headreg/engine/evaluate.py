@@ -27,6 +27,7 @@ __all__ = [
     "ALL_METRICS",
     "DEFAULT_METRICS",
     "EvalResult",
+    "KNN_BACKENDS",
     "broadcast_from_main",
     "classification_accuracy",
     "combine_query_gallery",
@@ -39,6 +40,8 @@ __all__ = [
 ALL_METRICS = ("retrieval", "verification", "clustering", "classification")
 #: Computed when the caller names none; classification is added when head predictions exist.
 DEFAULT_METRICS = ("retrieval", "verification", "clustering")
+#: The k-NN search back ends of ``knn=`` (``headreg eval --knn``).
+KNN_BACKENDS = ("torch", "faiss")
 
 
 @dataclass
@@ -223,8 +226,8 @@ def evaluate_embeddings(
     names = parse_metric_names(metrics)
     if names is None:
         names = DEFAULT_METRICS + (("classification",) if label_rank is not None else ())
-    if knn not in ("torch", "faiss"):
-        raise InvalidValueError(f"knn must be 'torch' or 'faiss', got {knn!r}")
+    if knn not in KNN_BACKENDS:
+        raise InvalidValueError(f"knn must be {' or '.join(map(repr, KNN_BACKENDS))}, got {knn!r}")
     recall_k = tuple(recall_k)
     if not recall_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_k):
         raise InvalidValueError(f"recall_k must be positive integers, e.g. 1,2,4,8, got {recall_k!r}")
