@@ -1,6 +1,21 @@
 """Built-in loss heads and the shared pieces plugin heads may reuse."""
 
-from .base import Head, HeadOutput, check_embeddings, check_labels, float32_region
+from ._geometry import (
+    arcface_margin_feasibility,
+    class_separation,
+    combined_margin_feasibility,
+    cosface_margin_feasibility,
+)
+from .base import (
+    Head,
+    HeadOutput,
+    check_embeddings,
+    check_labels,
+    float32_region,
+    head_is_angular,
+    head_margin_feasibility,
+    head_settings_2d,
+)
 from .center import CenterLossHead
 from .margin import AngularMarginHead, ArcFaceHead, CombinedMarginHead, CosFaceHead, NormFaceHead
 from .softmax import ModifiedSoftmaxHead, SoftmaxHead
@@ -12,6 +27,13 @@ __all__ = [
     "check_embeddings",
     "check_labels",
     "float32_region",
+    "head_is_angular",
+    "head_margin_feasibility",
+    "head_settings_2d",
+    "class_separation",
+    "arcface_margin_feasibility",
+    "combined_margin_feasibility",
+    "cosface_margin_feasibility",
     "AngularMarginHead",
     "ArcFaceHead",
     "CenterLossHead",

@@ -4,15 +4,21 @@ A head is any ``nn.Module`` built as ``Head(in_features, num_classes, **options)
 whose ``forward(embeddings, labels=None)`` returns a :class:`HeadOutput` when labels
 are given and the margin-free logits tensor when they are not. Plugin heads need not
 subclass anything here; the helpers are public so that they can reuse them.
+
+A head describes itself to the rest of headreg through optional class attributes, read
+with the ``head_*`` functions below so that a plain ``nn.Module`` without them gets the
+defaults :class:`Head` declares: ``angular``, ``settings_2d``, ``margin_feasibility`` and
+``warmup_attributes``. Nothing outside ``headreg.heads`` keeps lists of head names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +34,9 @@ __all__ = [
     "check_non_negative",
     "check_angle",
     "float32_region",
+    "head_is_angular",
+    "head_settings_2d",
+    "head_margin_feasibility",
 ]
 
 
@@ -157,6 +166,33 @@ class Head(nn.Module):
     #: Float attributes a trainer may ramp from a start value to their configured value
     #: (``headreg train --head-warmup NAME=START:FRACTION``); each must have a validating setter.
     warmup_attributes: tuple[str, ...] = ()
+    #: The class decision depends on the feature's direction only, not its norm (the logits are
+    #: ``‖x‖ cos θ`` or ``s cos θ``): ``headreg compare`` also draws the features on the unit
+    #: circle, and the margin check notes that 1-D features separate at most two classes by angle.
+    angular: ClassVar[bool] = False
+    #: Constructor options suggested for 2-D features (``headreg compare --embedding-dim 2``), where
+    #: face-recognition defaults such as ``s = 64`` saturate the softmax or a margin cannot be met.
+    #: Any option not listed keeps its default; ``{}``: the defaults suit 2-D features.
+    settings_2d: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """Why this head's margin cannot be met by ``embedding_dim``-D features of ``num_classes`` classes.
+
+        ``headreg train`` and ``headreg compare`` warn with these lines before training. Margin heads
+        override it, mostly with a function of :mod:`headreg.heads._geometry`
+        (``arcface_margin_feasibility(options["margin"], embedding_dim, num_classes)``).
+
+        Args:
+            options: the constructor options the head is built with, its defaults filled in.
+            embedding_dim: feature width ``D ≥ 1``.
+            num_classes: number of classes ``C ≥ 2``.
+
+        Returns:
+            Warning sentences with the head's name left out (``"margin=0.35 cannot be met with ..."``);
+            headreg puts the registry name in front. Empty (the default): feasible, or no margin.
+        """
+        return []
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
@@ -193,3 +229,26 @@ class Head(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+def head_is_angular(cls: type) -> bool:
+    """Whether a head class declares itself angular (``angular``; :class:`Head`'s default when it does not)."""
+    return bool(getattr(cls, "angular", Head.angular))
+
+
+def head_settings_2d(cls: type) -> dict[str, Any]:
+    """A head class's suggested options for 2-D features (``settings_2d``), as a new dict."""
+    return dict(getattr(cls, "settings_2d", Head.settings_2d))
+
+
+def head_margin_feasibility(cls: type, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+    """A head class's ``margin_feasibility`` lines (none when it has no such classmethod).
+
+    Args:
+        cls: the head class.
+        options: its constructor options, defaults filled in.
+        embedding_dim: feature width ``D``.
+        num_classes: number of classes ``C``.
+    """
+    hook = getattr(cls, "margin_feasibility", None)
+    return [] if hook is None else list(hook(options, embedding_dim, num_classes))

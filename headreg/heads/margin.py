@@ -6,11 +6,15 @@ margin on the target column → scale → cross-entropy) with its own target fun
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidValueError
+from ._geometry import arcface_margin_feasibility, combined_margin_feasibility, cosface_margin_feasibility
 from .base import Head, HeadOutput, check_angle, check_non_negative, check_positive, checked_property
 from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
 
@@ -31,6 +35,7 @@ class AngularMarginHead(Head):
     """
 
     warmup_attributes: tuple[str, ...] = ("scale",)
+    angular: ClassVar[bool] = True
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, learn_scale: bool = False) -> None:
         super().__init__(in_features, num_classes)
@@ -92,6 +97,9 @@ class NormFaceHead(AngularMarginHead):
     """
 
     paper = "https://arxiv.org/abs/1704.06369"
+    # The default s = 16 already suits 2-D: the nearest of 10 classes sit at cos 36° = 0.81, so
+    # logits differ by up to 0.19 s ≈ 3 (docs/compare.md, "2-D settings per head").
+    settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0}
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 16.0, learn_scale: bool = False) -> None:
         super().__init__(in_features, num_classes, scale=scale, learn_scale=learn_scale)
@@ -113,6 +121,14 @@ class CosFaceHead(AngularMarginHead):
     warmup_attributes: tuple[str, ...] = ("scale", "margin")
 
     paper = "https://arxiv.org/abs/1801.09414"
+    # The default (64, 0.35) cannot be met in 2-D (m < 0.191 for 10 classes): half that bound,
+    # and an s that does not saturate a 10-class softmax.
+    settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0, "margin": 0.1}
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """Warns unless ``m < 1 − cos δ`` (see :mod:`headreg.heads._geometry`)."""
+        return cosface_margin_feasibility(options["margin"], embedding_dim, num_classes)
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.35) -> None:
         super().__init__(in_features, num_classes, scale=scale)
@@ -146,6 +162,14 @@ class ArcFaceHead(AngularMarginHead):
     warmup_attributes: tuple[str, ...] = ("scale", "margin")
 
     paper = "https://arxiv.org/abs/1801.07698"
+    # The default m = 0.5 is feasible for 10 classes in 2-D (m < 0.628) but leaves features only
+    # (0.628 − 0.5)/2 = 3.7° of room around their class direction; 0.2 leaves 12°.
+    settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0, "margin": 0.2}
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """Warns unless ``m < δ`` (see :mod:`headreg.heads._geometry`)."""
+        return arcface_margin_feasibility(options["margin"], embedding_dim, num_classes)
 
     def __init__(
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False
@@ -180,6 +204,13 @@ class CombinedMarginHead(AngularMarginHead):
     """
 
     paper = "https://github.com/deepinsight/insightface/tree/master/recognition/arcface_torch"
+    # The default (1.0, 0.3, 0.2) cannot be met in 2-D: cos 0.3 − 0.2 = 0.755 < cos 36° = 0.809.
+    settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0, "m1": 1.0, "m2": 0.1, "m3": 0.05}
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """Warns unless ``cos m2 − m3 > cos δ`` (see :mod:`headreg.heads._geometry`)."""
+        return combined_margin_feasibility(options["m1"], options["m2"], options["m3"], embedding_dim, num_classes)
 
     def __init__(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,6 +57,7 @@ class ModifiedSoftmaxHead(Head):
     """
 
     paper = "https://arxiv.org/abs/1704.08063"
+    angular: ClassVar[bool] = True  # unit-norm weights, no bias: the decision is by angle
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__(in_features, num_classes)
