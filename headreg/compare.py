@@ -8,10 +8,11 @@ features normalised onto the unit circle), ``OUT/compare.md`` and ``OUT/compare.
 Heads are built with face-recognition defaults (``s = 64``, CosFace ``m = 0.35``...) that do not
 fit ten classes in two dimensions: in the plane ten class directions are at most ``2π/10`` apart,
 which caps CosFace's margin at ``1 − cos 36° ≈ 0.19`` and ArcFace's at ``0.63`` rad (see
-:mod:`headreg.engine._feasibility`), and ``s = 64`` saturates the softmax of a 10-class problem
-long before the features separate. :data:`HEAD_SETTINGS_2D` holds the settings used with
-``--embedding-dim 2`` instead; ``--head-option HEAD:KEY=VALUE`` overrides them, with a warning when
-the result is infeasible.
+:mod:`headreg.heads._geometry`), and ``s = 64`` saturates the softmax of a 10-class problem
+long before the features separate. Each head class's ``settings_2d`` (all of them:
+:data:`HEAD_SETTINGS_2D`) holds the settings used with ``--embedding-dim 2`` instead;
+``--head-option HEAD:KEY=VALUE`` overrides them, with a warning when the result is infeasible.
+Whether a head is drawn on the unit circle too is its class's ``angular``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidValueError
+from .errors import InvalidValueError, UnknownHeadError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -34,7 +36,6 @@ __all__ = [
     "PRESETS",
     "HEAD_AIDS",
     "head_aids",
-    "ANGULAR_HEADS",
     "CompareEntry",
     "run_compare",
     "head_settings",
@@ -43,27 +44,31 @@ __all__ = [
 ]
 
 DEFAULT_HEADS = ("softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "center")
-#: Heads whose decision depends on the angle only: their features are also drawn normalised.
-ANGULAR_HEADS = frozenset({"modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined"})
 
-#: Head options for 2-D features and 10 classes, and why they differ from the heads' defaults.
-HEAD_SETTINGS_2D: dict[str, dict[str, Any]] = {
-    "softmax": {},
-    "modified_softmax": {},
-    # Default s = 16 kept: the nearest classes sit at cos 36° = 0.81, so logits differ by up to 0.19 s = 3.
-    "normface": {"scale": 16.0},
-    # m = 4 and the λ annealing of the paper kept (always feasible, within δ/(m+1) = 7.2° of the class direction).
-    "sphereface": {},
-    # Default (s, m) = (64, 0.5): m = 0.5 leaves features (0.628 − 0.5)/2 = 3.7° of room; 0.2 leaves 12°.
-    "arcface": {"scale": 16.0, "margin": 0.2},
-    # Default (64, 0.35) is infeasible (cap 0.191); half the cap.
-    "cosface": {"scale": 16.0, "margin": 0.1},
-    # Default (64, 1.0, 0.3, 0.2) is infeasible: cos 0.3 − 0.2 = 0.755 < cos 36° = 0.809.
-    "combined": {"scale": 16.0, "m1": 1.0, "m2": 0.1, "m3": 0.05},
-    # λ = 0.003 is the paper's face setting; 0.01 gives visibly tighter clusters at no cost in accuracy
-    # (quick preset: 96.7% test accuracy with 0.01, 96.5% with 0.003, 91% with 0.05).
-    "center": {"lambda_c": 0.01, "alpha": 0.5},
-}
+
+class _Settings2D(Mapping[str, dict[str, Any]]):
+    """Each registered head's ``settings_2d``, read from its class on lookup (plugins load lazily)."""
+
+    def __getitem__(self, head: str) -> dict[str, Any]:
+        from .heads import head_settings_2d
+        from .registry import get_head_class
+
+        try:
+            return head_settings_2d(get_head_class(head))
+        except UnknownHeadError:
+            raise KeyError(head) from None
+
+    def __iter__(self) -> Iterator[str]:
+        from .registry import list_heads
+
+        return iter(list_heads())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+#: Head options for 2-D features, by head name: a read-only view of each head class's ``settings_2d``.
+HEAD_SETTINGS_2D: Mapping[str, dict[str, Any]] = _Settings2D()
 
 #: The optimiser and schedule both presets share (docs/compare.md measures each part): AdamW with a
 #: cosine schedule, bf16 autocast.
@@ -343,6 +348,17 @@ def compare_table(entries: list[CompareEntry]) -> str:
     return "\n".join(lines)
 
 
+def _angular(head: str) -> bool:
+    """Whether ``head``'s class declares it angular (its features are then also drawn on the unit circle)."""
+    from .heads import head_is_angular
+    from .registry import get_head_class
+
+    try:
+        return head_is_angular(get_head_class(head))
+    except UnknownHeadError:  # a figure of runs whose plugin is gone: draw what is known
+        return False
+
+
 def plot_compare(entries: list[CompareEntry], path: str | Path, title: str = "") -> Path:
     """One column per head: its test features; below, for angular heads, the same features on the unit circle."""
     import matplotlib
@@ -360,7 +376,7 @@ def plot_compare(entries: list[CompareEntry], path: str | Path, title: str = "")
             acc = f"{100 * e.test_accuracy:.2f}%" if e.test_accuracy is not None else "n/a"
             top, bottom = axes[0, i], axes[1, i]
             plot_embeddings(top, emb, labels, title=f"{e.head}\ntest acc. {acc}")
-            if e.head in ANGULAR_HEADS:
+            if _angular(e.head):
                 plot_embeddings(bottom, emb, labels, title="normalised", normalize=True)
             else:
                 bottom.axis("off")
