@@ -8,12 +8,13 @@ using only headreg's public helpers (``headreg.HeadOutput``, ``check_embeddings`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from headreg import HeadOutput
 from headreg.errors import InvalidValueError
-from headreg.heads import check_embeddings, check_labels, float32_region
+from headreg.heads import check_embeddings, check_labels, cosface_margin_feasibility, float32_region
 from torch import Tensor, nn
 
 __all__ = ["AdaFaceHead"]
@@ -84,6 +85,25 @@ class AdaFaceHead(nn.Module):
     #: ẑ is detached by design, so finite differences in the embeddings see a dependence
     #: autograd does not: headreg's contract test then gradchecks the weight only.
     gradcheck_embeddings = False
+    # How headreg's trainer, compare and margin check see this head (docs/plugins.md, "Describe the
+    # head"); plain class attributes, since nothing here subclasses headreg's Head. The logits are
+    # s · cos θ (the norm only sets the margin), so the decision is by angle.
+    angular = True
+    # As CosFace's: at the mean norm AdaFace's margin is CosFace's; an s that a 10-class softmax does
+    # not saturate.
+    settings_2d = {"scale": 16.0, "margin": 0.1}
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """CosFace's bound ``m < 1 − cos δ``, for a feature of average quality.
+
+        The margin moves with the feature norm, from ArcFace's ``cos(θ + m)`` (``ẑ = −1``) through
+        CosFace's ``cos θ − m`` (``ẑ = 0``, a norm at the running mean) to ``cos(θ − m) − 2m``
+        (``ẑ = 1``). No single bound holds for every sample; the one at the mean norm is the one
+        most samples meet or miss, so that is what is checked.
+        """
+        lines = cosface_margin_feasibility(options["margin"], embedding_dim, num_classes)
+        return [f"{line} (at the mean feature norm, where AdaFace's margin is CosFace's)" for line in lines]
 
     def __init__(
         self,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from headreg.errors import InvalidValueError
-from headreg.heads import Head, HeadOutput
+from headreg.heads import Head, HeadOutput, arcface_margin_feasibility
 from headreg.heads.base import check_angle, check_non_negative, check_positive
 from headreg.heads.functional import arcface_margin, cosine_linear, replace_target, target_logit
 from torch import Tensor, nn
@@ -52,6 +55,15 @@ class CurricularFaceHead(Head):
     """
 
     paper = "https://arxiv.org/abs/2004.00288"
+    # What headreg asks of a head (docs/plugins.md, "Describe the head"): the logits are s · cos θ,
+    # and the target is ArcFace's, so ArcFace's margin bound and 2-D settings apply as they are.
+    angular: ClassVar[bool] = True
+    settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0, "margin": 0.2}
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """ArcFace's bound, ``m < δ``: the negatives' modulation does not move the target."""
+        return arcface_margin_feasibility(options["margin"], embedding_dim, num_classes)
 
     def __init__(
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, momentum: float = 0.01

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from headreg.errors import InvalidValueError
-from headreg.heads import Head, HeadOutput
+from headreg.heads import Head, HeadOutput, arcface_margin_feasibility
 from headreg.heads.base import check_angle, check_positive
 from headreg.heads.functional import arcface_margin, cosine_linear, replace_target, target_logit
 from torch import Tensor, nn
@@ -49,6 +52,15 @@ class SubCenterArcFaceHead(Head):
     """
 
     paper = "https://github.com/deepinsight/insightface/tree/master/recognition/SubCenter-ArcFace"
+    # Angular, with ArcFace's target on the class cosine (the best sub-centre), so ArcFace's margin
+    # bound between the classes' dominant sub-centres and its 2-D settings apply.
+    angular: ClassVar[bool] = True
+    settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0, "margin": 0.2}
+
+    @classmethod
+    def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
+        """ArcFace's bound, ``m < δ``, between the classes' dominant sub-centres."""
+        return arcface_margin_feasibility(options["margin"], embedding_dim, num_classes)
 
     def __init__(
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, k: int = 3
