@@ -7,12 +7,15 @@ plugin's) is tested automatically, as timm parametrises over ``list_models()``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import pytest
 import torch
 
 import headreg
 from headreg.errors import HeadregError
+from headreg.heads import head_margin_feasibility
+from headreg.registry import head_defaults
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -210,6 +213,27 @@ def test_warmup_attributes_are_settable_floats_that_change_the_loss(name):
         with pytest.raises(HeadregError):
             setattr(head, attr, -1.0)
         assert getattr(head, attr) == value  # a rejected value leaves the attribute as it was
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_self_description_has_the_documented_types(name):
+    # What training, compare and the plots read from the class (docs/plugins.md, "Describe the head").
+    cls = headreg.get_head_class(name)
+    angular = getattr(cls, "angular", False)
+    assert isinstance(angular, bool)
+    settings = getattr(cls, "settings_2d", {})
+    assert isinstance(settings, Mapping) and all(isinstance(k, str) for k in settings)
+    head = headreg.create_head(name, 2, 10, **settings).eval()  # options it has, values it accepts
+    defaults = head_defaults(cls)
+    for dim, classes in ((1, 10), (2, 10), (2, 1000), (128, 10)):
+        lines = head_margin_feasibility(cls, dict(defaults), dim, classes)
+        assert isinstance(lines, list) and all(isinstance(line, str) and line for line in lines), lines
+    # The suggested 2-D settings pass the head's own check for ten classes (the MNIST comparison).
+    assert head_margin_feasibility(cls, {**defaults, **settings}, 2, 10) == []
+    if angular:  # the decision depends on the direction only: rescaling a feature keeps its class
+        x = _batch()[0][:, :2]
+        with torch.no_grad():
+            assert torch.equal(head(x).argmax(dim=1), head(x * 7.5).argmax(dim=1))
 
 
 def test_learned_scale_is_not_settable():
