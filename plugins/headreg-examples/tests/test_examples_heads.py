@@ -257,6 +257,24 @@ def test_subcenter_k1_is_arcface():
     torch.testing.assert_close(sub(x, y).logits, arc(x, y).logits)
 
 
+def test_heads_describe_their_margin_to_headreg():
+    # Ten class directions in the plane are at most 2π/10 apart; a head's suggested 2-D settings meet its bound.
+    delta = 2 * math.pi / 10
+    for cls in (CurricularFaceHead, SubCenterArcFaceHead):  # ArcFace's target: m < δ
+        assert cls.angular is True
+        assert cls.margin_feasibility({"margin": delta - 1e-3}, 2, 10) == []
+        (line,) = cls.margin_feasibility({"margin": delta + 1e-3}, 2, 10)
+        assert line.startswith("margin=") and "< δ = 0.628 rad" in line
+        assert cls.margin_feasibility(dict(cls.settings_2d), 2, 10) == []
+    # AdaFace at the mean feature norm (ẑ = 0) is CosFace: m < 1 − cos δ.
+    bound = 1 - math.cos(delta)
+    assert AdaFaceHead.angular is True
+    assert AdaFaceHead.margin_feasibility({"margin": bound - 1e-3}, 2, 10) == []
+    (line,) = AdaFaceHead.margin_feasibility({"margin": bound + 1e-3}, 2, 10)
+    assert f"< 1 − cos δ = {bound:.3f}" in line and "mean feature norm" in line
+    assert AdaFaceHead.margin_feasibility(dict(AdaFaceHead.settings_2d), 2, 10) == []
+
+
 # ------------------------------------------------------------------- shared behaviour
 
 
