@@ -6,6 +6,8 @@ call never surfaces as a traceback from deep inside torch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from torchmetrics import Metric
 
 from headreg.errors import InvalidInputError, InvalidValueError
 
-__all__ = ["check_embeddings", "check_labels", "check_mask", "resolve_device"]
+__all__ = ["check_embeddings", "check_labels", "check_mask", "resolve_device", "stage_bar"]
 
 
 def check_embeddings(x: object, name: str = "embeddings", *, min_rows: int = 1) -> torch.Tensor:
@@ -75,6 +77,21 @@ def resolve_device(device: str | torch.device | None, like: torch.Tensor) -> tor
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InvalidValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+
+
+@contextlib.contextmanager
+def stage_bar(desc: str, total: int | None, unit: str, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr for one stage of a metric, shown only once the stage has run for 2 s.
+
+    Short work prints nothing; long work (k-means at large k, a million pairs) never looks hung.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, delay=2.0, leave=False, mininterval=0.5)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def check_positive_ints(values: object, name: str) -> tuple[int, ...]:
