@@ -37,7 +37,9 @@ _BLOCK = 1 << 20
 _AVERAGES = ("arithmetic", "geometric", "min", "max")
 
 
-def contingency_marginals(labels_true: np.ndarray, labels_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def contingency_marginals(
+    labels_true: np.ndarray, labels_pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The non-zero cells of the contingency table and its marginals, without building the table.
 
     Args:
@@ -165,7 +167,9 @@ def _average(u: float, v: float, method: str) -> float:
     return max(u, v)
 
 
-def nmi_ami(labels_true: np.ndarray, labels_pred: np.ndarray, average_method: str = "arithmetic") -> tuple[float, float]:
+def nmi_ami(
+    labels_true: np.ndarray, labels_pred: np.ndarray, average_method: str = "arithmetic"
+) -> tuple[float, float]:
     """Normalised and adjusted mutual information of two labelings.
 
     Args:

@@ -92,7 +92,13 @@ def _seed(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator, bar
 
 
 def kmeans(
-    x: torch.Tensor, k: int, *, max_iter: int = DEFAULT_MAX_ITER, tol: float = 1e-6, seed: int = 0, progress: bool = False
+    x: torch.Tensor,
+    k: int,
+    *,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = 1e-6,
+    seed: int = 0,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with D²-sampled seeding (k-means++ up to k = :data:`SEED_ROUNDS`), on x's device.
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc, binary_roc
-
 from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_labels, resolve_device, stage_bar
