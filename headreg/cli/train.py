@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from . import run_cli
+from ._options import (
+    LazyChoice,
+    data_dir_default,
+    dataset_names,
+    drop_none,
+    engine_option,
+    flag_of,
+    given_options,
+    keyword_defaults,
+    train_config_defaults,
+)
 
 __all__ = ["train_cmd", "parse_key_values", "visible_warnings"]
 
@@ -70,7 +83,7 @@ def parse_warmup(items: tuple[str, ...] | list[str]) -> dict[str, list[float]]:
 @contextlib.contextmanager
 def visible_warnings() -> Iterator[None]:
     """Show headreg's training warnings raised inside the block as plain ``warning: ...`` lines on stderr."""
-    from ..engine._feasibility import TrainingWarning
+    from ..engine.train import TrainingWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", TrainingWarning)
@@ -86,52 +99,92 @@ def visible_warnings() -> Iterator[None]:
         yield
 
 
+def _optimizers() -> tuple[str, ...]:
+    from ..engine._optim import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _schedules() -> tuple[str, ...]:
+    from ..engine._optim import SCHEDULES
+
+    return SCHEDULES
+
+
+def _default_lr() -> str:
+    from ..engine._optim import DEFAULT_LR
+
+    return ", ".join(f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items())
+
+
+def _run_defaults() -> dict[str, Any]:
+    from ..engine.train import train
+
+    return keyword_defaults(train)
+
+
+def config_option(*param_decls: str, **attrs: Any) -> Callable[[Any], Any]:
+    """An option feeding the :class:`~headreg.engine.train.TrainConfig` field of its name (default: the field's)."""
+    return engine_option(*param_decls, defaults=train_config_defaults, **attrs)
+
+
+#: Options given as text and parsed into their TrainConfig field's type when the command runs, so that a
+#: malformed one is a clean error (and one that --resume ignores is not parsed at all).
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "model_options": lambda items: parse_key_values(items, "--model-option"),
+    "head_options": lambda items: parse_key_values(items, "--head-option"),
+    "head_warmup": parse_warmup,
+}
+
+
 @click.command("train")
-@click.option("--model", help="Backbone: a timm name, torchvision/<name>, lenetpp or lenetpp_bn.")
-@click.option("--head", help="Loss head (`headreg list` shows them, plugins included).")
-@click.option("--dataset", help="mnist, fashion-mnist, cifar10, cifar100, fake or imagefolder:PATH.")
-@click.option("--embedding-dim", type=int, help="Embedding width D (default: the backbone's).")
-@click.option("--num-classes", type=int, help="Classes of the head (default: the training set's).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch (split over ranks).")
-@click.option("--lr", type=float, help="Base learning rate [default: 0.1 for sgd, 1e-3 for adamw].")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
-@click.option("--head-option", "head_option", multiple=True, metavar="KEY=VALUE", help="Head option, repeatable.")
-@click.option(
-    "--head-lr-scale",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Learning-rate multiplier of the head and the embedding layer.",
-)
-@click.option(
+@config_option("--model", help="Backbone: a timm name, torchvision/<name>, lenetpp or lenetpp_bn.")
+@config_option("--head", help="Loss head (`headreg list` shows them, plugins included).")
+@config_option("--dataset", help_text=lambda: f"Dataset: {dataset_names()}.")
+@config_option("--embedding-dim", type=int, help="Embedding width D (default: the backbone's).")
+@config_option("--num-classes", type=int, help="Classes of the head (default: the training set's).")
+@config_option("--epochs", type=int)
+@config_option("--batch-size", type=int, help="Global batch (split over ranks).")
+@config_option("--lr", type=float, help="Base learning rate.", default_text=_default_lr)
+@config_option("--weight-decay", type=float)
+@config_option("--optimizer", type=LazyChoice(_optimizers))
+@config_option("--momentum", type=float, help="SGD momentum.")
+@config_option("--schedule", type=LazyChoice(_schedules))
+@config_option("--warmup-epochs", type=float)
+@config_option("--head-option", "head_options", multiple=True, metavar="KEY=VALUE", help="Head option, repeatable.")
+@config_option("--head-lr-scale", type=float, help="Learning-rate multiplier of the head and the embedding layer.")
+@config_option(
     "--head-warmup",
-    "head_warmup",
     multiple=True,
     metavar="NAME=START:FRACTION",
     help="Ramp a head attribute (scale, margin) linearly from START to its value over FRACTION of the run.",
 )
-@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE", help="Backbone argument.")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision [default: on for CUDA].")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random shifts (and flips).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--limit", type=int, help="Train on a seeded random subset of N samples.")
-@click.option("--test-limit", type=int, help="Evaluate on a seeded random subset of N test samples.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root [default: $HEADREG_DATA_DIR].")
+@config_option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", help="Backbone argument.")
+@config_option("--amp/--no-amp", help="Mixed precision.", default_text=lambda: "on for CUDA")
+@config_option("--augment/--no-augment", help="Random shifts (and flips).")
+@config_option("--device")
+@config_option("--seed", type=int)
+@config_option("--limit", type=int, help="Train on a seeded random subset of N samples.")
+@config_option("--test-limit", type=int, help="Evaluate on a seeded random subset of N test samples.")
+@config_option("--data-dir", type=click.Path(file_okay=False), help="Dataset root.", default_text=data_dir_default)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
-@click.option("--max-steps", type=int, help="Stop (resumably) after this many steps in total.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars and per-epoch lines.")
+@click.option("--max-steps", "stop_after_steps", type=int, help="Stop (resumably) after this many steps in total.")
+@engine_option("--progress/--no-progress", defaults=_run_defaults, help="Progress bars and per-epoch lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as JSON.")
 @click.pass_context
 @run_cli
-def train_cmd(ctx: click.Context, **kw: Any) -> None:
+def train_cmd(
+    ctx: click.Context,
+    out: str | None,
+    overwrite: bool,
+    resume_dir: str | None,
+    stop_after_steps: int | None,
+    progress: bool | None,
+    as_json: bool,
+    **config: Any,
+) -> None:
     """Train --model with --head on --dataset and write --out.
 
     The run directory gets run.json (this run), model.safetensors + config.json (for
@@ -139,76 +192,68 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
     eval.json (final test metrics) and resume.* (Ctrl-C stops cleanly; --resume continues).
     Under `torchrun --nproc_per_node=N -m headreg train ...` it trains with DDP.
     """
-    from ..engine.runtime import cleanup_distributed
+    from ..engine.runtime import cleanup_distributed, is_main_process
+    from ..engine.train import TrainConfig, resume, train
+    from ..errors import InvalidValueError
 
+    # Every keyword is the engine parameter of the same name; None means "the engine's default".
+    run = {"stop_after_steps": stop_after_steps, "progress": progress}
     try:
         with visible_warnings():
-            result = _run(ctx, kw)
+            if resume_dir:
+                result = resume(resume_dir, **_resume_settings(ctx, {**config, **run}))
+            else:
+                settings = {k: _PARSERS.get(k, _same)(v) for k, v in drop_none(config).items()}
+                missing = [_flag(ctx, f) for f in _required_fields() if f not in settings] + ([] if out else ["--out"])
+                if missing:
+                    raise InvalidValueError(f"headreg train needs {', '.join(missing)} (or --resume RUN_DIR)")
+                result = train(TrainConfig(**settings), out, overwrite=overwrite, **drop_none(run))
+            if not is_main_process():
+                return
     finally:
         cleanup_distributed()
-    if result is None:
-        return
     if result.status == "stopped":
         click.echo(f"stopped at step {result.global_step}; continue with `headreg train --resume {result.run_dir}`")
-        if kw["max_steps"] is None:
+        if stop_after_steps is None:
             ctx.exit(130)
         return
-    if kw["as_json"]:
+    if as_json:
         click.echo(json.dumps({"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}))
     else:
         click.echo(f"done: {result.run_dir} (test accuracy {result.test_accuracy:.4f})")
 
 
-def _run(ctx: click.Context, kw: dict[str, Any]) -> Any:
-    from ..engine.runtime import is_main_process
-    from ..engine.train import TrainConfig, resume, train
-    from ..errors import InvalidValueError
+def _same(value: Any) -> Any:
+    return value
 
-    if kw["resume_dir"]:
-        given = [
-            name
-            for name in ("model", "head", "dataset", "embedding_dim", "batch_size", "lr", "optimizer", "head_option")
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        ]
-        if given:
-            flags = ", ".join("--" + g.replace("_", "-") for g in given)
-            click.echo(f"warning: --resume takes the run's own settings; ignoring {flags}", err=True)
-        epochs = kw["epochs"] if ctx.get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE else None
-        device = kw["device"] if ctx.get_parameter_source("device") == click.core.ParameterSource.COMMANDLINE else None
-        result = resume(
-            kw["resume_dir"], epochs=epochs, device=device, stop_after_steps=kw["max_steps"], progress=kw["progress"]
-        )
-        return result if is_main_process() else None
-    missing = [f"--{n.replace('_', '-')}" for n in ("model", "head", "dataset", "out") if not kw[n]]
-    if missing:
-        raise InvalidValueError(f"headreg train needs {', '.join(missing)} (or --resume RUN_DIR)")
-    config = TrainConfig(
-        model=kw["model"],
-        head=kw["head"],
-        dataset=kw["dataset"],
-        embedding_dim=kw["embedding_dim"],
-        num_classes=kw["num_classes"],
-        model_options=parse_key_values(kw["model_option"], "--model-option"),
-        head_options=parse_key_values(kw["head_option"], "--head-option"),
-        epochs=kw["epochs"],
-        batch_size=kw["batch_size"],
-        lr=kw["lr"],
-        weight_decay=kw["weight_decay"],
-        optimizer=kw["optimizer"],
-        momentum=kw["momentum"],
-        schedule=kw["schedule"],
-        warmup_epochs=kw["warmup_epochs"],
-        head_lr_scale=kw["head_lr_scale"],
-        head_warmup=parse_warmup(kw["head_warmup"]),
-        amp=kw["amp"],
-        device=kw["device"],
-        seed=kw["seed"],
-        limit=kw["limit"],
-        test_limit=kw["test_limit"],
-        augment=kw["augment"],
-        data_dir=kw["data_dir"],
-    )
-    result = train(
-        config, kw["out"], overwrite=kw["overwrite"], stop_after_steps=kw["max_steps"], progress=kw["progress"]
-    )
-    return result if is_main_process() else None
+
+def _required_fields() -> list[str]:
+    """The TrainConfig fields without a default (a new run must name them)."""
+    return [name for name in _config_fields() if name not in train_config_defaults()]
+
+
+def _config_fields() -> list[str]:
+    from ..engine.train import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _flag(ctx: click.Context, name: str) -> str:
+    return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
+
+def _resume_settings(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The given options that ``resume()`` takes, by name; one warning names every other setting given.
+
+    An option is a setting when it feeds a TrainConfig field or a parameter of ``train()``. Those that
+    ``resume()`` also takes (a new epoch count, the device, the step budget, progress) apply to the
+    resumed run; the rest are fixed by the run's stored config. CLI-only options (--json) are neither.
+    """
+    from ..engine.train import resume, train
+
+    takes = set(inspect.signature(resume).parameters)
+    settings = set(_config_fields()) | set(inspect.signature(train).parameters)
+    ignored = [flag_of(ctx, p) for p in given_options(ctx) if p.name in settings - takes]
+    if ignored:
+        click.echo(f"warning: --resume ignores {', '.join(ignored)}: the run's own settings are used", err=True)
+    return {k: v for k, v in drop_none(values).items() if k in takes}
