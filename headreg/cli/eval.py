@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import run_cli
+from ._options import LazyChoice, data_dir_default, dataset_names, drop_none, engine_option, keyword_defaults
 
 _PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -37,6 +39,78 @@ def _input_size(value: str | None) -> int | tuple[int, ...] | None:
     return size[0] if len(size) == 1 else size
 
 
+def _evaluate_defaults() -> dict[str, Any]:
+    from ..engine.evaluate import evaluate_model
+
+    return keyword_defaults(evaluate_model)
+
+
+def _knn_backends() -> tuple[str, ...]:
+    from ..engine.evaluate import KNN_BACKENDS
+
+    return KNN_BACKENDS
+
+
+def _metrics_help() -> str:
+    from ..engine.evaluate import ALL_METRICS
+
+    return f"Comma-separated: {','.join(ALL_METRICS)}."
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``headreg eval``'s options, parsed; None leaves a setting to :func:`~headreg.engine.evaluate.evaluate_model`.
+
+    The fields from ``batch_size`` to ``progress`` are keyword arguments of the engine's evaluation
+    functions, under the same names.
+    """
+
+    checkpoint: Path | None
+    model_name: str | None
+    head: str | None
+    num_classes: int | None
+    embedding_dim: int | None
+    in_chans: int | None
+    pretrained: bool
+    dataset: str | None
+    split: str
+    query_split: str | None
+    gallery_split: str | None
+    data_dir: Path | None
+    embeddings_file: Path | None
+    gallery_embeddings: Path | None
+    save_embeddings: Path | None
+    device: str | None
+    batch_size: int | None
+    workers: int | None
+    limit: int | None
+    input_size: int | tuple[int, ...] | None
+    amp: bool | None
+    metrics: str | None
+    recall_k: tuple[int, ...] | None
+    knn: str | None
+    progress: bool | None
+    as_json: bool
+    output: Path | None
+    plot: Path | None
+
+    @classmethod
+    def parse(cls, **params: Any) -> EvalOptions:
+        """Build from click's values, turning the text of --recall-k and --input-size into integers."""
+        params["recall_k"] = _parse_ints(params["recall_k"], "--recall-k")
+        params["input_size"] = _input_size(params["input_size"])
+        plot = params["plot"]
+        if plot is not None and plot.suffix.lower() not in _PLOT_SUFFIXES:
+            raise click.BadParameter(
+                f"must end in one of {', '.join(_PLOT_SUFFIXES)}, got {str(plot)!r}", param_hint="--plot"
+            )
+        return cls(**params)
+
+    def engine_kwargs(self, *names: str, **values: Any) -> dict[str, Any]:
+        """The fields ``names`` (and ``values``) that are set, as engine keyword arguments."""
+        return drop_none({**{name: getattr(self, name) for name in names}, **values})
+
+
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Run directory or .safetensors from save_model.")
 @click.option(
@@ -47,11 +121,11 @@ def _input_size(value: str | None) -> int | tuple[int, ...] | None:
 @click.option("--embedding-dim", type=int, help="Embedding width (with --model); None keeps the backbone's.")
 @click.option("--in-chans", type=int, help="Input channels of a backbone built with --model.")
 @click.option("--pretrained", is_flag=True, help="Load the backbone's pretrained weights (must be in the local cache).")
-@click.option("--dataset", help="mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH or fake.")
+@engine_option("--dataset", help_text=lambda: f"Dataset: {dataset_names()}.")
 @click.option("--split", default="test", show_default=True, help="Split evaluated leave-one-out.")
 @click.option("--query-split", help="Split whose samples query (with --gallery-split).")
 @click.option("--gallery-split", help="Split searched by the queries (with --query-split).")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Dataset root (default: $HEADREG_DATA_DIR).")
+@engine_option("--data-dir", type=click.Path(path_type=Path), help="Dataset root.", default_text=data_dir_default)
 @click.option("--limit", type=click.IntRange(min=1), help="Use a seeded subset of N samples of each split.")
 @click.option("--input-size", help="Override the model input size: H, H,W or C,H,W.")
 @click.option("--embeddings", "embeddings_file", type=click.Path(path_type=Path), help="Precomputed embeddings file.")
@@ -59,21 +133,21 @@ def _input_size(value: str | None) -> int | tuple[int, ...] | None:
 @click.option(
     "--save-embeddings", type=click.Path(path_type=Path), help="Write the embeddings to this safetensors file."
 )
-@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
+@engine_option("--device", defaults=_evaluate_defaults, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps.")
+@engine_option("--batch-size", type=click.IntRange(min=1), defaults=_evaluate_defaults, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers for image folders (default: up to 8).")
 @click.option(
     "--amp/--no-amp", default=None, help="bf16 autocast + channels_last (default: on CUDA only; --amp: on CPU too)."
 )
-@click.option("--metrics", "metric_names", help="Comma-separated: retrieval,verification,clustering,classification.")
-@click.option("--recall-k", default="1,2,4,8", show_default=True, help="k of recall@k.")
-@click.option("--knn", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True, help="k-NN backend.")
+@engine_option("--metrics", help_text=_metrics_help)
+@engine_option("--recall-k", defaults=_evaluate_defaults, help="k of recall@k.")
+@engine_option("--knn", type=LazyChoice(_knn_backends), defaults=_evaluate_defaults, help="k-NN backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON results to this file.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Scatter plot of the embeddings (2-D or PCA), by class.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @run_cli
-def eval_cmd(**opts: Any) -> None:
+def eval_cmd(**params: Any) -> None:
     """Evaluate embeddings: leave-one-out on --split, or --query-split against --gallery-split.
 
     \b
@@ -82,42 +156,24 @@ def eval_cmd(**opts: Any) -> None:
     headreg eval --embeddings emb.safetensors --json
     torchrun --nproc_per_node=2 -m headreg eval --checkpoint runs/arcface --dataset mnist
     """
+    opts = EvalOptions.parse(**params)
     _check_options(opts)
-    recall_k = _parse_ints(opts["recall_k"], "--recall-k")
-    input_size = _input_size(opts["input_size"])
-    if opts["plot"] is not None and opts["plot"].suffix.lower() not in _PLOT_SUFFIXES:
-        raise click.BadParameter(
-            f"must end in one of {', '.join(_PLOT_SUFFIXES)}, got {str(opts['plot'])!r}", param_hint="--plot"
-        )
 
-    from headreg.engine.evaluate import evaluate_embeddings, evaluate_model, parse_metric_names
+    from headreg.engine.evaluate import evaluate_model, parse_metric_names
     from headreg.engine.runtime import cleanup_distributed, init_distributed, is_main_process
     from headreg.errors import HeadregError
 
-    metric_names = parse_metric_names(opts["metric_names"])
-    info, device = init_distributed(opts["device"])
+    metrics = parse_metric_names(opts.metrics)
+    info, device = init_distributed(**drop_none({"device_spec": opts.device}))
     main = is_main_process()
     try:
-        if opts["embeddings_file"] is not None:
-            result = _from_files(opts, evaluate_embeddings, metric_names, recall_k, device)
+        if opts.embeddings_file is not None:
+            result = _from_files(opts, metrics, device)
         else:
             model, source = _load_model(opts)
             query, gallery, described = _load_datasets(opts)
-            result = evaluate_model(
-                model,
-                query,
-                gallery,
-                device=device,
-                batch_size=opts["batch_size"],
-                workers=opts["workers"],
-                limit=opts["limit"],
-                input_size=input_size,
-                amp=opts["amp"],
-                metrics=metric_names,
-                recall_k=recall_k,
-                knn=opts["knn"],
-                progress=opts["progress"],
-            )
+            names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "progress")
+            result = evaluate_model(model, query, gallery, device=device, **opts.engine_kwargs(*names, metrics=metrics))
             result.info = {**source, **described, **result.info}
         if main:
             _write_outputs(result, opts)
@@ -129,44 +185,42 @@ def eval_cmd(**opts: Any) -> None:
         cleanup_distributed()
 
 
-def _check_options(opts: dict[str, Any]) -> None:
-    has_file = opts["embeddings_file"] is not None
-    has_model = opts["checkpoint"] is not None or opts["model_name"] is not None
-    if has_file and (has_model or opts["dataset"]):
+def _check_options(opts: EvalOptions) -> None:
+    has_file = opts.embeddings_file is not None
+    has_model = opts.checkpoint is not None or opts.model_name is not None
+    if has_file and (has_model or opts.dataset):
         raise click.UsageError(
             "give either --embeddings FILE or a model (--checkpoint/--model) with --dataset, not both"
         )
-    if opts["gallery_embeddings"] is not None and not has_file:
+    if opts.gallery_embeddings is not None and not has_file:
         raise click.UsageError("--gallery-embeddings needs --embeddings (the query file)")
     if not has_file and not has_model:
         raise click.UsageError("nothing to evaluate: give --checkpoint PATH, --model NAME, or --embeddings FILE")
-    if opts["checkpoint"] is not None and opts["model_name"] is not None:
+    if opts.checkpoint is not None and opts.model_name is not None:
         raise click.UsageError("give --checkpoint or --model, not both (a checkpoint names its own backbone)")
-    if has_model and not opts["dataset"]:
-        raise click.UsageError(
-            "a model needs --dataset (mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, fake)"
-        )
-    if (opts["query_split"] is None) != (opts["gallery_split"] is None):
+    if has_model and not opts.dataset:
+        raise click.UsageError(f"a model needs --dataset ({dataset_names()})")
+    if (opts.query_split is None) != (opts.gallery_split is None):
         raise click.UsageError("--query-split and --gallery-split go together (or use --split for leave-one-out)")
-    if has_file and opts["save_embeddings"] is not None:
+    if has_file and opts.save_embeddings is not None:
         raise click.UsageError(
             "--save-embeddings writes a model's embeddings; with --embeddings they are already saved"
         )
 
 
-def _from_files(opts: dict[str, Any], evaluate_embeddings: Any, metric_names: Any, recall_k: Any, device: Any) -> Any:
+def _from_files(opts: EvalOptions, metrics: tuple[str, ...] | None, device: Any) -> Any:
     from headreg.data import load_embeddings
-    from headreg.engine.evaluate import EvalResult, broadcast_from_main, combine_query_gallery
+    from headreg.engine.evaluate import EvalResult, broadcast_from_main, combine_query_gallery, evaluate_embeddings
 
-    data = load_embeddings(opts["embeddings_file"])
+    data = load_embeddings(opts.embeddings_file)
     emb, labels = data["embeddings"], data["labels"]
     is_query, is_gallery = data.get("is_query"), data.get("is_gallery")
-    if opts["gallery_embeddings"] is not None:
+    if opts.gallery_embeddings is not None:
         if is_query is not None or is_gallery is not None:
             raise click.UsageError(
-                f"{opts['embeddings_file']} already holds is_query/is_gallery masks; drop --gallery-embeddings"
+                f"{opts.embeddings_file} already holds is_query/is_gallery masks; drop --gallery-embeddings"
             )
-        gal = load_embeddings(opts["gallery_embeddings"])
+        gal = load_embeddings(opts.gallery_embeddings)
         emb, labels, is_query, is_gallery = combine_query_gallery(emb, labels, gal["embeddings"], gal["labels"])
     elif (is_query is None) != (is_gallery is None):
         n = emb.shape[0]
@@ -182,17 +236,15 @@ def _from_files(opts: dict[str, Any], evaluate_embeddings: Any, metric_names: An
             labels.to(device),
             is_query=None if is_query is None else is_query.to(device),
             is_gallery=None if is_gallery is None else is_gallery.to(device),
-            metrics=metric_names,
-            recall_k=recall_k,
-            knn=opts["knn"],
+            **opts.engine_kwargs("recall_k", "knn", metrics=metrics),
         )
 
     values, warnings = broadcast_from_main(compute)
     protocol = "leave-one-out" if is_query is None else "query/gallery"
     n = int(emb.shape[0])
     info = {
-        "source": str(opts["embeddings_file"]),
-        **({"gallery_source": str(opts["gallery_embeddings"])} if opts["gallery_embeddings"] else {}),
+        "source": str(opts.embeddings_file),
+        **({"gallery_source": str(opts.gallery_embeddings)} if opts.gallery_embeddings else {}),
         **{f"file_{k}": v for k, v in data.get("metadata", {}).items()},
         "protocol": protocol,
         "num_samples": n,
@@ -204,37 +256,37 @@ def _from_files(opts: dict[str, Any], evaluate_embeddings: Any, metric_names: An
     return EvalResult(values, emb, labels, is_query, is_gallery, None, info, warnings)
 
 
-def _load_model(opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _load_model(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
     from headreg.models import create_model, load_model, read_config
 
-    if opts["checkpoint"] is not None:
-        path = opts["checkpoint"]
-        model = load_model(path, head=opts["head"], num_classes=opts["num_classes"])
+    if opts.checkpoint is not None:
+        path = opts.checkpoint
+        model = load_model(path, head=opts.head, num_classes=opts.num_classes)
         config = read_config(path)
         return model, {"checkpoint": str(path), "model": config.get("backbone"), "head": config.get("head")}
-    if opts["head"] is not None and opts["num_classes"] is None:
+    if opts.head is not None and opts.num_classes is None:
         raise click.UsageError("--model with --head needs --num-classes")
     model = create_model(
-        opts["model_name"],
-        opts["head"],
-        num_classes=opts["num_classes"] if opts["head"] else None,
-        embedding_dim=opts["embedding_dim"],
-        pretrained=opts["pretrained"],
-        in_chans=opts["in_chans"],
+        opts.model_name,
+        opts.head,
+        num_classes=opts.num_classes if opts.head else None,
+        embedding_dim=opts.embedding_dim,
+        pretrained=opts.pretrained,
+        in_chans=opts.in_chans,
     )
-    return model, {"model": opts["model_name"], "head": opts["head"], "pretrained": opts["pretrained"]}
+    return model, {"model": opts.model_name, "head": opts.head, "pretrained": opts.pretrained}
 
 
-def _load_datasets(opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+def _load_datasets(opts: EvalOptions) -> tuple[Any, Any, dict[str, Any]]:
     from headreg.data import create_dataset
 
-    name, data_dir = opts["dataset"], opts["data_dir"]
-    if opts["query_split"] is None or opts["query_split"] == opts["gallery_split"]:
-        split = opts["query_split"] or opts["split"]
+    name, data_dir = opts.dataset, opts.data_dir
+    if opts.query_split is None or opts.query_split == opts.gallery_split:
+        split = opts.query_split or opts.split
         return create_dataset(name, split, data_dir=data_dir), None, {"dataset": name, "split": split}
-    query = create_dataset(name, opts["query_split"], data_dir=data_dir)
-    gallery = create_dataset(name, opts["gallery_split"], data_dir=data_dir)
-    return query, gallery, {"dataset": name, "query_split": opts["query_split"], "gallery_split": opts["gallery_split"]}
+    query = create_dataset(name, opts.query_split, data_dir=data_dir)
+    gallery = create_dataset(name, opts.gallery_split, data_dir=data_dir)
+    return query, gallery, {"dataset": name, "query_split": opts.query_split, "gallery_split": opts.gallery_split}
 
 
 def _fmt(value: Any) -> str:
@@ -243,32 +295,32 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _write_outputs(result: Any, opts: dict[str, Any]) -> None:
+def _write_outputs(result: Any, opts: EvalOptions) -> None:
     payload = result.to_dict()
     text = json.dumps(payload, indent=2, sort_keys=False)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-    if opts["save_embeddings"] is not None:
+    if opts.save_embeddings is not None:
         from headreg.data import save_embeddings
 
         meta = {k: str(v) for k, v in result.info.items() if k in ("model", "head", "dataset", "split", "checkpoint")}
         save_embeddings(
-            opts["save_embeddings"],
+            opts.save_embeddings,
             result.embeddings,
             result.labels,
             is_query=result.is_query,
             is_gallery=result.is_gallery,
             metadata=meta or None,
         )
-    if opts["output"] is not None:
-        opts["output"].parent.mkdir(parents=True, exist_ok=True)
-        opts["output"].write_text(text + "\n")
-    if opts["plot"] is not None:
+    if opts.output is not None:
+        opts.output.parent.mkdir(parents=True, exist_ok=True)
+        opts.output.write_text(text + "\n")
+    if opts.plot is not None:
         from headreg.plotting import save_embedding_plot
 
         title = " / ".join(str(result.info[k]) for k in ("model", "head", "dataset") if result.info.get(k))
-        save_embedding_plot(opts["plot"], result.embeddings, result.labels, title or None)
-    if opts["as_json"]:
+        save_embedding_plot(opts.plot, result.embeddings, result.labels, title or None)
+    if opts.as_json:
         click.echo(text)
         return
     from .heads import echo_table
@@ -283,6 +335,6 @@ def _write_outputs(result: Any, opts: dict[str, Any]) -> None:
             f"{', channels_last' if info.get('channels_last') else ''}, {info['world_size']} process(es))"
         )
     echo_table([{"metric": k, "value": _fmt(v)} for k, v in result.metrics.items()], ["metric", "value"])
-    for key, label in (("save_embeddings", "embeddings"), ("output", "results"), ("plot", "plot")):
-        if opts[key] is not None:
-            click.echo(f"{label} written to {opts[key]}")
+    for path, label in ((opts.save_embeddings, "embeddings"), (opts.output, "results"), (opts.plot, "plot")):
+        if path is not None:
+            click.echo(f"{label} written to {path}")
