@@ -8,9 +8,20 @@ from typing import Any
 import click
 
 from . import run_cli
+from ._options import LazyChoice, data_dir_default, drop_none, engine_option, keyword_defaults, train_config_defaults
 from .train import parse_key_values, visible_warnings
 
-DEFAULT_HEADS = "softmax,modified_softmax,normface,sphereface,arcface,cosface,center"
+
+def _compare_defaults() -> dict[str, Any]:
+    from ..compare import DEFAULT_HEADS, run_compare
+
+    return {**keyword_defaults(run_compare), "heads": DEFAULT_HEADS}
+
+
+def _presets() -> list[str]:
+    from ..compare import PRESETS
+
+    return list(PRESETS)
 
 
 def _per_head_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -28,11 +39,11 @@ def _per_head_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 
 @click.command("compare")
-@click.option("--heads", default=DEFAULT_HEADS, show_default=True, help="Comma-separated heads to train.")
+@engine_option("--heads", defaults=_compare_defaults, help="Comma-separated heads to train.")
 @click.option("--dataset", default="mnist", show_default=True)
-@click.option("--embedding-dim", type=int, default=2, show_default=True)
+@engine_option("--embedding-dim", type=int, defaults=_compare_defaults)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory.")
-@click.option("--preset", type=click.Choice(["quick", "paper"]), default="quick", show_default=True)
+@engine_option("--preset", type=LazyChoice(_presets), defaults=_compare_defaults)
 @click.option("--overwrite", is_flag=True, help="Replace a comparison already in --out.")
 @click.option("--head-option", multiple=True, metavar="HEAD:KEY=VALUE", help="Override a head's 2-D setting.")
 @click.option("--epochs", type=int, help="Override the preset's epochs.")
@@ -41,41 +52,61 @@ def _per_head_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--test-limit", type=int, help="Evaluate on a seeded subset of N test samples.")
 @click.option("--model", help="Override the preset's backbone.")
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="Override the preset's backbone arguments.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root [default: $HEADREG_DATA_DIR].")
-@click.option("--progress/--no-progress", default=True)
+@engine_option("--device", defaults=train_config_defaults)
+@engine_option("--seed", type=int, defaults=train_config_defaults)
+@engine_option("--data-dir", type=click.Path(file_okay=False), help="Dataset root.", default_text=data_dir_default)
+@engine_option("--progress/--no-progress", defaults=_compare_defaults)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @run_cli
-def compare_cmd(**kw: Any) -> None:
+def compare_cmd(
+    heads: str | None,
+    dataset: str,
+    embedding_dim: int | None,
+    out: str,
+    preset: str | None,
+    overwrite: bool,
+    head_option: tuple[str, ...],
+    epochs: int | None,
+    limit: int | None,
+    batch_size: int | None,
+    test_limit: int | None,
+    model: str | None,
+    model_option: tuple[str, ...],
+    device: str | None,
+    seed: int | None,
+    data_dir: str | None,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """Train one model per head (same backbone, data, seed, budget) and compare their features.
 
-    Writes OUT/<head>/ (a full `headreg train` run per head), OUT/compare.png (the test
-    features per head; angular heads also normalised onto the unit circle), OUT/compare.md
-    and OUT/compare.json (test accuracy, precision@1, MAP@R, NMI, training time).
+    Writes OUT/<head>/ (a full `headreg train` run per head), OUT/compare.png (the test features per
+    head; angular heads also normalised onto the unit circle), OUT/compare.md and OUT/compare.json
+    (test accuracy, precision@1, MAP@R, NMI, training time).
     """
-    from ..compare import compare_table, run_compare
+    from ..compare import DEFAULT_HEADS, compare_table, run_compare
 
-    overrides: dict[str, Any] = {"device": kw["device"], "seed": kw["seed"], "data_dir": kw["data_dir"]}
-    for key in ("epochs", "limit", "batch_size", "test_limit", "model"):
-        if kw[key] is not None:
-            overrides[key] = kw[key]
-    if kw["model"] is not None or kw["model_option"]:
-        overrides["model_options"] = parse_key_values(kw["model_option"], "--model-option")
+    # compare.json records device, seed and data_dir even where they are TrainConfig's defaults.
+    recorded = {name: train_config_defaults()[name] for name in ("device", "seed", "data_dir")}
+    overrides = {**recorded, **drop_none({"device": device, "seed": seed, "data_dir": data_dir})}
+    overrides |= drop_none(
+        {"epochs": epochs, "limit": limit, "batch_size": batch_size, "test_limit": test_limit, "model": model}
+    )
+    if model is not None or model_option:  # another backbone does not inherit the preset's arguments
+        overrides["model_options"] = parse_key_values(model_option, "--model-option")
+    names = [h for h in heads.split(",") if h.strip()] if heads is not None else list(DEFAULT_HEADS)
     with visible_warnings():
         entries = run_compare(
-            [h for h in kw["heads"].split(",") if h.strip()],
-            kw["dataset"],
-            kw["out"],
-            embedding_dim=kw["embedding_dim"],
-            preset=kw["preset"],
-            overwrite=kw["overwrite"],
-            head_options=_per_head_options(kw["head_option"]),
+            names,
+            dataset,
+            out,
+            overwrite=overwrite,
+            head_options=_per_head_options(head_option),
             overrides=overrides,
-            progress=kw["progress"],
+            **drop_none({"embedding_dim": embedding_dim, "preset": preset, "progress": progress}),
         )
-    if kw["as_json"]:
+    if as_json:
         click.echo(json.dumps([e.row() for e in entries], indent=2))
     else:
         click.echo(compare_table(entries))
-        click.echo(f"figure: {kw['out']}/compare.png")
+        click.echo(f"figure: {out}/compare.png")
