@@ -11,6 +11,15 @@ sample a leave-one-out query against all others), times:
   headreg  headreg.metrics.retrieval_metrics (P@1, R-precision, MAP@R), torch backend
            (thresholded exact k-NN, see headreg/metrics/_knn.py)
   pml      pytorch-metric-learning AccuracyCalculator(k="max_bin_count") with its default faiss k-NN
+  default  the whole default `headreg eval --embeddings FILE --json` (retrieval, verification,
+           clustering), a separate process timed end to end: interpreter start, imports, loading
+           the file, checks, every family. Its peak RSS is the process's whole RSS (ru_maxrss).
+  families compute_metrics with the default families in-process, timed family by family
+  verification  verification_metrics alone (label pairs sampled, scored, ROC), for N up to 1M
+
+`--default-metrics` adds floor, default and families to the methods. `--class-sizes 2:12` makes
+classes of 2 to 12 samples (uniform), as many as `--classes`, and N their total (the SOP shape:
+`--classes 11316 --sop-n 60502` gives N = 60,502).
 
 Each method runs in its own subprocess; peak extra memory is the largest RSS growth over
 the RSS after the data is built, sampled every 2 ms from /proc/self/statm by a thread.
@@ -18,6 +27,9 @@ Prints a markdown table and headreg's time per stage.
 
     PYTHONPATH=. python benchmarks/bench_eval.py --sizes 10000,50000,100000 --repeats 1
     PYTHONPATH=. python benchmarks/bench_eval.py --sizes 50000 --methods floor,headreg --noise 50  # ~unclustered
+    PYTHONPATH=. python benchmarks/bench_eval.py --sizes 100000 --default-metrics --threads 1
+    PYTHONPATH=. python benchmarks/bench_eval.py --sizes 60502 --classes 11316 --class-sizes 2:12 --default-metrics
+    PYTHONPATH=. python benchmarks/bench_eval.py --sizes 1000000 --methods verification
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import threading
 import time
 
 METHODS = ("floor", "mm_rows", "headreg", "pml")
+DEFAULT_METHODS = ("floor", "default", "families")
 
 
 def _rss_bytes() -> int:
@@ -64,13 +77,31 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def make_data(n: int, dim: int, classes: int, noise: float, seed: int = 0):  # noqa: ANN201
+def class_labels(n: int, classes: int, sizes: str | None, gen):  # noqa: ANN001, ANN201
+    """`(n,)` labels: uniform over `classes`, or (sizes "lo:hi") classes of lo..hi samples summing to n."""
+    import torch
+
+    if not sizes:
+        return torch.randint(0, classes, (n,), generator=gen)
+    lo, hi = (int(v) for v in sizes.split(":"))
+    if not classes * lo <= n <= classes * hi:
+        raise SystemExit(f"--class-sizes {sizes}: {classes} classes cannot hold N={n}")
+    counts = torch.full((classes,), lo)
+    while int(counts.sum()) < n:  # add one sample at a time to random classes below hi
+        room = (counts < hi).nonzero().squeeze(1)
+        pick = room[torch.randperm(room.numel(), generator=gen)[: n - int(counts.sum())]]
+        counts[pick] += 1
+    labels = torch.repeat_interleave(torch.arange(classes), counts)
+    return labels[torch.randperm(n, generator=gen)]
+
+
+def make_data(n: int, dim: int, classes: int, noise: float, seed: int = 0, sizes: str | None = None):  # noqa: ANN201
     """Clustered unit vectors: a random unit centre per class plus isotropic noise of norm ~noise."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     centers = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=1)
-    labels = torch.randint(0, classes, (n,), generator=gen)
+    labels = class_labels(n, classes, sizes, gen)
     x = centers[labels] + noise * torch.randn(n, dim, generator=gen) / dim**0.5
     return torch.nn.functional.normalize(x, dim=1), labels
 
@@ -81,7 +112,10 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    x, y = make_data(args.n, args.dim, args.classes, args.noise)
+    x, y = make_data(args.n, args.dim, args.classes, args.noise, sizes=args.class_sizes)
+    if args.method == "default":
+        print(json.dumps(_default_cli(args, x, y)))
+        return
     # Imports happen before timing and before the RSS baseline.
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
@@ -107,6 +141,14 @@ def child(args: argparse.Namespace) -> None:
                 for s in range(0, args.n, chunk):
                     e = min(s + chunk, args.n)
                     torch.mm(x[s:e], x.T, out=buf[: e - s])
+            elif args.method == "families":
+                from headreg.metrics import compute_metrics
+
+                result = compute_metrics(x, y, stats=stats)
+            elif args.method == "verification":
+                from headreg.metrics import verification_metrics
+
+                result = verification_metrics(x, y)
             elif args.method == "headreg":
                 out = retrieval_metrics(x, y, recall_k=(1,), knn_k=1, chunk_size=args.chunk_size, stats=stats)
                 result = {k: out[k] for k in ("precision_at_1", "r_precision", "mean_average_precision_at_r")}
@@ -122,6 +164,30 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"time": min(times), "result": result, "stats": stats, "extra_mib": extra}))
 
 
+def _default_cli(args: argparse.Namespace, x, y) -> dict:  # noqa: ANN001
+    """Time `headreg eval --embeddings FILE --json` (default metrics) as its own process."""
+    import resource
+    import tempfile
+
+    from headreg.data.embeddings import save_embeddings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_embeddings(f"{tmp}/emb.safetensors", x, y)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else dict(os.environ)
+        cmd = [os.path.join(os.path.dirname(sys.executable), "headreg"), "eval", "--embeddings", str(path), "--json"]
+        times, out = [], {}
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            times.append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                raise SystemExit(f"headreg eval failed:\n{proc.stderr}")
+            out = json.loads(proc.stdout)["metrics"]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    keys = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "roc_auc", "nmi", "ami")
+    return {"time": min(times), "result": {k: out[k] for k in keys if k in out}, "stats": {}, "extra_mib": peak}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,50000,100000", help="comma-separated N")
@@ -130,11 +196,15 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=1.5, help="noise norm relative to the unit class centre")
     p.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest is reported")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--default-metrics", action="store_true", help="time the whole default headreg eval")
+    p.add_argument("--class-sizes", default=None, help="LO:HI samples per class (N must fit)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.default_metrics and args.methods == ",".join(METHODS):
+        args.methods = ",".join(DEFAULT_METHODS)
     if args.child:
         args.method = args.child
         child(args)
@@ -154,6 +224,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", method, "--n", str(n), "--dim", str(args.dim)]
             cmd += ["--classes", str(args.classes), "--noise", str(args.noise), "--repeats", str(args.repeats)]
             cmd += ["--threads", str(args.threads)]
+            if args.class_sizes:
+                cmd += ["--class-sizes", args.class_sizes]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -191,6 +263,13 @@ def main() -> None:
             )
     print()
     for n, res in rows:
+        if "families" in res:
+            st, total = res["families"]["stats"], res["families"]["time"]
+            parts = ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)" for k, v in st.items())
+            print(f"default families at N={n}, in-process, {total:.2f} s: {parts}")
+        if "default" in res and "floor" in res:
+            ratio = res["default"]["time"] / res["floor"]["time"]
+            print(f"N={n}: whole default headreg eval = {ratio:.2f} x the matmul floor")
         if "headreg" in res:
             st = res["headreg"]["stats"]
             parts = ", ".join(f"{k} {v:.2f}" for k, v in st.items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc, binary_roc
+from torchmetrics.functional.classification import binary_roc
 
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_labels, resolve_device, stage_bar
@@ -65,8 +65,9 @@ def verification_from_scores(
     if lo < 0.0 or hi > 1.0:
         s = (s - lo) / max(hi - lo, 1e-300)
     target = same.long()
-    auc = float(binary_auroc(s, target, validate_args=False))
     fpr, tpr, thr = binary_roc(s, target, validate_args=False)
+    # torchmetrics' binary_auroc is the trapezoid over this same curve; one ROC pass serves both.
+    auc = float(torch.trapz(tpr, fpr))
     fpr, tpr = fpr.double(), tpr.double()
     fnr = 1.0 - tpr
     # EER: first ROC point where FNR <= FPR, interpolated with the point before it.
@@ -233,12 +234,19 @@ def verification_metrics(
         same = same.bool().cpu()
     dev = resolve_device(device, embeddings)
     x = embeddings.detach()
+    # Fewer rows than pairs: normalise every row once (no more memory than the pair gathers);
+    # else only the gathered rows. Row-wise normalisation commutes with the gather: same scores.
+    whole = n <= i.numel()
+    if whole:
+        x = F.normalize(x.to(dev, torch.float32), dim=1)
     scores = torch.empty(i.numel(), dtype=torch.float32, device=dev)
-    step = 1 << 18  # bounds the (step, D) gathers; only the rows of the pairs are ever normalised
+    step = 1 << 18  # bounds the (step, D) gathers
     with stage_bar("verification pairs", i.numel(), "pair", progress) as bar:
         for s in range(0, i.numel(), step):
-            a = F.normalize(x[i[s : s + step].to(x.device)].to(dev, torch.float32), dim=1)
-            b = F.normalize(x[j[s : s + step].to(x.device)].to(dev, torch.float32), dim=1)
+            a = x[i[s : s + step].to(x.device)].to(dev, torch.float32)
+            b = x[j[s : s + step].to(x.device)].to(dev, torch.float32)
+            if not whole:
+                a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
             scores[s : s + step] = (a * b).sum(1)
             bar.update(a.shape[0])
     return verification_from_scores(scores.cpu(), same, far_targets)
