@@ -203,7 +203,8 @@ def train_cmd(
             if resume_dir:
                 result = resume(resume_dir, **_resume_settings(ctx, {**config, **run}))
             else:
-                settings = {k: _PARSERS.get(k, _same)(v) for k, v in drop_none(config).items()}
+                settings = drop_none(config)
+                settings.update({k: parse(settings[k]) for k, parse in _PARSERS.items() if k in settings})
                 missing = [_flag(ctx, f) for f in _required_fields() if f not in settings] + ([] if out else ["--out"])
                 if missing:
                     raise InvalidValueError(f"headreg train needs {', '.join(missing)} (or --resume RUN_DIR)")
@@ -221,10 +222,6 @@ def train_cmd(
         click.echo(json.dumps({"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}))
     else:
         click.echo(f"done: {result.run_dir} (test accuracy {result.test_accuracy:.4f})")
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def _required_fields() -> list[str]:
