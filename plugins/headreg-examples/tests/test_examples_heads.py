@@ -268,11 +268,10 @@ def test_heads_describe_their_margin_to_headreg():
         assert cls.margin_feasibility(dict(cls.settings_2d), 2, 10) == []
     # AdaFace at the mean feature norm (ẑ = 0) is CosFace: m < 1 − cos δ.
     bound = 1 - math.cos(delta)
-    assert AdaFaceHead.angular is True
+    assert AdaFaceHead.angular is True and AdaFaceHead.margin_feasibility(dict(AdaFaceHead.settings_2d), 2, 10) == []
     assert AdaFaceHead.margin_feasibility({"margin": bound - 1e-3}, 2, 10) == []
     (line,) = AdaFaceHead.margin_feasibility({"margin": bound + 1e-3}, 2, 10)
     assert f"< 1 − cos δ = {bound:.3f}" in line and "mean feature norm" in line
-    assert AdaFaceHead.margin_feasibility(dict(AdaFaceHead.settings_2d), 2, 10) == []
 
 
 # ------------------------------------------------------------------- shared behaviour
