@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headreg.errors import InvalidInputError
+from headreg._checks import check_embeddings, check_labels
 
 __all__ = ["plot_embeddings", "project_2d", "save_embedding_plot"]
 
@@ -48,14 +48,8 @@ def project_2d(embeddings: Tensor, normalize: bool = False) -> tuple[Tensor, str
 
 
 def _check(embeddings: Any, labels: Any) -> tuple[Tensor, Tensor]:
-    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        got = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
-        raise InvalidInputError(f"embeddings to plot must have shape (N, D) with N >= 1, got {got}")
-    n = embeddings.shape[0]
-    if not isinstance(labels, Tensor) or labels.shape != (n,):
-        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise InvalidInputError(f"labels to plot must have shape ({n},), got {got}")
-    return embeddings, labels.detach().cpu()
+    embeddings = check_embeddings(embeddings, "embeddings to plot")
+    return embeddings, check_labels(labels, embeddings.shape[0], "labels to plot").detach().cpu()
 
 
 def plot_embeddings(
@@ -82,6 +76,13 @@ def plot_embeddings(
         ``ax``.
     """
     embeddings, labels = _check(embeddings, labels)
+    return _draw(ax, embeddings, labels, title, normalize, max_points, seed)
+
+
+def _draw(
+    ax: Any, embeddings: Tensor, labels: Tensor, title: str | None, normalize: bool, max_points: int, seed: int
+) -> Any:
+    """:func:`plot_embeddings` on checked input (CPU labels)."""
     if embeddings.shape[0] > max_points:
         keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
         embeddings, labels = embeddings[keep.to(embeddings.device)], labels[keep]
@@ -112,17 +113,22 @@ def save_embedding_plot(path: str | Path, embeddings: Tensor, labels: Tensor, ti
     Returns:
         The path written (parent folders are created).
     """
+    embeddings, labels = _check(embeddings, labels)
+    return _save_plot(path, embeddings, labels, title)
+
+
+def _save_plot(path: str | Path, embeddings: Tensor, labels: Tensor, title: str | None = None) -> Path:
+    """:func:`save_embedding_plot` on checked input (what ``headreg eval --plot`` calls after its checks)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    _check(embeddings, labels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=120)
     try:
-        plot_embeddings(ax, embeddings, labels, title=title)
+        _draw(ax, embeddings, labels.detach().cpu(), title, False, MAX_POINTS, 0)
         fig.tight_layout()
         fig.savefig(path)
     finally:

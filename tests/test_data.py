@@ -435,9 +435,10 @@ def test_embeddings_round_trip(tmp_path: Path) -> None:
 
 def test_embeddings_save_rejects_bad_values(tmp_path: Path) -> None:
     emb, labels = torch.randn(4, 2), torch.arange(4)
-    with pytest.raises(InvalidValueError, match="embeddings must be a float tensor"):
+    # The wording of headreg._checks, the same for every entry point.
+    with pytest.raises(InvalidValueError, match="embeddings must be a floating-point tensor, got dtype torch.int64"):
         save_embeddings(tmp_path / "x", emb.long(), labels)
-    with pytest.raises(InvalidValueError, match=r"labels must be an integer tensor of shape \(4,\)"):
+    with pytest.raises(InvalidValueError, match=r"labels must have shape \(4,\), got \(3,\)"):
         save_embeddings(tmp_path / "x", emb, labels[:3])
     with pytest.raises(InvalidValueError, match="is_query must be a bool"):
         save_embeddings(tmp_path / "x", emb, labels, is_query=torch.ones(4))

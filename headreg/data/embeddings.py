@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from headreg._checks import check_embeddings, check_labels, check_mask
 from headreg.errors import DatasetNotFoundError, InvalidInputError, InvalidValueError
 
 __all__ = ["load_embeddings", "save_embeddings"]
@@ -14,24 +15,13 @@ __all__ = ["load_embeddings", "save_embeddings"]
 _MASKS = ("is_query", "is_gallery")
 
 
-def _check(embeddings: Any, labels: Any, masks: dict[str, Any], where: str, error: type[InvalidValueError]) -> None:
-    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
-        got = f"{tuple(embeddings.shape)} {embeddings.dtype}" if isinstance(embeddings, torch.Tensor) else embeddings
-        raise error(f"{where}embeddings must be a float tensor of shape (N, D), got {got}")
+def _check(embeddings: Any, labels: Any, masks: dict[str, Any], where: str) -> None:
+    """Structure only (shapes, dtypes); the NaN / Inf scan is the evaluation's, done once there."""
+    check_embeddings(embeddings, f"{where}embeddings", finite=False)
     n = embeddings.shape[0]
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.shape != (n,)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else labels
-        raise error(f"{where}labels must be an integer tensor of shape ({n},) to match embeddings, got {got}")
+    check_labels(labels, n, f"{where}labels")
     for key, mask in masks.items():
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
-            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else mask
-            raise error(f"{where}{key} must be a bool tensor of shape ({n},), got {got}")
+        check_mask(mask, n, f"{where}{key}", nonempty=False)
 
 
 def save_embeddings(
@@ -59,7 +49,7 @@ def save_embeddings(
     from safetensors.torch import save_file
 
     masks = {k: v for k, v in (("is_query", is_query), ("is_gallery", is_gallery)) if v is not None}
-    _check(embeddings, labels, masks, "", InvalidValueError)
+    _check(embeddings, labels, masks, "")
     if metadata is not None:
         pairs = metadata.items() if isinstance(metadata, dict) else [(None, None)]
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
@@ -112,7 +102,7 @@ def load_embeddings(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # safetensors raises its own SafetensorError or OSError for a bad header
         raise InvalidInputError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from None
     masks = {k: out[k] for k in _MASKS if k in out}
-    _check(out["embeddings"], out["labels"], masks, f"in {path}: ", InvalidInputError)
+    _check(out["embeddings"], out["labels"], masks, f"in {path}: ")
     out["labels"] = out["labels"].to(torch.long)
     out["metadata"] = metadata
     return out
