@@ -1,11 +1,11 @@
-"""Compiled (numba) scan of one similarity tile for the k-NN search of `_knn`.
+"""Compiled (numba) scan of one similarity tile for the k-NN back ends `_knn_cpu` and `_knn_self`.
 
 One pass over a `(rows, cols)` float32 tile that is still in the core's cache: every entry
 at or above its row's threshold becomes a candidate of that row, and, for a tile of a
 symmetric (leave-one-out) similarity matrix, every entry at or above its column's
 threshold also becomes a candidate of that column. A vectorised pass per row marks the
-entries over either threshold; only the 8-entry words with a mark (about 5 % of them at
-N = 100,000) are looked at again.
+entries over either threshold; only the 8-entry words with a mark (few: the thresholds keep
+about 1.4 K of N entries per row) are looked at again.
 
 A candidate is one int64 key: `(local row << shift) | (desc << col_bits) | original index`,
 where `desc` is `0x7FFFFFFF` minus the float's bits mapped to signed integers ordered like
