@@ -182,6 +182,26 @@ def test_bad_options() -> None:
         )
 
 
+def test_one_topk_definition_ties_count_as_hits(model, fake) -> None:
+    import copy
+
+    from headreg.metrics.classification import label_rank
+
+    # Zero class weights: the head scores every class alike, so every label ties for first place.
+    tied = copy.deepcopy(model)
+    with torch.no_grad():
+        tied.head.weight.zero_()
+    out = extract_dataset(tied, fake, device="cpu", batch_size=32, progress=False)
+    assert torch.equal(out.label_rank, torch.zeros(90, dtype=torch.long))
+    logits = torch.zeros(90, 10)
+    assert torch.equal(label_rank(logits, out.labels), out.label_rank)
+    both = {"top1_accuracy": 1.0, "top5_accuracy": 1.0}
+    assert classification_accuracy(out.label_rank) == topk_accuracy(logits, out.labels) == both
+    # A label beyond the head's classes is a miss for every k up to C; no ranks at all give NaN.
+    assert label_rank(torch.zeros(2, 3), torch.tensor([0, 5])).tolist() == [0, 3]
+    assert all(v != v for v in classification_accuracy(torch.zeros(0, dtype=torch.long)).values())
+
+
 def test_classification_accuracy_reference() -> None:
     rank = torch.tensor([0, 4, 5, 9])
     assert classification_accuracy(rank) == {"top1_accuracy": 0.25, "top5_accuracy": 0.5}

@@ -24,6 +24,7 @@ from headreg.engine.runtime import (
     init_distributed,
     is_main_process,
     resolve_device,
+    run_on_main,
 )
 from headreg.errors import InvalidValueError
 
@@ -85,6 +86,16 @@ def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> N
         all_gather_variable(torch.tensor(1.0))
 
 
+def test_run_on_main_in_one_process() -> None:
+    assert run_on_main(lambda: 3) == 3 and run_on_main(lambda: 4, share=False) == 4
+
+    def refuse() -> None:
+        raise InvalidValueError("refused")
+
+    with pytest.raises(InvalidValueError, match="refused"):
+        run_on_main(refuse)
+
+
 def test_init_distributed_reports_missing_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -105,7 +116,9 @@ WORKER = textwrap.dedent(
     from headreg.data import TensorImageDataset, create_loader
     from headreg.engine.runtime import (
         all_gather_variable, barrier, broadcast_object, cleanup_distributed, init_distributed, is_main_process,
+        run_on_main,
     )
+    from headreg.errors import CheckpointError, HeadregError
 
     info, device = init_distributed("cpu")
     rank, world = info.rank, info.world_size
@@ -123,6 +136,27 @@ WORKER = textwrap.dedent(
     except ValueError as err:
         out["mismatch"] = str(err)
     out["broadcast"] = broadcast_object({"from": rank, "cfg": [1, 2]} if rank == 0 else None)
+
+    # Rank 0 acts, the others learn the outcome: the result, only success, or the error.
+    out["on_main"] = run_on_main(lambda: {"ran_on": rank})
+    out["on_main_quiet"] = run_on_main(lambda: rank + 10, share=False)
+
+    def refuse():
+        raise CheckpointError(f"refused on rank {rank}")
+
+    def crash():
+        raise OSError(f"disk full on rank {rank}")
+
+    try:
+        run_on_main(refuse)
+    except CheckpointError as err:
+        out["on_main_error"] = str(err)
+    try:
+        run_on_main(crash)
+    except OSError as err:
+        out["on_main_crash"] = f"OSError: {err}"
+    except HeadregError as err:
+        out["on_main_crash"] = f"HeadregError: {err}"
 
     # Labels are the sample indices, so the gathered labels show which samples each rank evaluated.
     n = 101
@@ -189,6 +223,11 @@ def test_two_process_gloo(tmp_path: Path) -> None:
     assert r0["bool"] == r1["bool"] == [True, True, False]
     assert "equal trailing shapes" in r0["mismatch"] and "equal trailing shapes" in r1["mismatch"]
     assert r0["broadcast"] == r1["broadcast"] == {"from": 0, "cfg": [1, 2]}
+    assert r0["on_main"] == r1["on_main"] == {"ran_on": 0}
+    assert (r0["on_main_quiet"], r1["on_main_quiet"]) == (10, None)
+    assert r0["on_main_error"] == r1["on_main_error"] == "refused on rank 0"
+    assert r0["on_main_crash"] == "OSError: disk full on rank 0"
+    assert r1["on_main_crash"] == "HeadregError: rank 0 failed: OSError: disk full on rank 0"
 
     # Evaluation shards: every sample exactly once, no padding, dataset order after the gather.
     assert r0["eval"] == r1["eval"] == list(range(101))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from headreg.engine.extract import Extraction, extract_dataset, gather_extraction
-from headreg.errors import HeadregError, InvalidInputError, InvalidValueError
+from headreg.errors import InvalidInputError, InvalidValueError
 
 __all__ = [
     "ALL_METRICS",
@@ -146,8 +146,8 @@ def combine_query_gallery(
 def classification_accuracy(label_rank: Tensor, top_k: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy of the head from each sample's label rank.
 
-    Same definition as :func:`headreg.metrics.topk_accuracy` (a hit when fewer than k classes score strictly
-    above the label), from ranks instead of ``N x C`` logits.
+    The one definition of :func:`headreg.metrics.classification.label_rank` (a hit when fewer than k classes
+    score strictly above the label), from ranks instead of ``N x C`` logits.
 
     Args:
         label_rank: ``(N,)`` int64 classes scored strictly above each label (see :class:`Extraction`).
@@ -156,7 +156,9 @@ def classification_accuracy(label_rank: Tensor, top_k: Sequence[int] = (1, 5)) -
     Returns:
         ``{"top1_accuracy": ..., "top5_accuracy": ...}`` (one key per k).
     """
-    return {f"top{k}_accuracy": float((label_rank < k).double().mean()) for k in top_k}
+    from headreg.metrics.classification import topk_from_ranks
+
+    return topk_from_ranks(label_rank, tuple(top_k))
 
 
 def _compute(
@@ -293,22 +295,10 @@ def evaluate_embeddings(
 
 
 def broadcast_from_main(fn: Any) -> Any:
-    """Run ``fn`` on rank 0 and hand its result, or its headreg error, to every rank."""
-    from headreg.engine.runtime import broadcast_object, dist_info
+    """Run ``fn`` on rank 0 and hand its result, or its headreg error, to every rank (see ``run_on_main``)."""
+    from headreg.engine.runtime import run_on_main
 
-    info = dist_info()
-    if not info.is_distributed:
-        return fn()
-    outcome: tuple[str, Any] | None = None
-    if info.rank == 0:
-        try:
-            outcome = ("ok", fn())
-        except HeadregError as exc:
-            outcome = ("error", exc)
-    outcome = broadcast_object(outcome, src=0)
-    if outcome[0] == "error":
-        raise outcome[1]
-    return outcome[1]
+    return run_on_main(fn)
 
 
 def evaluate_model(

@@ -1,12 +1,15 @@
 """Embedding extraction: model + batches → ``(N, D)`` embeddings, labels and label ranks under the head.
 
-The loop is built to cost nothing beyond the backbone (``benchmarks/bench_extract.py`` checks it against a bare
-timm inference loop): batches stay on the device, nothing synchronises the host per batch (no ``.item()``, no
-``.cpu()``), the transform runs on the device, and the head's logits (for the rank of the true label among
-them) are computed once after the loop, in large blocks, rather than per batch. Under ``torchrun`` each rank
-extracts its shard;
-:func:`gather_extraction` concatenates the shards in rank order, which restores dataset order because evaluation
-loaders shard contiguously.
+This is headreg's one inference pass: ``headreg eval``, training's per-epoch test evaluation (and so
+``headreg compare`` and its figure) all run :func:`extract_embeddings`, so a checkpoint's test accuracy is
+one number whichever command reports it.
+
+The loop is built to cost nothing beyond the backbone (``benchmarks/bench_extract.py`` checks it against a
+bare timm inference loop): batches stay on the device, nothing synchronises the host per batch (no
+``.item()``, no ``.cpu()``), the transform runs on the device, and the head's logits (for the rank of the
+true label among them) are computed once after the loop, in large blocks, rather than per batch. Under
+``torchrun`` each rank extracts its shard; :func:`gather_extraction` concatenates the shards in rank order,
+which restores dataset order because evaluation loaders shard contiguously.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from headreg.data.transforms import BatchTransform
+from headreg.engine.runtime import autocast
 from headreg.errors import InvalidValueError
+from headreg.metrics.classification import label_rank
 
 __all__ = [
     "Extraction",
@@ -40,13 +45,14 @@ class Extraction:
     Attributes:
         embeddings: ``(N, D)`` float32 embeddings, not normalised, on the extraction device.
         labels: ``(N,)`` int64 class labels.
-        label_rank: ``(N,)`` int64: how many classes the head scores strictly above the true label (0 = top-1
-            hit; top-k accuracy is ``mean(label_rank < k)``), or None without a head. Kept instead of ``N x C``
-            logits, which do not fit memory for large class counts. A label outside the head's classes gets ``C``.
+        label_rank: ``(N,)`` int64 :func:`headreg.metrics.classification.label_rank` under the head's
+            margin-free logits (0 = top-1 hit; top-k accuracy is ``mean(label_rank < k)``, ties counting as
+            hits), or None without a head. Kept instead of ``N x C`` logits, which do not fit memory for large
+            class counts. A label outside the head's classes gets ``C``.
         indices: ``(N,)`` int64 dataset indices of the rows, or None when the loader does not say.
         seconds: Wall time of the loop, device synchronised at the end.
         images: Images processed (``N``).
-        precision: ``"bf16"`` or ``"fp32"``.
+        precision: ``"bf16"``, ``"fp16"`` (a training pass on a GPU without bf16) or ``"fp32"``.
         channels_last: Whether the model ran in channels_last memory format.
     """
 
@@ -66,6 +72,9 @@ class Extraction:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def resolve_precision(device: torch.device, amp: bool | None) -> tuple[bool, bool]:
     """Decide ``(bf16 autocast, channels_last)`` for a device.
 
@@ -83,11 +92,12 @@ def resolve_precision(device: torch.device, amp: bool | None) -> tuple[bool, boo
     return bool(amp), bool(amp)
 
 
-def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast(device.type, dtype=torch.bfloat16)`` when ``bf16``, else a no-op context."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def autocast_context(
+    device: torch.device, bf16: bool, dtype: torch.dtype = torch.bfloat16
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast(device.type, dtype=dtype)`` when ``bf16`` (autocast on; bf16 unless ``dtype`` says), else a
+    no-op context."""
+    return autocast(device, dtype if bf16 else None)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -116,20 +126,11 @@ def _embed_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return model
 
 
-def _label_rank(logits: Tensor, labels: Tensor) -> Tensor:
-    """``(B,)`` int64 count of classes scored strictly above the label (``C`` for a label outside ``[0, C)``)."""
-    c = logits.shape[1]
-    valid = (labels >= 0) & (labels < c)
-    target = logits.gather(1, labels.clamp(0, c - 1).unsqueeze(1))
-    above = (logits > target).sum(1)
-    return torch.where(valid, above, torch.full_like(above, c))
-
-
 def _label_ranks(head: nn.Module, embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """:func:`_label_rank` of every row, computing the head's logits in blocks of at most 64 MiB."""
+    """:func:`label_rank` of every row, computing the head's logits in blocks of at most 64 MiB."""
     rows = max(1, (64 * 2**20) // (4 * max(int(num_classes), 1)))
     parts = [
-        _label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, embeddings.shape[0], rows)
+        label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, embeddings.shape[0], rows)
     ]
     return torch.cat(parts)
 
@@ -141,6 +142,7 @@ def extract_embeddings(
     device: torch.device | str,
     transform: Callable[[Tensor], Tensor] | None = None,
     amp: bool | None = None,
+    amp_dtype: torch.dtype = torch.bfloat16,
     channels_last: bool | None = None,
     with_predictions: bool = True,
     progress: bool = True,
@@ -160,6 +162,8 @@ def extract_embeddings(
         transform: Applied on the device to each image batch (e.g. :func:`headreg.data.resolve_transform`);
             None passes batches as they come.
         amp: See :func:`resolve_precision`.
+        amp_dtype: The autocast dtype when ``amp`` is on: bf16, or float16 for training's evaluation on a device
+            that trains in float16 (a GPU without bf16, MPS).
         channels_last: Override the memory format :func:`resolve_precision` picks (None: follow ``amp``).
         with_predictions: Keep the rank of each sample's label under the head's logits when the model has a head.
         progress: Show a tqdm bar with images/s on stderr.
@@ -172,7 +176,7 @@ def extract_embeddings(
         InvalidValueError: the loader yielded no batch.
     """
     device = torch.device(device)
-    bf16, auto_cl = resolve_precision(device, amp)
+    low_precision, auto_cl = resolve_precision(device, amp)
     channels_last = auto_cl if channels_last is None else bool(channels_last)
     was_training = model.training
     model.eval()
@@ -196,9 +200,9 @@ def extract_embeddings(
     try:
         with torch.inference_mode():
             # One autocast region around the whole loop, not one per batch: leaving the outermost
-            # region clears autocast's cache of bf16 weight copies, so a per-batch region would cast
-            # every weight again for every batch (6 % of resnet18's time at batch 16 on a CPU).
-            with autocast_context(device, bf16):
+            # region clears autocast's cache of low-precision weight copies, so a per-batch region would
+            # cast every weight again for every batch (docs/benchmarks.md measures it).
+            with autocast_context(device, low_precision, amp_dtype):
                 for images, labels in loader:
                     x = images.to(device, non_blocking=non_blocking)
                     y = torch.as_tensor(labels).to(device, non_blocking=non_blocking)
@@ -242,7 +246,7 @@ def extract_embeddings(
         indices=indices,
         seconds=seconds,
         images=n,
-        precision="bf16" if bf16 else "fp32",
+        precision=_PRECISION.get(amp_dtype, str(amp_dtype)) if low_precision else "fp32",
         channels_last=channels_last,
     )
 

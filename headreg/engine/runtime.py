@@ -6,18 +6,21 @@ under ``python`` and under ``torchrun --nproc_per_node=N``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from headreg.errors import InvalidValueError
+from headreg.errors import HeadregError, InvalidValueError
 
 __all__ = [
     "DistInfo",
     "all_gather_variable",
+    "autocast",
     "barrier",
     "broadcast_object",
     "cleanup_distributed",
@@ -25,7 +28,10 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "resolve_device",
+    "run_on_main",
 ]
+
+T = TypeVar("T")
 
 _MAX_DIMS = 8  # shapes are exchanged as fixed-length tensors so that mismatches fail loudly instead of hanging
 
@@ -84,6 +90,13 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     raise InvalidValueError(
         f"device {str(device)!r} is not available; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
     )
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context for ``dtype=None`` (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,46 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if info.rank == src else None]
     dist.broadcast_object_list(holder, src=src, device=_comm_device())
     return holder[0]
+
+
+def run_on_main(fn: Callable[[], T], *, share: bool = True) -> T | None:
+    """Call ``fn`` on rank 0 only; every other rank learns whether it worked (and, with ``share``, its result).
+
+    The one place for "rank 0 acts, the others wait for the outcome": a directory check, a file read, metrics
+    computed once. A :class:`~headreg.errors.HeadregError` raised on rank 0 is raised on every rank, so no rank
+    waits forever in a later collective; any other exception is re-raised on rank 0 and reported to the
+    others as a ``HeadregError`` naming it. In a single process this is ``fn()``.
+
+    Args:
+        fn: The work; runs on rank 0 only.
+        share: Broadcast ``fn``'s result (picklable, produced by this job) to every rank. False sends only
+            success or failure, for results that are large or only rank 0 needs: the others then get None.
+
+    Returns:
+        ``fn()``'s result on rank 0; the same on the others with ``share``, else None.
+    """
+    info = dist_info()
+    if not info.is_distributed:
+        return fn()
+    outcome: tuple[str, Any] | None = None
+    failure: BaseException | None = None
+    result: Any = None
+    if info.rank == 0:
+        try:
+            result = fn()
+            outcome = ("ok", result if share else None)
+        except HeadregError as exc:
+            failure, outcome = exc, ("error", exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the other ranks, then re-raised as it was
+            failure, outcome = exc, ("failed", f"{type(exc).__name__}: {exc}")
+    outcome = broadcast_object(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] == "error":
+        raise outcome[1]
+    if outcome[0] == "failed":
+        raise HeadregError(f"rank 0 failed: {outcome[1]}")
+    return result if info.rank == 0 else outcome[1]
 
 
 def cleanup_distributed() -> None:

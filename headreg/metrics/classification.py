@@ -1,4 +1,4 @@
-"""Top-k classification accuracy from a head's logits."""
+"""Top-k classification accuracy from a head's logits, and the label rank that defines it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torchmetrics import Metric
 from headreg.errors import InvalidInputError
 from headreg.metrics._validate import check_positive_ints
 
-__all__ = ["topk_accuracy", "ClassificationAccuracy"]
+__all__ = ["label_rank", "topk_accuracy", "topk_from_ranks", "topk_hits", "ClassificationAccuracy"]
 
 
 def _check_logits(logits: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,20 +34,43 @@ def _check_logits(logits: object, labels: object) -> tuple[torch.Tensor, torch.T
     return logits, labels.long()
 
 
-def _correct_counts(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, ...]) -> torch.Tensor:
-    """`(len(top_k),)` number of rows whose label is among the k largest logits.
+def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many classes score strictly above each row's label: headreg's one definition of top-k.
 
-    A label tied with the k-th logit counts as correct only if `torch.topk` picked it;
-    use the rank instead to stay independent of topk's tie order: the label is in the top k
-    when fewer than k logits are strictly larger.
+    A row is a top-k hit when its rank is below k, so a label tied with the k-th score counts as
+    correct, whatever order ``torch.topk`` or ``argmax`` would give the tied classes (docs/metrics.md).
+    Training's accuracies, extraction (:class:`~headreg.engine.extract.Extraction`'s ``label_rank``) and
+    :func:`topk_accuracy` all rank with this function. No checks: callers validate at their entry points.
+
+    Args:
+        logits: ``(B, C)`` scores.
+        labels: ``(B,)`` integer labels; one outside ``[0, C)`` gets rank ``C`` (a miss for every k <= C).
+
+    Returns:
+        ``(B,)`` int64 ranks on the logits' device, 0 for a top-1 hit.
     """
-    target = logits.gather(1, labels.unsqueeze(1))
-    rank = (logits > target).sum(1)  # 0 = best
+    c = logits.shape[1]
+    valid = (labels >= 0) & (labels < c)
+    target = logits.gather(1, labels.clamp(0, c - 1).unsqueeze(1))
+    above = (logits > target).sum(1)
+    return torch.where(valid, above, torch.full_like(above, c))
+
+
+def topk_hits(rank: torch.Tensor, top_k: tuple[int, ...]) -> torch.Tensor:
+    """``(len(top_k),)`` int64: the number of rows whose :func:`label_rank` is below each k."""
     return torch.stack([(rank < k).sum() for k in top_k])
 
 
+def topk_from_ranks(rank: torch.Tensor, top_k: tuple[int, ...]) -> dict[str, float]:
+    """``{"top1_accuracy": ..., ...}`` from ``(N,)`` label ranks (NaN for N = 0): hits / N per k."""
+    n = rank.numel()
+    if n == 0:
+        return {f"top{k}_accuracy": float("nan") for k in top_k}
+    return {f"top{k}_accuracy": int(hits) / n for k, hits in zip(top_k, topk_hits(rank, top_k).tolist(), strict=True)}
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Fraction of rows whose label has fewer than k strictly larger logits, for each k.
+    """Fraction of rows whose label has fewer than k strictly larger logits (:func:`label_rank` < k), for each k.
 
     Args:
         logits: `(B, C)` float scores.
@@ -59,8 +82,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, 
     """
     top_k = check_positive_ints(top_k, "top_k")
     logits, labels = _check_logits(logits, labels)
-    counts = _correct_counts(logits, labels, top_k)
-    return {f"top{k}_accuracy": float(n) / logits.shape[0] for k, n in zip(top_k, counts.tolist(), strict=True)}
+    return topk_from_ranks(label_rank(logits, labels), top_k)
 
 
 class ClassificationAccuracy(Metric):
@@ -91,7 +113,7 @@ class ClassificationAccuracy(Metric):
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch: `(B, C)` logits and `(B,)` labels."""
         logits, labels = _check_logits(logits, labels)
-        self.correct += _correct_counts(logits.detach(), labels, self.top_k).to(self.correct.device)
+        self.correct += topk_hits(label_rank(logits.detach(), labels), self.top_k).to(self.correct.device)
         self.total += logits.shape[0]
 
     def compute(self) -> dict[str, float]:
