@@ -189,26 +189,19 @@ def head_settings(head: str, embedding_dim: int, overrides: dict[str, Any] | Non
     return base
 
 
-def _prepare_out(out: Path, heads: list[str], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InvalidValueError(f"--out must be a directory, got the file {out}")
-    present = sorted(out.iterdir()) if out.is_dir() else []
-    present = [p for p in present if not (p.is_dir() and not any(p.iterdir()))]  # empty: a run that failed early
-    foreign = [p.name for p in present if not (p.name in COMPARE_FILES or (p.is_dir() and (p / "run.json").exists()))]
-    if foreign:
-        raise InvalidValueError(
-            f"--out {out} holds files that are not a headreg comparison ({', '.join(foreign[:5])}); "
-            "choose a new directory"
-        )
-    if present and not overwrite:
-        raise InvalidValueError(
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Claim ``out`` with the guard of a run directory: never a foreign directory, a comparison only to overwrite."""
+    from .engine._rundir import OutLayout, claim_out_dir
+
+    def occupied(present: list[Path]) -> str:
+        return (
             f"--out {out} already holds a comparison ({', '.join(p.name for p in present[:8])}); "
             "pass --overwrite to replace it or choose a new directory"
         )
-    for p in present:
-        if p.name in COMPARE_FILES:
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+
+    # The head runs in sub-directories are guarded (and overwritten) by their own training runs.
+    layout = OutLayout("comparison", frozenset(COMPARE_FILES), run_subdirs=True)
+    claim_out_dir(out, layout, overwrite=overwrite, occupied=occupied)
 
 
 def run_compare(
@@ -259,7 +252,7 @@ def run_compare(
     if unknown:
         raise InvalidValueError(f"--head-option names heads that are not compared: {', '.join(unknown)}")
     out = Path(out)
-    _prepare_out(out, heads, overwrite)
+    _prepare_out(out, overwrite)
     entries: list[CompareEntry] = []
     for head in heads:
         options = head_settings(head, embedding_dim, (head_options or {}).get(head))

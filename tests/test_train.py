@@ -315,3 +315,58 @@ def test_resume_is_exact_with_warmup_and_head_lr_scale(tmp_path):
     assert done.global_step == full.global_step == 8
     for k, v in _weights(full.model).items():
         assert torch.equal(v, done.model.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------ one inference pass: train and eval agree
+
+
+def _eval_top1(out, *extra: str) -> float:
+    args = ["eval", "--checkpoint", str(out), "--dataset", "fake", "--limit", "200", "--metrics", "classification",
+            "--device", "cpu", "--json", "--no-progress", *extra]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)["metrics"]["top1_accuracy"]
+
+
+@pytest.mark.parametrize("amp", [None, True], ids=["fp32", "bf16"])
+def test_train_test_accuracy_is_eval_top1(amp, tmp_path):
+    # Training evaluates with headreg's one inference pass, at the precision `headreg eval` uses for the same
+    # --amp setting (on the CPU: float32 by default, bf16 + channels_last with --amp), so the numbers are equal.
+    out = tmp_path / "run"
+    cfg = tiny_config("arcface", amp=amp, head_options={"scale": 16.0, "margin": 0.2}, test_limit=200)
+    result = train(cfg, out, progress=False)
+    top1 = _eval_top1(out, *(["--amp"] if amp else []))
+    assert result.test_accuracy == top1
+    assert json.loads((out / "eval.json").read_text())["test_accuracy"] == top1
+    assert result.history[-1]["test_accuracy"] == top1
+    # The model trains on in its own memory layout after a channels_last evaluation.
+    assert all(p.is_contiguous() for p in result.model.parameters())
+
+
+def test_tied_logits_count_as_hits_in_train_and_eval(tmp_path, monkeypatch):
+    # After the last step the softmax head's weights are zeroed and its bias made [1, 1, 0, ...]: every sample's
+    # logits are exactly the bias, so classes 0 and 1 tie for first place. Ties count as hits (docs/metrics.md):
+    # labels 0 and 1 are top-1 hits, where an argmax (ties to the lowest index) would hit label 0 only.
+    from headreg.engine import _runner
+
+    box = {}
+    original = _runner.Run.execute
+
+    def execute(self, *args, **kwargs):
+        box["run"] = self
+        return original(self, *args, **kwargs)
+
+    def tie(step: int) -> None:
+        if step == 4:  # the last of 1 epoch x 4 steps
+            head = box["run"].model.head
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.zero_()
+                head.bias[:2] = 1.0
+
+    monkeypatch.setattr(_runner.Run, "execute", execute)
+    out = tmp_path / "run"
+    result = train(tiny_config("softmax", test_limit=200), out, on_step=tie, progress=False)
+    expected = float(((result.labels == 0) | (result.labels == 1)).double().mean())
+    assert 0 < expected < 1 and bool((result.labels == 1).any())
+    assert result.test_accuracy == expected == _eval_top1(out)

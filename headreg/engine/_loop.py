@@ -1,7 +1,8 @@
-"""The inner loops of training: one epoch of steps, one pass over the test split, and stopping cleanly.
+"""The step loop of training: one epoch of steps, its running tallies, and stopping cleanly.
 
-Kept free of file I/O and configuration: :mod:`headreg.engine.train` sets things up and
-decides what to save; this module only runs steps and counts.
+Kept free of file I/O, configuration and evaluation: :mod:`headreg.engine._setup` builds the
+:class:`StepContext`, :mod:`headreg.engine._runner` decides when to evaluate and what to save;
+this module only runs steps and counts.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HeadregError
+from ..metrics.classification import label_rank
 from ._optim import lr_factor, set_lr, warmup_value
+from .runtime import autocast
 
-__all__ = ["EpochTally", "StepContext", "StopFlag", "run_epoch", "evaluate_split"]
+__all__ = ["EpochTally", "StepContext", "StopFlag", "check_finite", "run_epoch"]
 
 
 class StopFlag:
@@ -75,7 +78,8 @@ class EpochTally:
 
     Attributes:
         loss_sum: Σ batch loss × batch size.
-        correct: training predictions (margin logits' argmax) equal to the label.
+        correct: training samples whose label ranks first under the head's margin-free logits
+            (:func:`~headreg.metrics.classification.label_rank`, ties counting as hits, as at test time).
         seen: samples processed.
         batches: steps done in this epoch (resume skips this many).
         seconds: training time spent in this epoch so far.
@@ -131,6 +135,8 @@ class StepContext:
         global_step: steps taken so far in the run (advanced here).
         head_warmup: ``{attribute: [start, fraction]}`` of the head, set before every step.
         head_targets: the configured value of each warmed-up attribute (reached at the fraction).
+        on_step: called with the global step after each step (tests, custom logging).
+        in_step: a step is in flight (a second Ctrl-C then keeps the last saved state).
     """
 
     model: nn.Module
@@ -151,11 +157,10 @@ class StepContext:
     on_step: Callable[[int], None] | None = None
     in_step: bool = field(default=False)
 
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    def restore_head(self) -> None:
+        """Put every warmed-up head attribute back to its configured value (after the run, or when it stops)."""
+        for name, value in self.head_targets.items():
+            setattr(self.head, name, value)
 
 
 def run_epoch(
@@ -193,7 +198,7 @@ def run_epoch(
         for name, (first, fraction) in ctx.head_warmup.items():
             value = warmup_value(first, ctx.head_targets[name], fraction, ctx.global_step, ctx.total_steps)
             setattr(ctx.head, name, value)
-        with _autocast(ctx.device, ctx.autocast_dtype):
+        with autocast(ctx.device, ctx.autocast_dtype):
             out = ctx.model(x, labels)
         loss = out.loss
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -208,7 +213,7 @@ def run_epoch(
         tally.loss_sum += loss.detach().double() * n
         with torch.no_grad():  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
             logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
-            tally.correct += (logits.argmax(dim=1) == labels).sum()
+            tally.correct += (label_rank(logits, labels) == 0).sum()
         tally.seen += n
         tally.batches += 1
         ctx.global_step += 1
@@ -239,57 +244,3 @@ def check_finite(loss: float, step: int) -> None:
         raise HeadregError(
             f"the training loss became {loss} by step {step}; lower --lr, use --no-amp, or a smaller scale/margin"
         )
-
-
-@torch.inference_mode()
-def evaluate_split(
-    model: nn.Module,
-    loader: Any,
-    transform: nn.Module,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    *,
-    keep_embeddings: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Classify this rank's shard of a split with the head's margin-free logits.
-
-    Args:
-        model: the unwrapped :class:`~headreg.HeadModel`.
-        loader: an unshuffled loader.
-        transform: uint8 batch → model input (eval mode).
-        device: where to compute.
-        autocast_dtype: None or the autocast dtype.
-        keep_embeddings: also return the embeddings (float32, CPU) and labels.
-
-    Returns:
-        ``(correct, count, embeddings, labels)``: float64 scalar tensors on ``device`` and, when kept,
-        ``(n, D)`` / ``(n,)`` CPU tensors.
-    """
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    embs: list[Tensor] = []
-    labs: list[Tensor] = []
-    try:
-        # One autocast region for the whole pass: leaving it clears autocast's cache of low-precision
-        # weight copies, so a region per batch would cast every weight again for every batch.
-        with _autocast(device, autocast_dtype):
-            for images, labels in loader:
-                images = images.to(device)
-                labels = labels.to(device)
-                emb = model.embed(transform(images))
-                logits = model.head(emb)
-                correct += (logits.argmax(dim=1) == labels).sum()
-                count += labels.shape[0]
-                if keep_embeddings:
-                    embs.append(emb.float().cpu())
-                    labs.append(labels.cpu())
-    finally:
-        model.train(was_training)
-    if not keep_embeddings:
-        return correct, count, None, None
-    width = getattr(model, "embedding_dim", 0)
-    emb_all = torch.cat(embs) if embs else torch.zeros(0, width)
-    lab_all = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
-    return correct, count, emb_all, lab_all

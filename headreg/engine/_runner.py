@@ -1,15 +1,17 @@
-"""One execution of a training run (fresh or resumed): setup, the epoch loop, evaluation and saving.
+"""One execution of a training run (fresh or resumed): the epoch loop, the test evaluation and saving.
 
-Private: :func:`headreg.engine.train.train` and :func:`~headreg.engine.train.resume` are the entry points.
+Private: :func:`headreg.engine.train.train` and :func:`~headreg.engine.train.resume` are the entry points,
+both through :func:`run_training`. The pieces it puts together live in their own modules: the run
+directory (:mod:`._rundir`), the distributed set-up (:mod:`._distributed`), the set-up of data, model and
+optimiser (:mod:`._setup`), the step loop (:mod:`._loop`) and epoch logging (:mod:`._epochlog`). The test
+evaluation is headreg's one inference pass, :func:`headreg.engine.extract.extract_embeddings`, so the
+``test_accuracy`` of a run is the ``top1_accuracy`` that ``headreg eval`` reports for its checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import sys
+import functools
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,309 +19,219 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import HeadregError, InvalidValueError
-from . import _checkpoint as ckpt
+from ..errors import InvalidValueError
+from ._checkpoint import capture_rng, restore_rng
 from ._config import TrainConfig, TrainResult
-from ._feasibility import MarginFeasibilityWarning, TrainingWarning, margin_feasibility
-from ._loop import EpochTally, StepContext, StopFlag, evaluate_split, run_epoch
-from ._optim import build_optimizer
+from ._distributed import Ranks
+from ._epochlog import EpochLog
+from ._loop import EpochTally, StopFlag, run_epoch
+from ._rundir import RunDir
+from ._setup import Session, build_session
+from .extract import Extraction, extract_embeddings, gather_extraction
+from .runtime import run_on_main
 
-__all__ = ["Run"]
-
-RUN_FORMAT = "headreg.run/1"
+__all__ = ["Run", "run_training"]
 
 
-def _stderr(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
+def run_training(
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    stop_after_steps: int | None,
+    on_step: Callable[[int], None] | None,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> TrainResult:
+    """Set up a fresh (or resumed) run in ``run_dir`` and train it to the end or to a stop."""
+    ranks = Ranks.join(config.device, config.batch_size)
+    directory = RunDir(run_dir)
+    # Only rank 0 touches the directory; the others learn whether it worked, then read the state themselves.
+    work = directory.load_state if resume else functools.partial(directory.claim, config.to_dict(), overwrite=overwrite)
+    state = run_on_main(work, share=False)
+    if resume and not ranks.main:
+        state = directory.load_state()
+    run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
+    if resume:
+        run.restore(state)
+    return run.execute(stop_after_steps=stop_after_steps, on_step=on_step)
 
 
 class Run:
-    """One execution of a run (fresh or resumed): setup, the epoch loop, saving."""
+    """A run being trained: the session set-up built, its progress, and what it writes.
 
-    def __init__(self, config: TrainConfig, run_dir: Path, *, progress: bool, log: Callable[[str], None] | None):
+    Args:
+        config: the run's config.
+        run_dir: its directory.
+        ranks: this process's place in the run.
+        session: data, model, optimiser and step context from :func:`~headreg.engine._setup.build_session`.
+        progress: tqdm bars per epoch (rank 0).
+        log: where lines go instead of stderr.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: RunDir,
+        ranks: Ranks,
+        session: Session,
+        *,
+        progress: bool,
+        log: Callable[[str], None] | None,
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.progress = progress
-        self._log = log
-        self.extra_record: dict[str, Any] = {}
+        self.ranks = ranks
+        self.session = session
+        self.model = session.model
+        self.ctx = session.ctx
+        self.log = EpochLog(run_dir, config.epochs, main=ranks.main, progress=progress, log=log)
+        self.epoch = 0  # epochs finished
+        self.tally: EpochTally | None = None  # running sums of the epoch in progress (None between epochs)
+        self.extra_record: dict[str, Any] = {}  # further run.json keys (the DDP replica check)
 
-    def say(self, msg: str) -> None:
-        if self.main:
-            (self._log or _stderr)(msg)
-
-    # ------------------------------------------------------------------------------------------ setup
-    def execute(
-        self, *, resume: bool, overwrite: bool, stop_after_steps: int | None, on_step: Callable[[int], None] | None
-    ) -> TrainResult:
-        from .runtime import broadcast_object, init_distributed
-
-        cfg = self.config
-        self.info, self.device = init_distributed(cfg.device)
-        self.main = self.info.rank == 0
-        world = self.info.world_size
-        if cfg.batch_size % world:
-            raise InvalidValueError(
-                f"batch_size={cfg.batch_size} is the global batch and must divide evenly over {world} processes"
-            )
-        # Only rank 0 touches the directory; the others learn whether it worked.
-        failure: HeadregError | None = None
-        if self.main:
-            try:
-                if resume:
-                    self.state = ckpt.load_resume(self.run_dir)
-                else:
-                    ckpt.prepare_run_dir(self.run_dir, cfg.to_dict(), overwrite=overwrite)
-            except HeadregError as exc:
-                failure = exc
-        message = broadcast_object(str(failure) if failure is not None else None)
-        if failure is not None:
-            raise failure
-        if message is not None:
-            raise HeadregError(message)
-        if resume and not self.main:
-            self.state = ckpt.load_resume(self.run_dir)
-        self._setup()
-        if resume:
-            self._restore(self.state)
-        else:
-            self.epoch, self.tally_state = 0, None
-        self._write_run_record("running")
-        self.ctx.on_step = on_step
-        return self._loop(stop_after_steps)
-
-    def _setup(self) -> None:
-        from ..data import create_dataset, create_loader, resolve_transform
-        from ..models import create_model
-
-        cfg, dev = self.config, self.device
-        _seed_everything(cfg.seed)
-        train_ds = create_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
-        test_ds = create_dataset(cfg.dataset, "test", data_dir=cfg.data_dir)
-        self.num_classes = self._check_classes(train_ds, test_ds)
-        for msg in margin_feasibility(cfg.head, cfg.head_options, cfg.embedding_dim, self.num_classes):
-            if self.main:
-                warnings.warn(msg, MarginFeasibilityWarning, stacklevel=2)
-        model = create_model(
-            cfg.model,
-            cfg.head,
-            num_classes=self.num_classes,
-            embedding_dim=cfg.embedding_dim,
-            head_options=cfg.head_options,
-            neck=cfg.neck,
-            **cfg.model_options,
-        )
-        self.model = model.to(dev).train()
-        world, rank = self.info.world_size, self.info.rank
-        self.per_rank_batch = cfg.batch_size // world
-        on_device = dev if dev.type != "cpu" else None
-        self.train_loader = create_loader(
-            train_ds, batch_size=self.per_rank_batch, shuffle=True, seed=cfg.seed, drop_last=True,
-            limit=cfg.limit, device=on_device,
-        )  # fmt: skip
-        if len(self.train_loader) == 0:
-            n = len(train_ds) if cfg.limit is None else min(cfg.limit, len(train_ds))
-            raise InvalidValueError(
-                f"batch_size={cfg.batch_size} is larger than the {n} training samples"
-                f"{f' (limit={cfg.limit})' if cfg.limit else ''}; lower --batch-size or raise --limit"
-            )
-        self.test_loader = create_loader(
-            test_ds, batch_size=max(256, self.per_rank_batch), shuffle=False, seed=cfg.seed,
-            limit=cfg.test_limit, device=on_device,
-        )  # fmt: skip
-        data_cfg = dict(model.pretrained_cfg)
-        self.train_tf = resolve_transform(data_cfg, train_ds, train=True, augment=cfg.augment, seed=cfg.seed + rank)
-        self.test_tf = resolve_transform(data_cfg, test_ds, train=False)
-        self.optimizer = build_optimizer(
-            model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale
-        )
-        head_targets = _check_head_warmup(model.head, cfg.head, cfg.head_warmup)
-        self.autocast_dtype = _amp_dtype(cfg.amp, dev)
-        scaler = torch.amp.GradScaler(dev.type) if self.autocast_dtype == torch.float16 else None
-        wrapped: torch.nn.Module = model
-        if self.info.is_distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        steps_per_epoch = len(self.train_loader)
-        self.ctx = StepContext(
-            model=wrapped, optimizer=self.optimizer, transform=self.train_tf, device=dev, base_lr=cfg.base_lr,
-            schedule=cfg.schedule, total_steps=cfg.epochs * steps_per_epoch,
-            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), autocast_dtype=self.autocast_dtype,
-            scaler=scaler, distributed=self.info.is_distributed, head=model.head,
-            head_warmup=cfg.head_warmup, head_targets=head_targets,
-        )  # fmt: skip
-
-    def _check_classes(self, train_ds: Any, test_ds: Any) -> int:
-        cfg = self.config
-        have = int(train_ds.num_classes)
-        n = cfg.num_classes if cfg.num_classes is not None else have
-        top_train = int(train_ds.targets.max())
-        top_test = int(test_ds.targets.max())
-        if top_train >= n or top_test >= n:
-            split, top = ("train", top_train) if top_train >= n else ("test", top_test)
-            raise InvalidValueError(
-                f"num_classes={n} but the {split} split of dataset '{cfg.dataset}' has labels up to {top}; "
-                f"labels must lie in [0, num_classes), so use num_classes >= {max(top_train, top_test) + 1}"
-            )
-        if n > have:
-            warnings.warn(
-                f"num_classes={n} but dataset '{cfg.dataset}' has only {have} classes: "
-                f"{n - have} head classes will never see a sample",
-                TrainingWarning,
-                stacklevel=3,
-            )
-        return n
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        prog = state["progress"]
-        world = self.info.world_size
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a stopped run's state: weights, optimiser, scaler, every RNG, progress; check it still fits."""
+        prog, world, s = state["progress"], self.ranks.info.world_size, self.session
+        where = f"--resume {self.run_dir.path}"
         if prog["world_size"] != world:
             raise InvalidValueError(
-                f"--resume {self.run_dir}: the run was trained on {prog['world_size']} process(es), now {world}; "
+                f"{where}: the run was trained on {prog['world_size']} process(es), now {world}; "
                 "resume with the same number of processes (the data shards depend on it)"
             )
-        if prog["steps_per_epoch"] != len(self.train_loader):
+        if prog["steps_per_epoch"] != len(s.train_loader):
             raise InvalidValueError(
-                f"--resume {self.run_dir}: {len(self.train_loader)} steps per epoch now, {prog['steps_per_epoch']} "
+                f"{where}: {len(s.train_loader)} steps per epoch now, {prog['steps_per_epoch']} "
                 "when the run was stopped; the data or the batch size changed"
             )
-        self.model.load_state_dict({k: v.to(self.device) for k, v in state["model"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_state_dict({k: v.to(self.ranks.device) for k, v in state["model"].items()})
+        s.optimizer.load_state_dict(state["optimizer"])
         if self.ctx.scaler is not None and state.get("scaler"):
             self.ctx.scaler.load_state_dict(state["scaler"])
-        rank = self.info.rank
-        ckpt.restore_rng(state["rng"][rank])
-        self.train_tf.generator.set_state(state["transform_rng"][rank])
+        rank = self.ranks.info.rank
+        restore_rng(state["rng"][rank])
+        s.train_transform.generator.set_state(state["transform_rng"][rank])
         self.ctx.global_step = int(prog["global_step"])
         self.epoch = int(prog["epoch"])
-        self.tally_state = prog["tally"]
-        self.history = [h for h in self._read_history() if h["epoch"] <= self.epoch]
-        if self.main:  # drop lines of epochs that will be run again (stopped between line and checkpoint)
-            path = self.run_dir / ckpt.METRICS
-            path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-        self.say(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
+        if prog["tally"]:
+            self.tally = EpochTally.from_state(prog["tally"], self.ranks.device)
+        self.log.resume_at(self.epoch)
+        self.log.say(f"resuming {self.run_dir.path} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
 
-    def _read_history(self) -> list[dict[str, Any]]:
-        path = self.run_dir / ckpt.METRICS
-        if not path.is_file():
-            return []
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        out = []
-        for ln in lines:
-            try:
-                out.append(json.loads(ln))
-            except json.JSONDecodeError:
-                break  # a torn last line
-        return out
-
-    # ------------------------------------------------------------------------------------------ loop
-    def _loop(self, stop_after_steps: int | None) -> TrainResult:
-        from tqdm import tqdm
-
+    # ------------------------------------------------------------------------------------------ the epochs
+    def execute(self, *, stop_after_steps: int | None, on_step: Callable[[int], None] | None) -> TrainResult:
+        """Train the remaining epochs (or until a stop), evaluate and save; returns the result on every rank."""
         cfg, ctx = self.config, self.ctx
-        if not hasattr(self, "history"):
-            self.history = []
-        self._tally: EpochTally | None = None
+        ctx.on_step = on_step
+        self._write_record("running")
         stop = StopFlag()
-        emb = labels = None
+        last: Extraction | None = None  # the final epoch's test pass, for the final evaluation
         status = "completed"
         with stop.catch_sigint():
             try:
                 while self.epoch < cfg.epochs:
                     e = self.epoch
-                    tally = (
-                        EpochTally.from_state(self.tally_state, self.device) if self.tally_state
-                        else EpochTally.zeros(self.device)
-                    )  # fmt: skip
-                    self.tally_state = None
-                    self._tally = tally
-                    self.train_loader.set_epoch(e)
-                    bar = tqdm(
-                        total=len(self.train_loader), initial=tally.batches, desc=f"epoch {e + 1}/{cfg.epochs}",
-                        unit="batch", disable=not (self.progress and self.main), leave=False, file=sys.stderr,
-                        dynamic_ncols=True,
-                    )  # fmt: skip
+                    tally = self.tally = self.tally or EpochTally.zeros(self.ranks.device)
+                    loader = self.session.train_loader
+                    loader.set_epoch(e)
+                    bar = self.log.bar(e, len(loader), tally.batches)
                     try:
-                        finished = run_epoch(
-                            ctx, self.train_loader, tally, stop, stop_at_step=stop_after_steps, bar=bar
-                        )
+                        finished = run_epoch(ctx, loader, tally, stop, stop_at_step=stop_after_steps, bar=bar)
                     finally:
                         bar.close()
                     if not finished:
                         status = "stopped"
                         self._save(e, tally, "stopped")
-                        self.say(f"{stop.reason}: resumable state saved; `headreg train --resume {self.run_dir}`")
+                        resume_cmd = f"`headreg train --resume {self.run_dir.path}`"
+                        self.log.say(f"{stop.reason}: resumable state saved; {resume_cmd}")
                         break
-                    last = e == cfg.epochs - 1
-                    _, emb, labels = self._end_epoch(e, tally, keep=last)
-                    self.epoch, self._tally = e + 1, None
+                    last = self._end_epoch(e, tally)
+                    self.epoch, self.tally = e + 1, None
                     self._save(self.epoch, None, "running")
             except KeyboardInterrupt:
-                _restore_head(ctx)
+                ctx.restore_head()
                 if ctx.in_step:
-                    self.say("interrupted inside a step: the last saved resumable state is kept")
+                    self.log.say("interrupted inside a step: the last saved resumable state is kept")
                 else:
-                    self._save(self.epoch, self._tally, "stopped")
-                    self.say("interrupted: resumable state saved")
+                    self._save(self.epoch, self.tally, "stopped")
+                    self.log.say("interrupted: resumable state saved")
                 raise
-        _restore_head(ctx)  # the configured scale/margin, not a warm-up value, from here on
+        ctx.restore_head()  # the configured scale/margin, not a warm-up value, from here on
         final: dict[str, Any] = {}
+        emb = labels = None
         if status == "completed":
-            final, emb, labels = self._final_eval(emb, labels)
-            if self.info.is_distributed:
-                self.extra_record["replica_max_abs_diff"] = self._replica_difference()
-            self._write_run_record("completed")
-        train_seconds = sum(h["time"] for h in self.history)
+            final, emb, labels = self._final_eval(last)
+            if self.ranks.distributed:
+                self.extra_record["replica_max_abs_diff"] = self.ranks.replica_difference(self.model)
+            self._write_record("completed")
         return TrainResult(
-            run_dir=self.run_dir, status=status, epochs_done=self.epoch, global_step=ctx.global_step,
-            history=list(self.history), eval=final, train_seconds=train_seconds, model=self.model,
+            run_dir=self.run_dir.path, status=status, epochs_done=self.epoch, global_step=ctx.global_step,
+            history=list(self.log.history), eval=final, train_seconds=self.log.train_seconds, model=self.model,
             embeddings=emb, labels=labels,
         )  # fmt: skip
 
-    def _end_epoch(
-        self, e: int, tally: EpochTally, *, keep: bool
-    ) -> tuple[dict[str, Any], Tensor | None, Tensor | None]:
-        from ._loop import check_finite
+    def _test_pass(self) -> Extraction:
+        """This rank's shard of the test split through the model: embeddings, labels, label ranks under the head.
 
+        At the training's precision, as ``headreg eval --amp`` (or ``--no-amp``) runs it on the checkpoint, so
+        both report the same accuracy; float16 stays float16 where the run trains in it.
+        """
+        s, dev = self.session, self.ranks.device
+        low = s.autocast_dtype
+        ext = extract_embeddings(
+            self.model, s.test_loader, device=dev, transform=s.test_transform, amp=low is not None,
+            amp_dtype=low or torch.bfloat16, progress=False, desc="test",
+        )  # fmt: skip
+        if ext.channels_last:
+            # Back to the layout the optimiser and DDP know, so the steps that follow are those of a run
+            # that never evaluated (values are unchanged; only the memory layout was).
+            self.model.to(memory_format=torch.contiguous_format)
+        return ext
+
+    def _end_epoch(self, e: int, tally: EpochTally) -> Extraction:
+        """Evaluate on the test split, combine the epoch's sums over the ranks and record the epoch."""
         t0 = time.perf_counter()
-        correct, count, emb, labels = evaluate_split(
-            self.model, self.test_loader, self.test_tf, self.device, self.autocast_dtype, keep_embeddings=keep
-        )
-        sums = torch.stack([tally.loss_sum, tally.correct, tally.seen, correct, count]).double()
-        seconds = torch.tensor([tally.seconds], dtype=torch.float64, device=self.device)
-        if self.info.is_distributed:
-            import torch.distributed as dist
+        ext = self._test_pass()
+        assert ext.label_rank is not None  # a training model always has a head with classes
+        test_correct = (ext.label_rank == 0).sum().double()
+        test_count = torch.tensor(float(ext.images), dtype=torch.float64, device=test_correct.device)
+        dev = self.ranks.device
+        sums = torch.stack([tally.loss_sum, tally.correct, tally.seen, test_correct.to(dev), test_count.to(dev)])
+        seconds = torch.tensor([tally.seconds], dtype=torch.float64, device=dev)
+        self.ranks.sum_(sums)
+        self.ranks.max_(seconds)
+        self.log.record(
+            e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
+            step_time=float(seconds.item()), eval_time=time.perf_counter() - t0,
+        )  # fmt: skip
+        return ext
 
-            dist.all_reduce(sums)
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        loss_sum, tr_correct, seen, te_correct, te_count = sums.tolist()
-        check_finite(loss_sum / max(seen, 1.0), self.ctx.global_step)
-        step_time = float(seconds.item())
-        record = {
-            "epoch": e + 1,
-            "step": self.ctx.global_step,
-            "loss": loss_sum / max(seen, 1.0),
-            "train_accuracy": tr_correct / max(seen, 1.0),
-            "test_accuracy": te_correct / max(te_count, 1.0),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "time": step_time,
-            "eval_time": time.perf_counter() - t0,
-            "images_per_s": seen / max(step_time, 1e-9),
-        }
-        self.history.append(record)
-        if self.main:
-            with open(self.run_dir / ckpt.METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-        self.say(
-            f"epoch {e + 1}/{self.config.epochs}: loss {record['loss']:.4f}  train acc {record['train_accuracy']:.4f}"
-            f"  test acc {record['test_accuracy']:.4f}  {step_time:.1f}s  {record['images_per_s']:.0f} img/s"
-        )
-        if keep:
-            emb, labels = self._gather(emb, labels)
-        return record, emb, labels
+    # ------------------------------------------------------------------------------------------ the end
+    def _final_eval(self, last: Extraction | None) -> tuple[dict[str, Any], Tensor, Tensor]:
+        """Gather the last test pass, compute the metrics on rank 0 and write ``eval.json``."""
+        if last is None:  # resumed after the last epoch: one more pass for the embeddings
+            last = self._test_pass()
+        whole = gather_extraction(last)
+        emb, labels = whole.embeddings.cpu(), whole.labels.cpu()
+        result: dict[str, Any] = {}
+        if self.ranks.main:
+            cfg = self.config
+            metrics, notes = self._metrics(emb, labels)
+            acc = self.log.history[-1]["test_accuracy"] if self.log.history else None
+            result = {
+                "dataset": cfg.dataset,
+                "split": "test",
+                "samples": int(labels.numel()),
+                "metric_samples": min(int(labels.numel()), cfg.eval_limit or int(labels.numel())),
+                "test_accuracy": acc,
+                "metrics": {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()},
+                "warnings": notes,
+            }
+            self.run_dir.write_eval(result)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            self.log.say(f"final test evaluation: accuracy {acc:.4f}, {shown}")
+        return result, emb, labels
 
     def _metrics(self, emb: Tensor, labels: Tensor) -> tuple[dict[str, Any], list[str]]:
         from .evaluate import evaluate_embeddings
@@ -332,144 +244,52 @@ class Run:
             emb, labels = emb[pick], labels[pick]
         return evaluate_embeddings(emb, labels, metrics=cfg.eval_metrics)
 
-    def _replica_difference(self) -> float:
-        """Largest difference of any weight or buffer between ranks (0.0 when DDP kept them in step)."""
-        import torch.distributed as dist
-
-        flat = torch.cat([t.detach().double().flatten() for t in self.model.state_dict().values()])
-        hi, lo = flat.clone(), flat.clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        return float((hi - lo).max()) if flat.numel() else 0.0
-
-    def _gather(self, emb: Tensor | None, labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        from .runtime import all_gather_variable
-
-        if not self.info.is_distributed or emb is None:
-            return emb, labels
-        comm = self.device if self.device.type == "cuda" else torch.device("cpu")
-        return all_gather_variable(emb.to(comm)).cpu(), all_gather_variable(labels.to(comm)).cpu()
-
-    def _final_eval(self, emb: Tensor | None, labels: Tensor | None) -> tuple[dict[str, Any], Tensor, Tensor]:
-        if emb is None:  # resumed after the last epoch: one more pass for the embeddings
-            correct, count, emb, labels = evaluate_split(
-                self.model, self.test_loader, self.test_tf, self.device, self.autocast_dtype, keep_embeddings=True
-            )
-            emb, labels = self._gather(emb, labels)
-        result: dict[str, Any] = {}
-        if self.main:
-            metrics, notes = self._metrics(emb, labels)
-            acc = self.history[-1]["test_accuracy"] if self.history else None
-            result = {
-                "dataset": self.config.dataset,
-                "split": "test",
-                "samples": int(labels.numel()),
-                "metric_samples": min(int(labels.numel()), self.config.eval_limit or int(labels.numel())),
-                "test_accuracy": acc,
-                "metrics": {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()},
-                "warnings": notes,
-            }
-            ckpt.write_json(self.run_dir / ckpt.EVAL, result)
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            self.say(f"final test evaluation: accuracy {acc:.4f}, {shown}")
-        return result, emb, labels
-
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, epoch: int, tally: EpochTally | None, status: str) -> None:
-        from ..models import save_model
-
-        rank_states = [ckpt.capture_rng(), self.train_tf.generator.get_state()]
-        if self.info.is_distributed:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.info.world_size
-            dist.all_gather_object(gathered, rank_states)
-        else:
-            gathered = [rank_states]
-        if not self.main:
+        """Write the model, the resumable state at ``epoch`` (+ ``tally`` mid-epoch) and the run record."""
+        s = self.session
+        gathered = self.ranks.gather_objects([capture_rng(), s.train_transform.generator.get_state()])
+        if not self.ranks.main:
             return
-        last = self.history[-1] if self.history else {}
-        save_model(self.model, self.run_dir, metadata={"epoch": len(self.history), **{
-            k: last[k] for k in ("loss", "test_accuracy") if k in last}})  # fmt: skip
+        last = self.log.history[-1] if self.log.history else {}
+        self.run_dir.save_model(
+            self.model, {"epoch": len(self.log.history), **{k: last[k] for k in ("loss", "test_accuracy") if k in last}}
+        )
         state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
             "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
             "rng": [g[0] for g in gathered],
             "transform_rng": [g[1] for g in gathered],
             "progress": {
                 "epoch": epoch,
                 "global_step": self.ctx.global_step,
-                "steps_per_epoch": len(self.train_loader),
-                "world_size": self.info.world_size,
+                "steps_per_epoch": len(s.train_loader),
+                "world_size": self.ranks.info.world_size,
                 "tally": tally.to_state() if tally is not None else None,
             },
         }
-        ckpt.save_resume(self.run_dir, state)
-        self._write_run_record(status)
+        self.run_dir.save_state(state)
+        self._write_record(status)
 
-    def _write_run_record(self, status: str) -> None:
-        if not self.main:
+    def _write_record(self, status: str) -> None:
+        if not self.ranks.main:
             return
         from .. import __version__
 
-        ckpt.write_json(
-            self.run_dir / ckpt.RUN_CONFIG,
+        low = self.session.autocast_dtype
+        self.run_dir.write_record(
             {
-                "format": RUN_FORMAT,
                 "config": self.config.to_dict(),
                 "status": status,
-                "epochs_done": self.epoch if hasattr(self, "epoch") else 0,
+                "epochs_done": self.epoch,
                 "global_step": self.ctx.global_step,
-                "world_size": self.info.world_size,
-                "device": str(self.device),
-                "amp": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
-                "num_classes": self.num_classes,
+                "world_size": self.ranks.info.world_size,
+                "device": str(self.ranks.device),
+                "amp": str(low).replace("torch.", "") if low else None,
+                "num_classes": self.session.num_classes,
                 "headreg_version": __version__,
                 "torch_version": torch.__version__,
                 **self.extra_record,
-            },
+            }
         )
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _check_head_warmup(head: Any, head_name: str, warmup: dict[str, list[float]]) -> dict[str, float]:
-    """The configured value of each attribute in ``warmup``; checks the head allows it and the start is valid."""
-    allowed = tuple(getattr(head, "warmup_attributes", ()))
-    targets: dict[str, float] = {}
-    for name, (start, _) in warmup.items():
-        if name not in allowed:
-            raise InvalidValueError(
-                f"head {head_name!r} cannot warm up {name!r}; it allows "
-                + (", ".join(repr(a) for a in allowed) if allowed else "no warm-up")
-            )
-        targets[name] = float(getattr(head, name))
-        setattr(head, name, start)  # the head's setter validates the start value
-        setattr(head, name, targets[name])
-    return targets
-
-
-def _restore_head(ctx: StepContext) -> None:
-    for name, value in ctx.head_targets.items():
-        setattr(ctx.head, name, value)
-
-
-def _amp_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None:
-    use = amp if amp is not None else device.type == "cuda"
-    if not use:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
-    return torch.float16

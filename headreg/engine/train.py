@@ -1,6 +1,6 @@
 """Training: any registered backbone and head on any dataset headreg reads, in one process or under torchrun.
 
-``train(TrainConfig(...), out)`` trains and writes a run directory (see :mod:`headreg.engine._checkpoint`);
+``train(TrainConfig(...), out)`` trains and writes a run directory (see :mod:`headreg.engine._rundir`);
 ``resume(run_dir)`` continues a stopped run exactly where it stopped. Under ``torchrun`` the model is
 wrapped in ``DistributedDataParallel``; ``batch_size`` is the **global** batch, split evenly over the
 ranks, and each rank reads a disjoint shard of every global batch, so N processes take the same steps
@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _checkpoint as ckpt
 from ._config import TrainConfig, TrainResult
 from ._feasibility import MarginFeasibilityWarning, TrainingWarning, class_separation, margin_feasibility
-from ._runner import Run
+from ._rundir import RunDir
+from ._runner import run_training
 
 __all__ = [
     "TrainConfig",
@@ -54,9 +54,10 @@ def train(
     Returns:
         A :class:`TrainResult`.
     """
-    return Run(config, Path(out), progress=progress, log=log).execute(
-        resume=False, overwrite=overwrite, stop_after_steps=stop_after_steps, on_step=on_step
-    )
+    return run_training(
+        config, Path(out), resume=False, overwrite=overwrite, stop_after_steps=stop_after_steps, on_step=on_step,
+        progress=progress, log=log,
+    )  # fmt: skip
 
 
 def resume(
@@ -79,13 +80,13 @@ def resume(
         stop_after_steps, on_step, progress, log: as :func:`train`.
     """
     run_dir = Path(run_dir)
-    record = ckpt.read_run_config(run_dir)
-    config = TrainConfig.from_dict(record["config"])
+    config = TrainConfig.from_dict(RunDir(run_dir).read_record()["config"])
     if epochs is not None:
         config.epochs = epochs
         config.__post_init__()
     if device is not None:
         config.device = device
-    return Run(config, run_dir, progress=progress, log=log).execute(
-        resume=True, overwrite=False, stop_after_steps=stop_after_steps, on_step=on_step
-    )
+    return run_training(
+        config, run_dir, resume=True, overwrite=False, stop_after_steps=stop_after_steps, on_step=on_step,
+        progress=progress, log=log,
+    )  # fmt: skip

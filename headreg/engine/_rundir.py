@@ -1,0 +1,286 @@
+"""The run directory: every file a training run reads or writes, and the guard on ``--out``.
+
+A run directory holds
+
+- ``run.json``: the run record: config, status (``running``, ``stopped``, ``completed``), progress;
+- ``model.safetensors`` + ``config.json``: the model, as :func:`headreg.save_model` writes it;
+- ``metrics.jsonl``: one JSON line per finished epoch;
+- ``eval.json``: the final evaluation;
+- ``resume.safetensors`` + ``resume.json``: everything needed to continue exactly (see
+  :mod:`headreg.engine._checkpoint` for how nested state becomes tensors + JSON).
+
+:class:`RunDir` is the only code that touches these files; ``train``, ``resume`` and ``compare`` go
+through it, and ``compare`` guards its own ``--out`` with the same :func:`claim_out_dir`. Writes are
+atomic (temp file, fsync, rename), so a crash leaves the previous version, never half a file. Reads
+of JSON go through :meth:`RunDir.read_json`, the one place where a schema check of what was read
+belongs; claiming a directory is the one place for a lock against a second writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, InvalidValueError
+
+__all__ = ["RUN_FILES", "RUN_LAYOUT", "OutLayout", "RunDir", "atomic_write_text", "claim_out_dir", "write_json"]
+
+RUN_CONFIG = "run.json"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+RESUME_TENSORS = "resume.safetensors"
+RESUME_JSON = "resume.json"
+#: Files a training run writes; ``--overwrite`` removes exactly these, nothing else.
+RUN_FILES = (RUN_CONFIG, "model.safetensors", "config.json", METRICS, EVAL, RESUME_TENSORS, RESUME_JSON)
+RUN_FORMAT = "headreg.run/1"
+RESUME_FORMAT = "headreg.resume/1"
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def _replace_synced(tmp: Path, path: Path) -> None:
+    """Rename the flushed ``tmp`` over ``path`` and sync the directory, so the rename itself survives a crash."""
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that refuse to sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file: flushed, fsynced, then renamed over the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace_synced(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically (:func:`atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+# ---------------------------------------------------------------------------------------------- the --out guard
+@dataclass(frozen=True)
+class OutLayout:
+    """What a command writes into its ``--out`` directory, so the guard knows what it may find and remove.
+
+    Attributes:
+        noun: what the directory holds (``run``, ``comparison``), for the refusal.
+        files: names of the files the command writes; ``--overwrite`` removes these (and their ``.tmp``).
+        run_subdirs: sub-directories holding a training run belong too (``compare``'s one per head; each is
+            guarded by its own training run, so ``--overwrite`` leaves them); an empty one is ignored.
+    """
+
+    noun: str
+    files: frozenset[str]
+    run_subdirs: bool = False
+
+    def owns(self, entry: Path) -> bool:
+        """Whether ``entry`` is something this command wrote."""
+        if entry.name in self.files or entry.name.endswith(".tmp"):
+            return True
+        return self.run_subdirs and entry.is_dir() and (entry / RUN_CONFIG).exists()
+
+
+RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES))
+
+
+def claim_out_dir(path: Path, layout: OutLayout, *, overwrite: bool, occupied: Callable[[list[Path]], str]) -> Path:
+    """Create ``path`` for a new output, refusing a directory that already holds something unless ``overwrite``.
+
+    With ``overwrite`` only the files ``layout`` owns are removed; a directory holding anything else is still
+    refused, so a mistyped ``--out ~`` deletes nothing.
+
+    Args:
+        path: the ``--out`` directory.
+        layout: what the command writes there.
+        overwrite: replace a previous output.
+        occupied: the refusal's message, given what is there (the entries of a previous output).
+
+    Returns:
+        The directory, created.
+    """
+    if path.exists() and not path.is_dir():
+        raise InvalidValueError(f"--out must be a directory, got the file {path}")
+    present = sorted(path.iterdir()) if path.is_dir() else []
+    if layout.run_subdirs:  # an empty one is a head whose run failed before writing anything
+        present = [p for p in present if not (p.is_dir() and not any(p.iterdir()))]
+    foreign = [p.name for p in present if not layout.owns(p)]
+    if foreign:
+        raise InvalidValueError(
+            f"--out {path} is not empty and holds files that are not a headreg {layout.noun} "
+            f"({', '.join(foreign[:5])}); choose a new directory"
+        )
+    if present and not overwrite:
+        raise InvalidValueError(occupied(present))
+    for entry in present:
+        if (entry.name in layout.files or entry.name.endswith(".tmp")) and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the run directory
+class RunDir:
+    """One training run's directory; rank 0 of a run writes through it, every rank may read.
+
+    Args:
+        path: the directory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -------------------------------------------------------------------------------------- JSON files
+    def read_json(self, name: str, *, missing: str) -> Any:
+        """The parsed JSON file ``name``; CheckpointError with ``missing`` when absent, or when it is not JSON.
+
+        Every JSON read of a run directory comes through here: where a schema check of the content goes.
+        """
+        path = self.path / name
+        if not path.is_file():
+            raise CheckpointError(missing)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+    def read_record(self) -> dict[str, Any]:
+        """``run.json``; CheckpointError when absent or unreadable."""
+        return self.read_json(
+            RUN_CONFIG, missing=f"run directory {self.path} holds no {RUN_CONFIG}; is it a `headreg train` run?"
+        )
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Write ``run.json``: ``record`` under the run format's name."""
+        write_json(self.path / RUN_CONFIG, {"format": RUN_FORMAT, **record})
+
+    def write_eval(self, result: dict[str, Any]) -> None:
+        """Write ``eval.json``."""
+        write_json(self.path / EVAL, result)
+
+    # -------------------------------------------------------------------------------------- new runs
+    def claim(self, config: dict[str, Any], *, overwrite: bool) -> None:
+        """Create the directory for a new run with ``config`` (see :func:`claim_out_dir`)."""
+        claim_out_dir(self.path, RUN_LAYOUT, overwrite=overwrite, occupied=lambda _: self._occupied(config))
+
+    def _occupied(self, config: dict[str, Any]) -> str:
+        path = self.path
+        try:
+            old = json.loads((path / RUN_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is None:
+            return f"--out {path} already holds a headreg run; pass --overwrite to replace it or choose a new directory"
+        old_cfg = old.get("config", old)
+        diff = [k for k in sorted(set(old_cfg) | set(config)) if k != "out" and old_cfg.get(k) != config.get(k)]
+        status = old.get("status", "unknown")
+        if diff:
+            shown = "; ".join(f"{k}: {old_cfg.get(k)!r} there, {config.get(k)!r} now" for k in diff[:4])
+            return (
+                f"--out {path} already holds a different run (status {status}; {shown}); "
+                "pass --overwrite to replace it or choose a new directory"
+            )
+        hint = f"`headreg train --resume {path}` continues it, " if status != "completed" else ""
+        return f"--out {path} already holds this run (status {status}); {hint}--overwrite trains it again"
+
+    # -------------------------------------------------------------------------------------- metrics.jsonl
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one epoch's line to ``metrics.jsonl`` and flush it (a reader sees each epoch as it ends)."""
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The epoch lines of ``metrics.jsonl`` (none when absent), up to a torn last line."""
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line
+        return out
+
+    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``records``, atomically."""
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+
+    # -------------------------------------------------------------------------------------- model
+    def save_model(self, model: Any, metadata: dict[str, Any]) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (:func:`headreg.save_model`)."""
+        from ..models import save_model
+
+        save_model(model, self.path, metadata=metadata)
+
+    # -------------------------------------------------------------------------------------- resumable state
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Write ``resume.safetensors`` then ``resume.json``, each atomically; the step ties the two together."""
+        from safetensors.torch import save_file
+
+        from ._checkpoint import split_state
+
+        tensors: dict[str, Any] = {}
+        tree = split_state(state, tensors, "s")
+        step = str(state.get("progress", {}).get("global_step", -1))
+        tmp = self.path / (RESUME_TENSORS + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": RESUME_FORMAT, "global_step": step})
+        with open(tmp, "rb+") as f:  # safetensors closes without fsync
+            os.fsync(f.fileno())
+        _replace_synced(tmp, self.path / RESUME_TENSORS)
+        write_json(self.path / RESUME_JSON, {"format": RESUME_FORMAT, "global_step": step, "state": tree})
+
+    def load_state(self) -> dict[str, Any]:
+        """Read the state :meth:`save_state` wrote; CheckpointError when missing, torn or foreign."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from ._checkpoint import join_state
+
+        tj, ts = self.path / RESUME_JSON, self.path / RESUME_TENSORS
+        where = f"--resume {self.path}"
+        if not tj.is_file() or not ts.is_file():
+            raise CheckpointError(f"{where}: no resumable state ({RESUME_JSON} and {RESUME_TENSORS}) in that directory")
+        try:
+            meta = self.read_json(RESUME_JSON, missing="")
+            with safe_open(str(ts), framework="pt") as f:
+                tmeta = f.metadata() or {}
+            tensors = load_file(str(ts), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - json / safetensors errors alike mean an unreadable file
+            raise CheckpointError(f"{where}: resumable state is unreadable ({type(exc).__name__}: {exc})") from None
+        if meta.get("format") != RESUME_FORMAT or tmeta.get("format") != RESUME_FORMAT:
+            raise CheckpointError(
+                f"{where}: resume files have format {meta.get('format')!r}, expected {RESUME_FORMAT!r}"
+            )
+        if meta.get("global_step") != tmeta.get("global_step"):
+            raise CheckpointError(
+                f"{where}: {RESUME_JSON} (step {meta.get('global_step')}) and {RESUME_TENSORS} "
+                f"(step {tmeta.get('global_step')}) disagree; the run was stopped while saving"
+            )
+        return join_state(meta["state"], tensors)
