@@ -1,8 +1,8 @@
 """Draw one `headreg compare` figure from the head runs of one or more comparisons.
 
-Each head's test features are extracted again from its saved model (`headreg eval
---save-embeddings`), and its row (test accuracy, options...) is read from the comparison's
-`compare.json`. When a head appears in several comparisons, the last one given wins: this is
+Each head's test features are extracted again from its saved model by headreg's one inference
+pass (`extract_dataset`, as `headreg eval` runs it), and its row (test accuracy, options...) is
+read from the comparison's `compare.json`. When a head appears in several comparisons, the last one given wins: this is
 how docs/img/mnist_compare_paper.png shows a head rerun alone beside the others' run.
 
     HEADREG_DATA_DIR=../shared/data .venv/bin/python scripts/draw_compare.py \
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file
-
+import headreg
 from headreg.compare import CompareEntry, plot_compare
+from headreg.data import create_dataset
+from headreg.engine.extract import extract_dataset
+from headreg.engine.runtime import resolve_device
 
 
 def main() -> None:
@@ -40,28 +39,25 @@ def main() -> None:
                 order.append(row["head"])
             rows[row["head"]] = (cmp_dir / row["head"], row)
     entries = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for head in order:
-            run_dir, row = rows[head]
-            emb = Path(tmp) / f"{head}.safetensors"
-            cmd = [sys.executable, "-m", "headreg", "eval", "--checkpoint", str(run_dir), "--dataset", args.dataset,
-                   "--metrics", "classification", "--save-embeddings", str(emb), "--no-progress"]  # fmt: skip
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            saved = load_file(str(emb))
-            entries.append(
-                CompareEntry(
-                    head=head,
-                    options=row["options"],
-                    test_accuracy=row["test_accuracy"],
-                    metrics={},
-                    train_seconds=row["train_seconds"],
-                    total_seconds=row["total_seconds"],
-                    warnings=[],
-                    embeddings=saved["embeddings"],
-                    labels=saved["labels"],
-                )
+    test_set = create_dataset(args.dataset, "test")
+    device = resolve_device("auto")
+    for head in order:
+        run_dir, row = rows[head]
+        ext = extract_dataset(headreg.load_model(run_dir), test_set, device=device, progress=False, desc=head)
+        entries.append(
+            CompareEntry(
+                head=head,
+                options=row["options"],
+                test_accuracy=row["test_accuracy"],
+                metrics={},
+                train_seconds=row["train_seconds"],
+                total_seconds=row["total_seconds"],
+                warnings=[],
+                embeddings=ext.embeddings.cpu(),
+                labels=ext.labels.cpu(),
             )
-            print(f"{head}: {run_dir}, test accuracy {row['test_accuracy']:.4f}")
+        )
+        print(f"{head}: {run_dir}, test accuracy {row['test_accuracy']:.4f}")
     plot_compare(entries, args.out, title=args.title)
     print(f"figure: {args.out}")
 
