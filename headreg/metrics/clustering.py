@@ -38,27 +38,31 @@ from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_l
 
 __all__ = ["DEFAULT_MAX_ITER", "SEED_ROUNDS", "kmeans", "clustering_metrics", "ClusteringMetrics"]
 
-#: Lloyd iterations at most (pytorch-metric-learning's faiss k-means runs 20).
-DEFAULT_MAX_ITER = 20
+#: Lloyd iterations at most (pytorch-metric-learning's faiss k-means stops at 20; headreg runs to
+#: convergence, which took 44 iterations on 100,000 noisy embeddings of 100 classes: docs/metrics.md).
+DEFAULT_MAX_ITER = 100
 #: Seeding draws its k centres in at most this many rounds (exact k-means++ up to this k).
 SEED_ROUNDS = 128
-#: Entries of one block of the point-to-centre distance matrix (128 MiB in float32).
-_BLOCK_ELEMENTS = 1 << 25
+#: Entries of one block of the point-to-centre distance matrix (4 MiB in float32: cache-sized).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _nearest(x: torch.Tensor, centers: torch.Tensor, x_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest center of each row, `(N,)` each; O(block) memory.
+    """Index of and squared distance to the nearest center of each row, `(N,)` each.
 
-    `x_sq` is `(N, 1)`, the rows' squared norms, computed once per k-means run.
+    `‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖²`, and `‖x‖²` (`x_sq`, `(N,)`, computed once per run) is the
+    same for every centre of a row, so the argmin is taken over `‖c‖² − 2 x·c` alone: one
+    `addmm` and one `min` per block of rows, blocks of at most :data:`_BLOCK_ELEMENTS` entries so
+    they stay in cache (the retrieval scan's tiles, docs/metrics.md).
     """
     c_sq = (centers * centers).sum(1)
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    chunk = max(1, min(65536, _BLOCK_ELEMENTS // max(1, centers.shape[0])))
+    chunk = max(1, min(x.shape[0], _BLOCK_ELEMENTS // max(1, centers.shape[0])))
     for s in range(0, x.shape[0], chunk):
-        d = torch.addmm(c_sq, x[s : s + chunk], centers.T, alpha=-2.0).add_(x_sq[s : s + chunk])
+        d = torch.addmm(c_sq, x[s : s + chunk], centers.T, alpha=-2.0)
         dist[s : s + chunk], idx[s : s + chunk] = d.min(1)
-    return idx, dist.clamp_min(0.0)
+    return idx, dist.add_(x_sq).clamp_min_(0.0)
 
 
 def _draw(weights: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -118,15 +122,17 @@ def kmeans(
     if not 1 <= k <= n:
         raise InvalidValueError(f"k must be in [1, {n}] for {n} points, got {k}")
     gen = torch.Generator().manual_seed(int(seed))
-    x_sq = (x * x).sum(1, keepdim=True)
+    x_sq = (x * x).sum(1)
     with stage_bar("k-means seeding", k, "centre", progress) as bar:
         bar.update(1)
         centers = _seed(x, x_sq, k, gen, bar)
     assign = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    moved = True  # the centres changed since `assign` was computed
     with stage_bar("k-means", max_iter, "iter", progress) as bar:
         for _ in range(max_iter):
             previous = assign
             assign, d2 = _nearest(x, centers, x_sq)
+            moved = False
             bar.update(1)
             if bool((assign == previous).all()):
                 break  # a fixed point: the centres below would not move
@@ -138,10 +144,11 @@ def kmeans(
                 far = torch.topk(d2, empty.numel()).indices
                 new[empty] = x[far]
             shift = float(((new - centers) ** 2).sum(1).mean())
-            centers = new
+            centers, moved = new, True
             if shift < tol:
                 break
-    assign, _ = _nearest(x, centers, x_sq)
+    if moved:
+        assign, _ = _nearest(x, centers, x_sq)
     return assign, centers
 
 
