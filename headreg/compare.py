@@ -87,14 +87,14 @@ _RECIPE: dict[str, Any] = {
 #:
 #: - ``scale``: heads with a fixed logit scale ``s`` (NormFace, ArcFace, CosFace...: ``s · cos θ``, the
 #:   feature norm discarded). The class weights and the 2-D layer learn 10x faster, and ``s`` ramps from
-#:   1 to its value over the first 70 % of the run.
+#:   1 to its value over the first 70 % of the run: while ``s`` is small the softmax is soft, so classes
+#:   that start in the wrong order around the circle can still pass each other.
 #: - ``lambda_c``: center loss. λ ramps from 0 over the first half, so that softmax spreads the classes
-#:   before the pull towards the centres (which start at the origin) sets in: with λ from the first
-#:   step the paper preset's LeNets++ (no batch norm) collapsed its features (loss 69, 33 % test
-#:   accuracy after one epoch, 87 % after eight).
+#:   before the pull towards the centres (which start at the origin) sets in; with λ from the first
+#:   step the paper preset's LeNets++ (no batch norm) collapsed its features.
 #:
-#: Softmax, modified softmax and SphereFace get none: x10 left softmax at 97.2 % in the paper preset,
-#: where x1 gives 99.3 % (docs/compare.md).
+#: Softmax, modified softmax and SphereFace get none: the 10x learning rate under-fits softmax.
+#: docs/compare.md measures each aid ("Presets", "--preset paper").
 HEAD_AIDS: dict[str, dict[str, Any]] = {
     "scale": {"head_lr_scale": 10.0, "head_warmup": {"scale": [1.0, 0.7]}},
     "lambda_c": {"head_warmup": {"lambda_c": [0.0, 0.5]}},
@@ -125,8 +125,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "paper": {
         **_RECIPE,
-        # LeNets++ as in Wen et al. 2016. The paper's SGD (lr 0.01, step decay) trains softmax but left
-        # ArcFace at 20 % after 3 epochs; the shared recipe reached 97.7 % in 3 (docs/compare.md).
+        # LeNets++ as in Wen et al. 2016, with the shared recipe: the paper's SGD (lr 0.01, step decay)
+        # trains softmax but not ArcFace (docs/compare.md, "History of the preset").
         "model": "lenetpp",
         "model_options": {},
         "epochs": 10,
