@@ -22,6 +22,7 @@ __all__ = [
     "PluginError",
     "CheckpointError",
     "DatasetNotFoundError",
+    "RunLockedError",
     "did_you_mean",
 ]
 
@@ -74,6 +75,10 @@ class DatasetNotFoundError(HeadregError, FileNotFoundError):
 
     def __str__(self) -> str:  # OSError formats its args otherwise
         return str(self.args[0]) if self.args else ""
+
+
+class RunLockedError(HeadregError):
+    """A run (or comparison) directory that another headreg process is writing."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
