@@ -22,10 +22,12 @@ from torch import Tensor
 from headreg.errors import InvalidInputError, InvalidValueError, did_you_mean
 
 __all__ = [
+    "check_chunk_size",
     "check_choice",
     "check_embeddings",
     "check_finite",
     "check_labels",
+    "check_logits",
     "check_mask",
     "check_positive_ints",
     "check_same_width",
@@ -120,6 +122,31 @@ def check_positive_ints(values: object, name: str) -> tuple[int, ...]:
             f"{name} must be a non-empty sequence of positive integers, e.g. 1,2,4,8, got {values!r}"
         )
     return out
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    """``None`` or a positive int (queries per similarity chunk)."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InvalidValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_logits(logits: object, labels: object) -> tuple[Tensor, Tensor]:
+    """Check ``(B, C)`` finite float logits and ``(B,)`` integer labels in ``[0, C)``; labels as int64."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise InvalidInputError(f"logits must be a non-empty tensor of shape (B, C), got {_shape(logits)}")
+    if not logits.is_floating_point():
+        raise InvalidInputError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    b, c = logits.shape
+    labels = check_labels(labels, b)
+    if int(labels.min()) < 0 or int(labels.max()) >= c:
+        raise InvalidInputError(
+            f"labels must lie in [0, {c}) for {c} classes, got [{int(labels.min())}, {int(labels.max())}]"
+        )
+    check_finite(logits, "logits")
+    return logits, labels
 
 
 def check_choice(value: object, choices: Iterable[str], name: str) -> str:

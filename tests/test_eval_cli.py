@@ -141,7 +141,7 @@ def test_mismatched_widths(tmp_path: Path) -> None:
     q = save_embeddings(tmp_path / "q.safetensors", torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
     g = save_embeddings(tmp_path / "g.safetensors", torch.randn(4, 5), torch.tensor([0, 0, 1, 1]))
     r = invoke("--embeddings", q, "--gallery-embeddings", g, ok=False)
-    assert "same width D, got query (4, 3) and gallery (4, 5)" in r.output
+    assert "gallery embeddings must have the query width D=3, got shape (4, 5)" in r.output
 
 
 @pytest.mark.parametrize(

@@ -154,10 +154,10 @@ def test_query_label_absent_from_gallery_warns_not_crashes() -> None:
     [
         (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), torch.tensor([0, 0]), "finite.*row 0"),
         (torch.ones(1, 3), torch.tensor([0]), "at least 2 samples, got 1"),
-        (torch.ones(3, 2), torch.tensor([0.0, 1.0, 1.0]), "integer class indices, got dtype torch.float32"),
+        (torch.ones(3, 2), torch.tensor([0.0, 1.0, 1.0]), "must be an integer tensor, got dtype torch.float32"),
         (torch.ones(3, 2), torch.tensor([0, 1]), r"shape \(3,\), got \(2,\)"),
-        (torch.ones(3, 2, dtype=torch.long), torch.tensor([0, 1, 1]), "float tensor of shape"),
-        (torch.ones(0, 2), torch.zeros(0, dtype=torch.long), "at least one sample"),
+        (torch.ones(3, 2, dtype=torch.long), torch.tensor([0, 1, 1]), "must be a floating-point tensor"),
+        (torch.ones(0, 2), torch.zeros(0, dtype=torch.long), "must not be empty"),
         (torch.randn(4, 2), torch.tensor([0, 1, 2, 3]), "no query has another sample of its class"),
     ],
 )
@@ -168,7 +168,7 @@ def test_bad_embeddings_are_clear_errors(emb, lab, match) -> None:
 
 def test_bad_options() -> None:
     emb, lab = _clustered()
-    with pytest.raises(InvalidInputError, match="same width D"):
+    with pytest.raises(InvalidInputError, match="must have the query width D"):
         combine_query_gallery(emb, lab, emb[:, :3], lab)
     with pytest.raises(InvalidValueError, match="needs head predictions"):
         evaluate_embeddings(emb, lab, metrics="classification")

@@ -215,7 +215,7 @@ def test_no_query_with_positive_gives_nan_and_counts():
             lambda: retrieval_metrics(
                 torch.tensor([[1.0, float("nan")], [1.0, 2.0], [float("inf"), 0]]), torch.zeros(3)
             ),
-            "2 row",
+            "2 of 3 rows",
         ),
         (lambda: retrieval_metrics(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), recall_k=(0,)), "recall_k"),
     ],

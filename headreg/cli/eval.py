@@ -208,6 +208,11 @@ def _check_options(opts: EvalOptions) -> None:
         )
 
 
+def _show_progress(flag: bool | None) -> bool:
+    """``--progress/--no-progress``, or (unset) whether stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
 def _from_files(opts: EvalOptions, metrics: tuple[str, ...] | None, device: Any) -> Any:
     from headreg.data import load_embeddings
     from headreg.engine.evaluate import EvalResult, broadcast_from_main, combine_query_gallery, evaluate_embeddings
@@ -236,7 +241,7 @@ def _from_files(opts: EvalOptions, metrics: tuple[str, ...] | None, device: Any)
             labels.to(device),
             is_query=None if is_query is None else is_query.to(device),
             is_gallery=None if is_gallery is None else is_gallery.to(device),
-            **opts.engine_kwargs("recall_k", "knn", metrics=metrics),
+            **opts.engine_kwargs("recall_k", "knn", metrics=metrics, progress=_show_progress(opts.progress)),
         )
 
     values, warnings = broadcast_from_main(compute)
@@ -316,10 +321,10 @@ def _write_outputs(result: Any, opts: EvalOptions) -> None:
         opts.output.parent.mkdir(parents=True, exist_ok=True)
         opts.output.write_text(text + "\n")
     if opts.plot is not None:
-        from headreg.plotting import save_embedding_plot
+        from headreg.plotting import _save_plot  # the evaluation checked these embeddings already
 
         title = " / ".join(str(result.info[k]) for k in ("model", "head", "dataset") if result.info.get(k))
-        save_embedding_plot(opts.plot, result.embeddings, result.labels, title or None)
+        _save_plot(opts.plot, result.embeddings, result.labels, title or None)
     if opts.as_json:
         click.echo(text)
         return

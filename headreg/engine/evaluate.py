@@ -20,8 +20,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from headreg._checks import (
+    check_choice,
+    check_embeddings,
+    check_labels,
+    check_mask,
+    check_positive_ints,
+    check_same_width,
+    resolve_device,
+)
 from headreg.engine.extract import Extraction, extract_dataset, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
+from headreg.metrics._knn import KNN_BACKENDS
+from headreg.metrics.retrieval import _positive_counts
 
 __all__ = [
     "ALL_METRICS",
@@ -40,8 +51,6 @@ __all__ = [
 ALL_METRICS = ("retrieval", "verification", "clustering", "classification")
 #: Computed when the caller names none; classification is added when head predictions exist.
 DEFAULT_METRICS = ("retrieval", "verification", "clustering")
-#: The k-NN search back ends of ``knn=`` (``headreg eval --knn``).
-KNN_BACKENDS = ("torch", "faiss")
 
 
 @dataclass
@@ -96,28 +105,13 @@ def parse_metric_names(spec: str | Sequence[str] | None) -> tuple[str, ...] | No
 def validate_embeddings(embeddings: Any, labels: Any, *, what: str = "embeddings") -> tuple[Tensor, Tensor]:
     """Check ``(N, D)`` finite float embeddings and ``(N,)`` integer labels; return them (labels as int64).
 
+    The checks of :mod:`headreg._checks`, kept under this name for callers of the engine API.
+
     Raises:
         InvalidInputError: with the argument, the value received and what was expected.
     """
-    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
-        got = f"{tuple(embeddings.shape)} {embeddings.dtype}" if isinstance(embeddings, Tensor) else type(embeddings)
-        raise InvalidInputError(f"{what} must be a float tensor of shape (N, D), got {got}")
-    n, d = embeddings.shape
-    if n == 0 or d == 0:
-        raise InvalidInputError(f"{what} must hold at least one sample of at least one dimension, got shape ({n}, {d})")
-    if not isinstance(labels, Tensor) or labels.shape != (n,):
-        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise InvalidInputError(f"labels of {what} must have shape ({n},), got {got}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise InvalidInputError(f"labels of {what} must be integer class indices, got dtype {labels.dtype}")
-    finite = torch.isfinite(embeddings).all(dim=1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()
-        raise InvalidInputError(
-            f"{what} must be finite, got {bad.numel()} of {n} rows with NaN or Inf (first at row {int(bad[0])}); "
-            "a diverged checkpoint, or bf16 overflow (try --no-amp)"
-        )
-    return embeddings, labels.long()
+    embeddings = check_embeddings(embeddings, what)
+    return embeddings, check_labels(labels, embeddings.shape[0], f"labels of {what}")
 
 
 def combine_query_gallery(
@@ -125,16 +119,16 @@ def combine_query_gallery(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stack query rows then gallery rows; return ``(embeddings, labels, is_query, is_gallery)``.
 
+    Checks shapes and dtypes only: the evaluation of the result scans it for NaN / Inf, once.
+
     Raises:
         InvalidInputError: the two sets have different widths, or bad shapes.
     """
-    query, query_labels = validate_embeddings(query, query_labels, what="query embeddings")
-    gallery, gallery_labels = validate_embeddings(gallery, gallery_labels, what="gallery embeddings")
-    if query.shape[1] != gallery.shape[1]:
-        raise InvalidInputError(
-            f"query and gallery embeddings must have the same width D, got query {tuple(query.shape)} and "
-            f"gallery {tuple(gallery.shape)}"
-        )
+    check_embeddings(query, "query embeddings", finite=False)
+    query_labels = check_labels(query_labels, query.shape[0], "labels of query embeddings")
+    check_embeddings(gallery, "gallery embeddings", finite=False)
+    gallery_labels = check_labels(gallery_labels, gallery.shape[0], "labels of gallery embeddings")
+    check_same_width(query, gallery, "gallery embeddings")
     nq, ng = query.shape[0], gallery.shape[0]
     device = query.device
     is_query = torch.cat([torch.ones(nq, dtype=torch.bool), torch.zeros(ng, dtype=torch.bool)]).to(device)
@@ -159,34 +153,6 @@ def classification_accuracy(label_rank: Tensor, top_k: Sequence[int] = (1, 5)) -
     from headreg.metrics.classification import topk_from_ranks
 
     return topk_from_ranks(label_rank, tuple(top_k))
-
-
-def _compute(
-    embeddings: Tensor,
-    labels: Tensor,
-    query_mask: Tensor | None,
-    gallery_mask: Tensor | None,
-    names: tuple[str, ...],
-    recall_k: tuple[int, ...],
-    knn: str,
-    device: torch.device | str | None,
-    progress: bool,
-) -> dict[str, float | int]:
-    from headreg.metrics import compute_metrics
-
-    return dict(
-        compute_metrics(
-            embeddings,
-            labels,
-            query_mask=query_mask,
-            gallery_mask=gallery_mask,
-            metrics=names,
-            recall_k=recall_k,
-            device=device,
-            knn_backend=knn,
-            progress=progress,
-        )
-    )
 
 
 def evaluate_embeddings(
@@ -225,35 +191,34 @@ def evaluate_embeddings(
         InvalidInputError: non-finite embeddings, non-integer labels, fewer than 2 samples, empty masks.
         InvalidValueError: unknown metric names, classification without predictions, a bad ``knn``.
     """
+    # The checks of this evaluation, all here: nothing below scans the embeddings again.
     names = parse_metric_names(metrics)
     if names is None:
         names = DEFAULT_METRICS + (("classification",) if label_rank is not None else ())
-    if knn not in KNN_BACKENDS:
-        raise InvalidValueError(f"knn must be {' or '.join(map(repr, KNN_BACKENDS))}, got {knn!r}")
-    recall_k = tuple(recall_k)
-    if not recall_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_k):
-        raise InvalidValueError(f"recall_k must be positive integers, e.g. 1,2,4,8, got {recall_k!r}")
+    knn = check_choice(knn, KNN_BACKENDS, "knn")
+    recall_k = check_positive_ints(tuple(recall_k), "recall_k")
     embeddings, labels = validate_embeddings(embeddings, labels)
     n = embeddings.shape[0]
-    warnings: list[str] = []
-    masks = {"is_query": is_query, "is_gallery": is_gallery}
-    for key, mask in masks.items():
-        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (n,)):
-            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
-            raise InvalidInputError(f"{key} must be a bool tensor of shape ({n},), got {got}")
-        if mask is not None and not bool(mask.any()):
-            raise InvalidInputError(f"{key} selects no sample (all {n} entries are False)")
+    for key, mask in (("is_query", is_query), ("is_gallery", is_gallery)):
+        if mask is not None:
+            check_mask(mask, n, key)
     loo = is_query is None and is_gallery is None
     if loo and n < 2:
         raise InvalidInputError(f"leave-one-out evaluation needs at least 2 samples, got {n}")
+    if "classification" in names and label_rank is None:
+        raise InvalidValueError(
+            "metrics 'classification' needs head predictions: evaluate a model with a head (not an embeddings file "
+            "or a head-less model), or leave it out of --metrics"
+        )
+    if label_rank is not None and label_rank.shape != (n,):
+        raise InvalidInputError(f"label_rank must have shape ({n},), got {tuple(label_rank.shape)}")
+    dev = resolve_device(device, embeddings)
     qm = torch.ones(n, dtype=torch.bool) if is_query is None else is_query.cpu()
     gm = torch.ones(n, dtype=torch.bool) if is_gallery is None else is_gallery.cpu()
+    warnings: list[str] = []
     lab = labels.cpu()
-    g_classes, g_counts = torch.unique(lab[gm], return_counts=True)
     q_lab = lab[qm]
-    pos = torch.searchsorted(g_classes, q_lab).clamp(max=g_classes.numel() - 1)
-    count = torch.where(g_classes[pos] == q_lab, g_counts[pos], torch.zeros_like(pos))
-    count = count - (qm & gm)[qm].long()  # a sample in both sets is never its own neighbour
+    count = _positive_counts(q_lab, lab[gm]) - (qm & gm)[qm].long()  # a sample in both is never its own neighbour
     lonely = int((count <= 0).sum())
     if lonely:
         first = int(q_lab[count <= 0][0])
@@ -264,32 +229,33 @@ def evaluate_embeddings(
     if lonely == q_lab.numel():
         raise InvalidInputError(
             f"no query has another sample of its class in the gallery ({lonely} queries, "
-            f"{g_classes.numel()} gallery classes): retrieval metrics are undefined"
+            f"{int(torch.unique(lab[gm]).numel())} gallery classes): retrieval metrics are undefined"
         )
-    if "classification" in names and label_rank is None:
-        raise InvalidValueError(
-            "metrics 'classification' needs head predictions: evaluate a model with a head (not an embeddings file "
-            "or a head-less model), or leave it out of --metrics"
-        )
+    if "verification" in names and int(torch.unique(lab).numel()) < 2:
+        names = tuple(m for m in names if m != "verification")
+        warnings.append("all samples carry one label, so there are no impostor pairs: verification is skipped")
     out: dict[str, float | int] = {}
     embedding_names = tuple(m for m in names if m != "classification")
     if embedding_names:
+        from headreg.metrics._compute import compute_checked
+
         out.update(
-            _compute(
+            compute_checked(
                 embeddings,
                 labels,
-                None if loo else qm.to(embeddings.device),
-                None if loo else gm.to(embeddings.device),
-                embedding_names,
-                recall_k,
-                knn,
-                device,
-                progress,
+                query_mask=None if loo else qm.to(embeddings.device),
+                gallery_mask=None if loo else gm.to(embeddings.device),
+                metrics=embedding_names,
+                recall_k=recall_k,
+                knn_k=5,
+                device=dev,
+                knn_backend=knn,
+                chunk_size=None,
+                seed=0,
+                progress=progress,
             )
         )
     if "classification" in names and label_rank is not None:
-        if label_rank.shape != (n,):
-            raise InvalidInputError(f"label_rank must have shape ({n},), got {tuple(label_rank.shape)}")
         out.update(classification_accuracy(label_rank[qm.to(label_rank.device)]))
     return out, warnings
 

@@ -75,9 +75,19 @@ from headreg.metrics._knn_base import (
 from headreg.metrics._knn_faiss import iter_faiss
 from headreg.metrics._knn_torch import TorchScan
 
-__all__ = ["iter_ranked_neighbours", "iter_self_neighbours", "plan_chunks", "self_scan_applies", "similarity_tiles"]
+__all__ = [
+    "KNN_BACKENDS",
+    "iter_ranked_neighbours",
+    "iter_self_neighbours",
+    "plan_chunks",
+    "self_scan_applies",
+    "similarity_tiles",
+]
 
 # z-score of the sampled threshold: larger means fewer fallbacks but more candidates to sort.
+#: The search back ends of ``knn_backend=`` (``headreg eval --knn``).
+KNN_BACKENDS = ("torch", "faiss")
+
 _SAMPLE_Z = 3.0
 # One gallery item in this many forms the threshold sample.
 _SAMPLE_STRIDE = 16
@@ -189,7 +199,7 @@ def iter_ranked_neighbours(
         yield from iter_faiss(query, gallery, k_all, self_index, chunk_size)
         return
     if backend != "torch":
-        raise InvalidValueError(f"knn_backend must be 'torch' or 'faiss', got {backend!r}")
+        raise InvalidValueError(f"knn_backend must be one of {', '.join(KNN_BACKENDS)}, got {backend!r}")
 
     sampled = num_gallery >= _MIN_SAMPLED_GALLERY
     layout = Layout(gallery, gallery_groups, seed, stride=_SAMPLE_STRIDE if sampled else 0)
@@ -289,12 +299,3 @@ def iter_self_neighbours(
 
     layout = Layout(x, groups, seed, stride=_SAMPLE_STRIDE)
     yield from SelfScan(layout, k_all, block, _settings(), Stages(stats)).run()
-
-
-def check_chunk_size(chunk_size: int | None) -> int | None:
-    """`None` or a positive int."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InvalidValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return chunk_size

@@ -19,8 +19,8 @@ images have 11 distinct class sizes. The ``n`` terms of all pairs are laid out f
 ``arange``) and evaluated in numpy in blocks of at most :data:`_BLOCK` terms, with ``log k!`` read
 from one table of ``N + 1`` entries. No Python loop runs over cells or over ``n``.
 
-torchmetrics' ``adjusted_mutual_info_score`` loops in Python over the cells (78.6 s for 3,000 labels
-in 100 clusters, against 0.11 s for scikit-learn: see docs/metrics.md), so headreg does not call it.
+torchmetrics' ``adjusted_mutual_info_score`` loops in Python over the cells, orders of magnitude
+slower than this (docs/metrics.md has the figures), so headreg does not call it.
 """
 
 from __future__ import annotations

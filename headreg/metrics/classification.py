@@ -5,33 +5,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from headreg.errors import InvalidInputError
-from headreg.metrics._validate import check_positive_ints
+from headreg._checks import check_logits, check_positive_ints
 
 __all__ = ["label_rank", "topk_accuracy", "topk_from_ranks", "topk_hits", "ClassificationAccuracy"]
-
-
-def _check_logits(logits: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise InvalidInputError(f"logits must be a non-empty tensor of shape (B, C), got {shape}")
-    if not logits.is_floating_point():
-        raise InvalidInputError(f"logits must be floating point, got dtype {logits.dtype}")
-    b, c = logits.shape
-    if not isinstance(labels, torch.Tensor) or labels.shape != (b,):
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise InvalidInputError(f"labels must have shape ({b},), got {shape}")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise InvalidInputError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if int(labels.min()) < 0 or int(labels.max()) >= c:
-        raise InvalidInputError(
-            f"labels must lie in [0, {c}) for {c} classes, got [{int(labels.min())}, {int(labels.max())}]"
-        )
-    if not bool(torch.isfinite(logits).all()):
-        raise InvalidInputError(
-            f"logits must be finite, got {int((~torch.isfinite(logits).all(1)).sum())} row(s) with NaN or Inf"
-        )
-    return logits, labels.long()
 
 
 def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,7 +57,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, 
         `{"top1_accuracy": ..., "top5_accuracy": ...}` (one key per k).
     """
     top_k = check_positive_ints(top_k, "top_k")
-    logits, labels = _check_logits(logits, labels)
+    logits, labels = check_logits(logits, labels)
     return topk_from_ranks(label_rank(logits, labels), top_k)
 
 
@@ -112,7 +88,7 @@ class ClassificationAccuracy(Metric):
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch: `(B, C)` logits and `(B,)` labels."""
-        logits, labels = _check_logits(logits, labels)
+        logits, labels = check_logits(logits, labels)
         self.correct += topk_hits(label_rank(logits.detach(), labels), self.top_k).to(self.correct.device)
         self.total += logits.shape[0]
 

@@ -32,14 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from headreg._checks import check_embeddings, check_labels, resolve_device
 from headreg.errors import InvalidValueError
+from headreg.metrics._base import EmbeddingMetric, stage_bar
 from headreg.metrics._mutual_info import nmi_ami
-from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_labels, resolve_device, stage_bar
 
 __all__ = ["DEFAULT_MAX_ITER", "SEED_ROUNDS", "kmeans", "clustering_metrics", "ClusteringMetrics"]
 
-#: Lloyd iterations at most (pytorch-metric-learning's faiss k-means stops at 20; headreg runs to
-#: convergence, which took 44 iterations on 100,000 noisy embeddings of 100 classes: docs/metrics.md).
+#: Lloyd iterations at most: headreg runs k-means to convergence, where pytorch-metric-learning's faiss
+#: k-means stops at 20 (what that costs the NMI: docs/metrics.md).
 DEFAULT_MAX_ITER = 100
 #: Seeding draws its k centres in at most this many rounds (exact k-means++ up to this k).
 SEED_ROUNDS = 128
@@ -178,7 +179,19 @@ def clustering_metrics(
     """
     check_embeddings(embeddings, min_rows=2)
     labels = check_labels(labels, embeddings.shape[0])
-    dev = resolve_device(device, embeddings)
+    return _clustering(embeddings, labels, num_clusters, resolve_device(device, embeddings), seed, max_iter, progress)
+
+
+def _clustering(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_clusters: int | None,
+    dev: torch.device,
+    seed: int,
+    max_iter: int,
+    progress: bool,
+) -> dict[str, float | int]:
+    """:func:`clustering_metrics` on checked input."""
     x = F.normalize(embeddings.detach().to(dev, torch.float32), dim=1)
     k = int(torch.unique(labels).numel()) if num_clusters is None else int(num_clusters)
     assign, _ = kmeans(x, k, seed=seed, max_iter=max_iter, progress=progress)
@@ -210,5 +223,5 @@ class ClusteringMetrics(EmbeddingMetric):
 
     def compute(self) -> dict[str, float | int]:
         """NMI and AMI over everything added since the last reset."""
-        emb, lab = self._stored()
-        return clustering_metrics(emb, lab, seed=self.seed, max_iter=self.max_iter)
+        emb, lab = self._stored(min_rows=2)
+        return _clustering(emb, lab, None, emb.device, self.seed, self.max_iter, False)

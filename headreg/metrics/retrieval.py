@@ -15,15 +15,18 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from headreg.errors import InvalidInputError
-from headreg.metrics._knn import check_chunk_size, iter_ranked_neighbours, iter_self_neighbours
-from headreg.metrics._validate import (
+from headreg._checks import (
+    check_choice,
+    check_chunk_size,
     check_embeddings,
     check_labels,
     check_mask,
     check_positive_ints,
+    check_same_width,
     resolve_device,
 )
+from headreg.errors import InvalidInputError
+from headreg.metrics._knn import KNN_BACKENDS, iter_ranked_neighbours, iter_self_neighbours
 
 __all__ = ["retrieval_metrics", "retrieval_with_masks", "RetrievalMetrics"]
 
@@ -100,6 +103,7 @@ def retrieval_metrics(
     recall_k = check_positive_ints(recall_k, "recall_k")
     (knn_k,) = check_positive_ints(knn_k, "knn_k")
     chunk_size = check_chunk_size(chunk_size)
+    knn_backend = check_choice(knn_backend, KNN_BACKENDS, "knn_backend")
     leave_one_out = gallery is None
     min_rows = 2 if leave_one_out else 1
     check_embeddings(query, "query" if not leave_one_out else "embeddings", min_rows=min_rows)
@@ -107,26 +111,59 @@ def retrieval_metrics(
     if leave_one_out:
         if gallery_labels is not None:
             raise InvalidInputError("gallery_labels was given without gallery; pass both or neither")
-        gallery, gallery_labels = query, query_labels
-        query_self_index = torch.arange(query.shape[0])
     else:
         check_embeddings(gallery, "gallery")
         if gallery_labels is None:
             raise InvalidInputError("gallery_labels is required when gallery is given")
         gallery_labels = check_labels(gallery_labels, gallery.shape[0], "gallery_labels")
-        if gallery.shape[1] != query.shape[1]:
-            raise InvalidInputError(
-                f"gallery must have the query width D={query.shape[1]}, got shape {tuple(gallery.shape)}"
-            )
-    dev = resolve_device(device, query)
+        check_same_width(query, gallery)
+    if query_self_index is not None:
+        if not isinstance(query_self_index, torch.Tensor) or query_self_index.shape != (query.shape[0],):
+            got = tuple(query_self_index.shape) if isinstance(query_self_index, torch.Tensor) else query_self_index
+            raise InvalidInputError(f"query_self_index must have shape ({query.shape[0]},), got {got}")
+    return _retrieval(
+        query,
+        query_labels,
+        gallery,
+        gallery_labels,
+        query_self_index,
+        recall_k,
+        knn_k,
+        r_metrics,
+        resolve_device(device, query),
+        knn_backend,
+        chunk_size,
+        seed,
+        progress,
+        stats,
+    )
+
+
+def _retrieval(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None,
+    gallery_labels: torch.Tensor | None,
+    query_self_index: torch.Tensor | None,
+    recall_k: tuple[int, ...],
+    knn_k: int,
+    r_metrics: bool,
+    dev: torch.device,
+    knn_backend: str,
+    chunk_size: int | None,
+    seed: int,
+    progress: bool,
+    stats: dict[str, float] | None,
+) -> dict[str, float | int]:
+    """:func:`retrieval_metrics` on checked input (the unchecked core its callers inside headreg use)."""
+    leave_one_out = gallery is None
+    if leave_one_out:
+        gallery, gallery_labels = query, query_labels
+        query_self_index = torch.arange(query.shape[0])
     q = F.normalize(query.detach().to(dev, torch.float32), dim=1)
     g = q if leave_one_out else F.normalize(gallery.detach().to(dev, torch.float32), dim=1)
     ql, gl = query_labels.to(dev), gallery_labels.to(dev)
-    self_idx = None
-    if query_self_index is not None:
-        self_idx = query_self_index.to(dev).long()
-        if self_idx.shape != (q.shape[0],):
-            raise InvalidInputError(f"query_self_index must have shape ({q.shape[0]},), got {tuple(self_idx.shape)}")
+    self_idx = None if query_self_index is None else query_self_index.to(dev).long()
 
     r = _positive_counts(ql, gl)
     if self_idx is not None:
@@ -204,21 +241,71 @@ def retrieval_with_masks(
     check_embeddings(embeddings)
     labels = check_labels(labels, embeddings.shape[0])
     n = embeddings.shape[0]
+    if query_mask is not None:
+        check_mask(query_mask, n, "query_mask")
+    if gallery_mask is not None:
+        check_mask(gallery_mask, n, "gallery_mask")
     if query_mask is None and gallery_mask is None:
         return retrieval_metrics(embeddings, labels, **kwargs)  # type: ignore[arg-type]
-    qm = torch.ones(n, dtype=torch.bool) if query_mask is None else check_mask(query_mask, n, "query_mask").cpu()
-    gm = torch.ones(n, dtype=torch.bool) if gallery_mask is None else check_mask(gallery_mask, n, "gallery_mask").cpu()
+    # The options are checked by retrieval_metrics' own checks, on the (query, gallery) split; those
+    # rows were scanned above, so the split itself goes straight to the core.
+    opts = _retrieval_options(**kwargs)  # type: ignore[arg-type]
+    return _masked(embeddings, labels, query_mask, gallery_mask, resolve_device(opts.pop("device"), embeddings), **opts)
+
+
+def _retrieval_options(
+    *,
+    recall_k: tuple[int, ...] = (1, 2, 4, 8),
+    knn_k: int = 5,
+    r_metrics: bool = True,
+    device: str | torch.device | None = None,
+    knn_backend: str = "torch",
+    chunk_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    stats: dict[str, float] | None = None,
+) -> dict[str, object]:
+    """The keyword options of :func:`retrieval_metrics`, checked, with their defaults filled in."""
+    (knn_k,) = check_positive_ints(knn_k, "knn_k")
+    return {
+        "recall_k": check_positive_ints(recall_k, "recall_k"),
+        "knn_k": knn_k,
+        "r_metrics": bool(r_metrics),
+        "device": device,
+        "knn_backend": check_choice(knn_backend, KNN_BACKENDS, "knn_backend"),
+        "chunk_size": check_chunk_size(chunk_size),
+        "seed": seed,
+        "progress": progress,
+        "stats": stats,
+    }
+
+
+def _masked(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    gallery_mask: torch.Tensor | None,
+    dev: torch.device,
+    **opts: object,
+) -> dict[str, float | int]:
+    """:func:`retrieval_with_masks` on checked input: split by the masks, then the core."""
+    n = embeddings.shape[0]
+    if query_mask is None and gallery_mask is None:
+        return _retrieval(embeddings, labels, None, None, None, dev=dev, **opts)  # type: ignore[arg-type]
+    qm = torch.ones(n, dtype=torch.bool) if query_mask is None else query_mask.cpu()
+    gm = torch.ones(n, dtype=torch.bool) if gallery_mask is None else gallery_mask.cpu()
     q_idx, g_idx = qm.nonzero().squeeze(1), gm.nonzero().squeeze(1)
     position = torch.full((n,), -1, dtype=torch.long)
     position[g_idx] = torch.arange(g_idx.numel())
-    dev = embeddings.device
-    return retrieval_metrics(
-        embeddings[q_idx.to(dev)],
+    d = embeddings.device
+    return _retrieval(
+        embeddings[q_idx.to(d)],
         labels[q_idx.to(labels.device)],
-        embeddings[g_idx.to(dev)],
+        embeddings[g_idx.to(d)],
         labels[g_idx.to(labels.device)],
-        query_self_index=position[q_idx],
-        **kwargs,  # type: ignore[arg-type]
+        position[q_idx],
+        dev=dev,
+        **opts,  # type: ignore[arg-type]
     )
 
 
@@ -234,7 +321,7 @@ def _chunk_sums(
     """Per-chunk sums of the per-query metrics (float64), in the order of `retrieval_metrics`."""
     valid = nbr >= 0
     dev = nbr.device
-    if _numpy_path(nbr):  # numpy's gather and compare are ~2x torch's here (the whole (c, K) grid)
+    if _numpy_path(nbr):  # numpy's gather and compare beat torch's on a CPU here (docs/metrics.md)
         nb = nbr.numpy()
         rel_np = np.take(gallery_labels.numpy(), nb, mode="clip") == labels.numpy()[:, None]
         rel_np &= nb >= 0
@@ -319,7 +406,7 @@ class RetrievalMetrics(Metric):
         super().__init__(**kwargs)
         self.recall_k = check_positive_ints(recall_k, "recall_k")
         (self.knn_k,) = check_positive_ints(knn_k, "knn_k")
-        self.knn_backend = knn_backend
+        self.knn_backend = check_choice(knn_backend, KNN_BACKENDS, "knn_backend")
         self.chunk_size = check_chunk_size(chunk_size)
         self.seed = seed
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
@@ -340,10 +427,8 @@ class RetrievalMetrics(Metric):
         n = embeddings.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=embeddings.device)
         for name, flag in (("is_query", is_query), ("is_gallery", is_gallery)):
-            if flag is not None and (flag.dtype != torch.bool or flag.shape != (n,)):
-                raise InvalidInputError(
-                    f"{name} must be a bool tensor of shape ({n},), got {flag.dtype} {tuple(flag.shape)}"
-                )
+            if flag is not None:
+                check_mask(flag, n, name, nonempty=False)  # a batch may hold no query; the whole set must
         self.embeddings.append(embeddings.detach())
         self.labels.append(labels)
         self.is_query.append(ones if is_query is None else is_query.to(embeddings.device))
@@ -357,14 +442,23 @@ class RetrievalMetrics(Metric):
         lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
         isq = torch.cat(self.is_query) if isinstance(self.is_query, list) else self.is_query
         isg = torch.cat(self.is_gallery) if isinstance(self.is_gallery, list) else self.is_gallery
-        return retrieval_with_masks(
+        n = emb.shape[0]
+        if n < 2 and bool(isq.all()) and bool(isg.all()):
+            raise InvalidInputError(f"embeddings must have at least 2 rows for leave-one-out retrieval, got {n}")
+        for name, mask in (("is_query", isq), ("is_gallery", isg)):
+            check_mask(mask, n, name)  # each batch was checked in update(); the union must select something
+        return _masked(
             emb,
             lab,
-            query_mask=None if bool(isq.all()) else isq,
-            gallery_mask=None if bool(isg.all()) else isg,
+            None if bool(isq.all()) else isq,
+            None if bool(isg.all()) else isg,
+            emb.device,
             recall_k=self.recall_k,
             knn_k=self.knn_k,
+            r_metrics=True,
             knn_backend=self.knn_backend,
             chunk_size=self.chunk_size,
             seed=self.seed,
+            progress=False,
+            stats=None,
         )

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_roc
 
+from headreg._checks import check_embeddings, check_labels, resolve_device
 from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.metrics._validate import EmbeddingMetric, check_embeddings, check_labels, resolve_device, stage_bar
+from headreg.metrics._base import EmbeddingMetric, stage_bar
 
 __all__ = ["sample_pairs", "verification_metrics", "verification_from_scores", "VerificationMetrics"]
 
@@ -232,11 +233,23 @@ def verification_metrics(
         if lo < 0 or hi >= n:
             raise InvalidInputError(f"pair indices must lie in [0, {n}), got [{lo}, {hi}]")
         same = same.bool().cpu()
-    dev = resolve_device(device, embeddings)
+    return _verification(embeddings, i, j, same, resolve_device(device, embeddings), far_targets, progress)
+
+
+def _verification(
+    embeddings: Tensor,
+    i: Tensor,
+    j: Tensor,
+    same: Tensor,
+    dev: torch.device,
+    far_targets: tuple[float, ...],
+    progress: bool,
+) -> dict[str, float | int]:
+    """:func:`verification_metrics` on checked input and pairs: cosine scores in blocks, then the ROC."""
     x = embeddings.detach()
     # Fewer rows than pairs: normalise every row once (no more memory than the pair gathers);
     # else only the gathered rows. Row-wise normalisation commutes with the gather: same scores.
-    whole = n <= i.numel()
+    whole = embeddings.shape[0] <= i.numel()
     if whole:
         x = F.normalize(x.to(dev, torch.float32), dim=1)
     scores = torch.empty(i.numel(), dtype=torch.float32, device=dev)
@@ -250,6 +263,14 @@ def verification_metrics(
             scores[s : s + step] = (a * b).sum(1)
             bar.update(a.shape[0])
     return verification_from_scores(scores.cpu(), same, far_targets)
+
+
+def _label_pairs_verification(
+    embeddings: Tensor, labels: Tensor, dev: torch.device, seed: int, progress: bool
+) -> dict[str, float | int]:
+    """The default verification (label-derived pairs, default caps and FARs) on checked input."""
+    i, j, same = sample_pairs(labels, max_pairs=DEFAULT_MAX_PAIRS, seed=seed)
+    return _verification(embeddings, i, j, same, dev, DEFAULT_FAR_TARGETS, progress)
 
 
 class VerificationMetrics(EmbeddingMetric):
@@ -282,6 +303,7 @@ class VerificationMetrics(EmbeddingMetric):
         self.seed = seed
 
     def compute(self) -> dict[str, float | int]:
-        """Verification metrics over everything added since the last reset."""
-        emb, lab = self._stored()
-        return verification_metrics(emb, lab, max_pairs=self.max_pairs, far_targets=self.far_targets, seed=self.seed)
+        """Verification metrics over everything added since the last reset (each batch checked in update)."""
+        emb, lab = self._stored(min_rows=2)
+        i, j, same = sample_pairs(lab, max_pairs=self.max_pairs, seed=self.seed)
+        return _verification(emb, i, j, same, emb.device, self.far_targets, False)
