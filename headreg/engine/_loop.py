@@ -43,7 +43,11 @@ class StopFlag:
 
     @contextlib.contextmanager
     def catch_sigint(self) -> Iterator[None]:
-        """Turn the first SIGINT into a stop request while the block runs (main thread only)."""
+        """Turn the first SIGINT (or SIGTERM, a scheduler's stop) into a stop request while the block runs.
+
+        Main thread only. SIGTERM is caught too so that a job killed politely (``kill``, a cluster's time
+        limit) saves a resumable state where it stands, as Ctrl-C does.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -51,13 +55,14 @@ class StopFlag:
         def handler(signum: int, frame: Any) -> None:
             if self.requested:
                 raise KeyboardInterrupt
-            self.request("interrupted (Ctrl-C)")
+            self.request("interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)")
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def synced(self, distributed: bool, device: torch.device) -> bool:
         """Whether any rank asked to stop (one all-reduce under distributed)."""
