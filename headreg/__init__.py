@@ -9,9 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .hookspecs import hookimpl
-
-__version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first attribute access
 _LAZY = {

@@ -96,14 +96,14 @@ def plugin_infos() -> dict[str, PluginInfo]:
 
 
 def reset_plugins() -> None:
-    """Forget loaded plugins so the next use rediscovers them (tests, notebooks)."""
+    """Forget loaded plugins so the next use rediscovers them (tests, notebooks).
+
+    The registry notices on its next lookup: it collected from the manager this drops.
+    """
     global _manager
     with _lock:
         _manager = None
         _infos.clear()
-        from . import registry
-
-        registry._reset_cache()
 
 
 def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
@@ -158,6 +158,6 @@ def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
 
 
 def _own_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__

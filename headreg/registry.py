@@ -3,6 +3,10 @@
 Filled on first use from the plugin manager (built-in heads and entry-point plugins,
 through the one ``register_heads`` hook) and from :func:`register_head` for heads
 defined in-process. Nothing here runs at ``import headreg``.
+
+The registry sits above :mod:`headreg.plugins` and reads it; the plugin manager knows nothing of the
+registry. What was collected is tied to the manager it came from, so after
+:func:`headreg.plugins.reset_plugins` hands out a new manager, the next lookup collects afresh.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import DuplicateHeadError, InvalidValueError, PluginError, UnknownHeadError, did_you_mean
+from .plugins import BUILTIN, get_plugin_manager, plugin_infos
+
+if TYPE_CHECKING:
+    import pluggy
 
 __all__ = [
     "HeadEntry",
@@ -26,11 +34,13 @@ __all__ = [
     "create_head",
     "register_head",
     "head_defaults",
+    "head_key",
 ]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _lock = threading.RLock()
 _entries: dict[str, HeadEntry] | None = None
+_source: pluggy.PluginManager | None = None  # the plugin manager _entries were collected from
 _conflicts: dict[str, list[HeadEntry]] = {}
 _local: dict[str, HeadEntry] = {}
 _warned: set[str] = set()
@@ -99,10 +109,7 @@ def _validate_head_class(name: str, cls: Any) -> None:
         ) from None
 
 
-def _collect() -> dict[str, HeadEntry]:
-    from .plugins import BUILTIN, get_plugin_manager, plugin_infos
-
-    pm = get_plugin_manager()
+def _collect(pm: pluggy.PluginManager) -> dict[str, HeadEntry]:
     infos = plugin_infos()
     found: dict[str, list[HeadEntry]] = {}
     # Call each plugin's hook on its own: one that raises must not take the others down,
@@ -165,19 +172,15 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _registry() -> dict[str, HeadEntry]:
-    global _entries
+    global _entries, _source
     with _lock:
-        if _entries is None:
-            _entries = _collect()
+        pm = get_plugin_manager()
+        if _entries is None or pm is not _source:
+            # First use, or reset_plugins() replaced the manager: what came from the old one is stale.
+            _conflicts.clear()
+            _warned.clear()
+            _entries, _source = _collect(pm), pm
         return _entries
-
-
-def _reset_cache() -> None:
-    global _entries
-    with _lock:
-        _entries = None
-        _conflicts.clear()
-        _warned.clear()
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -205,18 +208,21 @@ def list_heads(filter: str | Iterable[str] = "", exclude_filters: str | Iterable
     return sorted(names, key=_natural_key)
 
 
+def head_key(name: str) -> str:
+    """The registry key of a head name as a user types it: ``" ArcFace "`` → ``"arcface"``, ``"a-b"`` → ``"a_b"``."""
+    return name.strip().lower().replace("-", "_")
+
+
 def get_head_entry(name: str) -> HeadEntry:
     """The registry entry for ``name``; raises UnknownHeadError, DuplicateHeadError or PluginError."""
     if not isinstance(name, str):
         raise UnknownHeadError(f"head name must be a string, got {name!r}")
     entries = _registry()
-    key = name.strip().lower().replace("-", "_")
+    key = head_key(name)
     if key in entries:
         return entries[key]
     if key in _conflicts:
         raise DuplicateHeadError(_duplicate_message(key, _conflicts[key]))
-    from .plugins import plugin_infos
-
     failed = [i for i in plugin_infos().values() if i.error]
     hint = did_you_mean(key, entries)
     extra = ""

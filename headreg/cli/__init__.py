@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from .._version import __version__
 
 # command name -> "module:attribute", imported on demand
 COMMANDS = {

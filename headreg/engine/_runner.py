@@ -275,7 +275,7 @@ class Run:
     def _write_record(self, status: str) -> None:
         if not self.ranks.main:
             return
-        from .. import __version__
+        from .._version import __version__
 
         low = self.session.autocast_dtype
         self.run_dir.write_record(

@@ -49,7 +49,7 @@ def save_model(model: HeadModel, path: str | Path, metadata: dict[str, Any] | No
     """
     from safetensors.torch import save_file
 
-    from .. import __version__
+    from .._version import __version__
 
     if not isinstance(model, HeadModel):
         raise CheckpointError(f"save_model needs a headreg HeadModel, got {type(model).__name__}")
