@@ -14,16 +14,14 @@ Sharding follows one rule set for both kinds (:class:`ShardSampler`):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from headreg._runtime import DistInfo, dist_info
 from headreg.data._datasets import TensorImageDataset
 from headreg.errors import InvalidValueError
-
-if TYPE_CHECKING:
-    from headreg.engine.runtime import DistInfo
 
 __all__ = ["BatchLoader", "ShardSampler", "create_loader"]
 
@@ -258,8 +256,6 @@ def create_loader(
 
 
 def _rank_and_world(distributed: bool | DistInfo | None) -> tuple[int, int]:
-    from headreg.engine.runtime import DistInfo, dist_info
-
     if isinstance(distributed, DistInfo):
         return distributed.rank, distributed.world_size
     if distributed is False:

@@ -1,7 +1,8 @@
 """Where code runs: device resolution and thin helpers around torch.distributed for ``torchrun``.
 
 Every helper is a no-op (or the identity) in a single process, so the same training and evaluation code runs
-under ``python`` and under ``torchrun --nproc_per_node=N``.
+under ``python`` and under ``torchrun --nproc_per_node=N``. :class:`DistInfo` and :func:`dist_info` are
+defined in :mod:`headreg._runtime`, below the data layer that shards by rank, and re-exported here.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from headreg._runtime import DistInfo, dist_info
 from headreg.errors import HeadregError, InvalidValueError
 
 __all__ = [
@@ -97,32 +98,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the job.
-
-    Attributes:
-        rank: Global rank, 0 in a single process.
-        world_size: Number of processes, 1 in a single process.
-        local_rank: Rank on this node (which GPU to use), 0 in a single process.
-        is_distributed: A process group with more than one rank is initialised.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    is_distributed: bool = False
-
-
-def dist_info() -> DistInfo:
-    """Describe the current process group; a single-process ``DistInfo()`` when none is initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistInfo()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, is_distributed=world > 1)
 
 
 def init_distributed(device_spec: str | torch.device = "auto") -> tuple[DistInfo, torch.device]:
