@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from headreg.data._datasets import TensorImageDataset
+from headreg.data._tensor import TensorImageDataset
 from headreg.errors import InvalidValueError
 
 __all__ = ["create_fake"]
