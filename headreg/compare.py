@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .engine._jsonsafe import json_safe
 from .errors import InvalidValueError, UnknownHeadError
 
 if TYPE_CHECKING:
@@ -236,13 +237,13 @@ def run_compare(
         One :class:`CompareEntry` per head, in order.
     """
     from .engine.train import TrainConfig, margin_feasibility, train
-    from .registry import create_head, get_head_entry
+    from .registry import create_head, get_head_entry, head_key
 
     if preset not in PRESETS:
         raise InvalidValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if not heads:
         raise InvalidValueError("heads must name at least one head, e.g. softmax,arcface")
-    heads = [h.strip().lower().replace("-", "_") for h in heads]
+    heads = [head_key(h) for h in heads]
     dupes = sorted({h for h in heads if heads.count(h) > 1})
     if dupes:
         raise InvalidValueError(f"heads must not repeat, got {', '.join(dupes)} twice")
@@ -300,7 +301,7 @@ def run_compare(
                 "preset": preset,
                 "settings": {**PRESETS[preset], **(overrides or {})},
                 "head_aids": HEAD_AIDS,
-                "heads": [_clean(e.row()) for e in entries],
+                "heads": [json_safe(e.row()) for e in entries],
             },
             indent=2,
             sort_keys=True,
@@ -308,14 +309,6 @@ def run_compare(
         + "\n"
     )
     return entries
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    return obj
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

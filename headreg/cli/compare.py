@@ -26,6 +26,7 @@ def _presets() -> list[str]:
 
 def _per_head_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     from ..errors import InvalidValueError
+    from ..registry import head_key
 
     out: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -34,7 +35,7 @@ def _per_head_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             raise InvalidValueError(
                 f"--head-option must look like HEAD:KEY=VALUE (e.g. cosface:margin=0.1), got {item!r}"
             )
-        out.setdefault(head.strip().lower().replace("-", "_"), {}).update(parse_key_values([kv], "--head-option"))
+        out.setdefault(head_key(head), {}).update(parse_key_values([kv], "--head-option"))
     return out
 
 

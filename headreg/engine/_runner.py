@@ -24,6 +24,7 @@ from ._checkpoint import capture_rng, restore_rng
 from ._config import TrainConfig, TrainResult
 from ._distributed import Ranks
 from ._epochlog import EpochLog
+from ._jsonsafe import json_safe
 from ._loop import EpochTally, StopFlag, run_epoch
 from ._rundir import RunDir
 from ._setup import Session, build_session
@@ -225,7 +226,7 @@ class Run:
                 "samples": int(labels.numel()),
                 "metric_samples": min(int(labels.numel()), cfg.eval_limit or int(labels.numel())),
                 "test_accuracy": acc,
-                "metrics": {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()},
+                "metrics": json_safe(metrics),
                 "warnings": notes,
             }
             self.run_dir.write_eval(result)

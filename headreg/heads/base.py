@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,6 +35,11 @@ __all__ = [
     "check_positive",
     "check_non_negative",
     "check_angle",
+    "check_number",
+    "check_bool",
+    "check_scale",
+    "check_cosine_margin",
+    "HeadOptionWarning",
     "float32_region",
     "head_is_angular",
     "head_settings_2d",
@@ -86,12 +93,59 @@ def check_labels(labels: Tensor, batch_size: int, num_classes: int) -> None:
         raise InvalidInputError(f"labels must lie in [0, {num_classes}), got a label {bad}")
 
 
+class HeadOptionWarning(UserWarning):
+    """A head option inside its range but beyond what the papers use (e.g. ``scale`` > 1024): allowed on purpose."""
+
+
+#: ``s`` above this is an error: a float32 logit ``s · cos θ`` then resolves cosines no finer than
+#: ``s · 2⁻²⁴ ≥ 0.06`` and the softmax is a hard argmax; ``s`` near 1e38 overflows to inf and the loss to NaN.
+MAX_SCALE = 1e6
+#: ``s`` above this warns (:class:`HeadOptionWarning`): the papers use 16 to 64, and the softmax saturates
+#: well before; a study of saturation may still want it.
+WARN_SCALE = 1024.0
+
+
+def _as_real(name: str, value: Any, expected: str) -> float:
+    """``float(value)`` for a real number; bools, strings and other types are refused, not converted."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a bool" if isinstance(value, bool) else type(value).__name__
+        raise InvalidValueError(f"{name} must be {expected}, got {value!r} ({kind})")
+    return float(value)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``float(value)`` or raise `InvalidValueError` unless it is a finite real number in the range.
+
+    A bool is not a number here (``scale=True`` is refused, not read as 1.0), nor is a string.
+
+    Args:
+        name: the option, for the message.
+        value: what was given.
+        low, high: the bounds (infinite: unbounded on that side; the value must be finite anyway).
+        low_open, high_open: the bound itself is excluded.
+    """
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    expected = f"a finite number in {lo}{low:g}, {high:g}{hi}"
+    v = _as_real(name, value, expected)
+    outside = v < low or v > high or (low_open and v == low) or (high_open and v == high)
+    if not math.isfinite(v) or outside:
+        raise InvalidValueError(f"{name} must be {expected}, got {value!r}")
+    return v
+
+
 def check_positive(name: str, value: float) -> float:
     """Return ``float(value)`` or raise `InvalidValueError` unless it is a finite number > 0."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InvalidValueError(f"{name} must be a number > 0, got {value!r}") from None
+    v = _as_real(name, value, "a number > 0")
     if not (v > 0 and v != float("inf")):
         raise InvalidValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
@@ -99,10 +153,7 @@ def check_positive(name: str, value: float) -> float:
 
 def check_non_negative(name: str, value: float) -> float:
     """Return ``float(value)`` or raise `InvalidValueError` unless it is a finite number >= 0."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InvalidValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    v = _as_real(name, value, "a number >= 0")
     if not (v >= 0 and v != float("inf")):
         raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return v
@@ -114,6 +165,33 @@ def check_angle(name: str, value: float) -> float:
     if v >= math.pi:
         raise InvalidValueError(f"{name} must be in [0, π) radians, got {value!r}")
     return v
+
+
+def check_cosine_margin(name: str, value: float) -> float:
+    """An additive cosine margin ``m`` in ``[0, 2)``: with ``m ≥ 2`` the target ``cos θ − m ≤ −1`` can never win."""
+    return check_number(name, value, low=0.0, high=2.0, high_open=True)
+
+
+def check_scale(name: str, value: float) -> float:
+    """A logit scale ``s`` in ``(0, MAX_SCALE]``; above :data:`WARN_SCALE` it warns (:class:`HeadOptionWarning`)."""
+    v = check_number(name, value, low=0.0, high=MAX_SCALE, low_open=True)
+    if v > WARN_SCALE:
+        warnings.warn(
+            f"{name}={v:g} is far above the 16-64 the papers use: the softmax saturates and float32 logits "
+            "lose the cosine's resolution",
+            HeadOptionWarning,
+            stacklevel=3,
+        )
+    return v
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (NumPy's too); a string such as ``"false"`` or a number is refused."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def checked_property(name: str, check: Callable[[str, Any], float], doc: str) -> property:

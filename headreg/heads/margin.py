@@ -15,10 +15,23 @@ from torch import Tensor, nn
 
 from ..errors import InvalidValueError
 from ._geometry import arcface_margin_feasibility, combined_margin_feasibility, cosface_margin_feasibility
-from .base import Head, HeadOutput, check_angle, check_non_negative, check_positive, checked_property
+from .base import (
+    Head,
+    HeadOutput,
+    check_angle,
+    check_bool,
+    check_cosine_margin,
+    check_number,
+    check_scale,
+    checked_property,
+)
 from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
 
 __all__ = ["AngularMarginHead", "NormFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead"]
+
+#: The largest multiplicative margin ``m1``: SphereFace uses up to 4; far beyond, ``cos(m1 θ)`` oscillates
+#: so fast in θ that the target logit no longer decreases with the angle.
+MAX_M1 = 8.0
 
 
 class AngularMarginHead(Head):
@@ -30,7 +43,7 @@ class AngularMarginHead(Head):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``, the radius of the hypersphere the logits live on.
+        scale: ``s`` in ``(0, 1e6]``, the radius of the hypersphere the logits live on (above 1024 it warns).
         learn_scale: Make ``s`` a learned parameter (kept positive through its log).
     """
 
@@ -39,10 +52,10 @@ class AngularMarginHead(Head):
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, learn_scale: bool = False) -> None:
         super().__init__(in_features, num_classes)
-        scale = check_positive("scale", scale)
+        scale = check_scale("scale", scale)
         # N(0, 0.01) as insightface; the norm of a class weight does not enter the logits.
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
-        self.learn_scale = bool(learn_scale)
+        self.learn_scale = check_bool("learn_scale", learn_scale)
         # A fixed s stays a Python float: a float32 buffer would round log(s) or s itself,
         # which float64 references (and gradcheck) would see.
         self._fixed_scale = float(scale)
@@ -59,7 +72,7 @@ class AngularMarginHead(Head):
     def scale(self, value: float) -> None:
         if self.learn_scale:
             raise InvalidValueError("scale is learned (learn_scale=True); it cannot be set")
-        self._fixed_scale = check_positive("scale", value)
+        self._fixed_scale = check_scale("scale", value)
 
     def _scale(self, dtype: torch.dtype) -> Tensor | float:
         return self.log_scale.to(dtype).exp() if self.learn_scale else self._fixed_scale
@@ -92,7 +105,7 @@ class NormFaceHead(AngularMarginHead):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
+        scale: ``s`` in ``(0, 1e6]`` (above 1024 it warns).
         learn_scale: Learn ``s``.
     """
 
@@ -114,8 +127,8 @@ class CosFaceHead(AngularMarginHead):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
-        margin: additive cosine margin ``m ≥ 0``.
+        scale: ``s`` in ``(0, 1e6]`` (above 1024 it warns).
+        margin: additive cosine margin ``m`` in ``[0, 2)``.
     """
 
     warmup_attributes: tuple[str, ...] = ("scale", "margin")
@@ -134,7 +147,7 @@ class CosFaceHead(AngularMarginHead):
         super().__init__(in_features, num_classes, scale=scale)
         self.margin = margin
 
-    margin = checked_property("margin", check_non_negative, "The additive cosine margin ``m``.")
+    margin = checked_property("margin", check_cosine_margin, "The additive cosine margin ``m``, in ``[0, 2)``.")
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         return cosface_margin(cos_target, self.margin)
@@ -154,7 +167,7 @@ class ArcFaceHead(AngularMarginHead):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
+        scale: ``s`` in ``(0, 1e6]`` (above 1024 it warns).
         margin: additive angular margin ``m`` in radians, ``0 ≤ m < π``.
         easy_margin: apply the margin only where ``cos θ > 0`` (no fallback needed).
     """
@@ -176,7 +189,7 @@ class ArcFaceHead(AngularMarginHead):
     ) -> None:
         super().__init__(in_features, num_classes, scale=scale)
         self.margin = margin
-        self.easy_margin = bool(easy_margin)
+        self.easy_margin = check_bool("easy_margin", easy_margin)
 
     margin = checked_property("margin", check_angle, "The additive angular margin ``m`` in radians.")
 
@@ -197,10 +210,10 @@ class CombinedMarginHead(AngularMarginHead):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
-        m1: multiplicative angular margin, ``≥ 1`` in practice, ``> 0`` required.
-        m2: additive angular margin in radians, ``≥ 0``.
-        m3: additive cosine margin, ``≥ 0``.
+        scale: ``s`` in ``(0, 1e6]`` (above 1024 it warns).
+        m1: multiplicative angular margin, ``≥ 1`` in practice, in ``(0, 8]``.
+        m2: additive angular margin in radians, in ``[0, π)``.
+        m3: additive cosine margin, in ``[0, 2)``.
     """
 
     paper = "https://github.com/deepinsight/insightface/tree/master/recognition/arcface_torch"
@@ -222,9 +235,9 @@ class CombinedMarginHead(AngularMarginHead):
         m3: float = 0.2,
     ) -> None:
         super().__init__(in_features, num_classes, scale=scale)
-        self.m1 = check_positive("m1", m1)
-        self.m2 = check_non_negative("m2", m2)
-        self.m3 = check_non_negative("m3", m3)
+        self.m1 = check_number("m1", m1, low=0.0, high=MAX_M1, low_open=True)
+        self.m2 = check_angle("m2", m2)
+        self.m3 = check_cosine_margin("m3", m3)
 
     def margin_target(self, cos_target: Tensor) -> Tensor:
         return combined_margin(cos_target, self.m1, self.m2, self.m3)

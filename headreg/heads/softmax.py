@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Head, HeadOutput
+from .base import Head, HeadOutput, check_bool
 from .functional import cosine_linear
 
 __all__ = ["SoftmaxHead", "ModifiedSoftmaxHead"]
@@ -30,7 +30,7 @@ class SoftmaxHead(Head):
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
         super().__init__(in_features, num_classes)
-        layer = nn.Linear(in_features, num_classes, bias=bias)  # PyTorch's default init
+        layer = nn.Linear(in_features, num_classes, bias=check_bool("bias", bias))  # PyTorch's default init
         self.weight = layer.weight
         self.bias = layer.bias
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidValueError
-from .base import Head, HeadOutput, check_non_negative
+from .base import Head, HeadOutput, check_number
 from .functional import cosine_linear, sphereface_psi, target_logit
 
 __all__ = ["SphereFaceHead"]
@@ -36,11 +36,11 @@ class SphereFaceHead(Head):
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
         margin: the integer ``m`` in 1..5 (1 is modified softmax).
-        base: λ at step 0 (before the floor).
-        gamma: λ decay rate per step.
-        power: λ decay exponent.
-        lambda_min: floor of λ; 0 gives the pure A-Softmax target in the end.
-        focal_gamma: focal-loss exponent, ``≥ 0``.
+        base: λ at step 0 (before the floor), in ``[0, 1e6]``.
+        gamma: λ decay rate per step, in ``[0, 1000]``.
+        power: λ decay exponent, in ``[0, 100]``.
+        lambda_min: floor of λ, in ``[0, 1e6]``; 0 gives the pure A-Softmax target in the end.
+        focal_gamma: focal-loss exponent, in ``[0, 100]``.
     """
 
     paper = "https://arxiv.org/abs/1704.08063"
@@ -67,11 +67,12 @@ class SphereFaceHead(Head):
             else:
                 raise InvalidValueError(f"margin must be an integer m in 1..5 for sphereface, got {margin!r}")
         self.margin = margin
-        self.base = check_non_negative("base", base)
-        self.gamma = check_non_negative("gamma", gamma)
-        self.power = check_non_negative("power", power)
-        self.lambda_min = check_non_negative("lambda_min", lambda_min)
-        self.focal_gamma = check_non_negative("focal_gamma", focal_gamma)
+        # Bounded so that λ·cos θ and (1 + λ) stay finite in float32 (λ = 1e300 would give inf/inf = NaN).
+        self.base = check_number("base", base, low=0.0, high=1e6)
+        self.gamma = check_number("gamma", gamma, low=0.0, high=1e3)
+        self.power = check_number("power", power, low=0.0, high=100.0)
+        self.lambda_min = check_number("lambda_min", lambda_min, low=0.0, high=1e6)
+        self.focal_gamma = check_number("focal_gamma", focal_gamma, low=0.0, high=100.0)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
 

@@ -4,26 +4,112 @@ Nothing here unpickles: a checkpoint is tensors and JSON, safe to load from anyw
 ``save_model(model, "run/model.safetensors")`` writes one file with the config in its
 metadata; ``save_model(model, "run")`` writes ``run/model.safetensors`` and
 ``run/config.json``. ``load_model`` takes either.
+
+A checkpoint is untrusted input: its config is validated against :data:`headreg._schema.MODEL_CONFIG`
+and its backbone arguments against an allow-list before anything is built, so a crafted config cannot
+make headreg open another file or reach the network. ``save_model`` records two SHA-256 digests in the
+config: ``weights_sha256`` over the tensors (names, dtypes, shapes and bytes, so it can live in the
+file's own header) and ``config_sha256`` over the keys that rebuild the model; ``load_model`` checks
+both (``verify=False`` skips it), so a flipped byte or a head edited into ``config.json`` is a
+"checksum mismatch", not a model that silently computes garbage. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._schema import MODEL_CONFIG, check_backbone_kwargs, validate
 from ..errors import CheckpointError
 from .head_model import HeadModel
 
-__all__ = ["save_model", "load_model", "load_weights", "read_config"]
+__all__ = [
+    "save_model",
+    "load_model",
+    "load_weights",
+    "read_config",
+    "tensors_sha256",
+    "verify_tensors",
+    "check_run_weights",
+    "UnverifiedCheckpointWarning",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _META_KEY = "headreg_config"
 FORMAT = "headreg.model/1"
+#: The config keys that rebuild the model; ``config_sha256`` covers exactly these.
+_REBUILD_KEYS = ("backbone", "backbone_kwargs", "head", "head_options", "num_classes", "embedding_dim", "neck",
+                 "neck_dropout")  # fmt: skip
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint (or resumable state) written before headreg recorded digests: loaded without a check."""
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors: each name, dtype and shape, then its bytes, in name order.
+
+    It depends on the tensors only, not on how safetensors lays out the file, so it can be stored in the
+    file's own header (``weights_sha256``) and is the same for the state dict saved and the one loaded.
+
+    Args:
+        tensors: ``{name: tensor}``, any devices and dtypes.
+
+    Returns:
+        64 hexadecimal digits.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    return digest.hexdigest()
+
+
+def verify_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: str | None, *, where: str, verify: bool = True
+) -> None:
+    """Check ``tensors`` against the digest recorded when they were written.
+
+    For :func:`load_model` and for the resumable state (``RunDir`` records ``tensors_sha256`` of what it
+    writes as ``weights_sha256`` and checks it here on reading).
+
+    Args:
+        tensors: what was read.
+        expected: the recorded ``tensors_sha256``; None for files written before digests were recorded,
+            which load with an :class:`UnverifiedCheckpointWarning`.
+        where: the file, for the messages.
+        verify: False skips the check (``--no-verify``).
+    """
+    if not verify:
+        return
+    if expected is None:
+        warnings.warn(
+            f"{where} records no weights_sha256 (written by an older headreg); loaded without an integrity check",
+            UnverifiedCheckpointWarning,
+            stacklevel=3,
+        )
+        return
+    actual = tensors_sha256(tensors)
+    if actual != expected:
+        raise CheckpointError(
+            f"{where}: checksum mismatch: the tensors have SHA-256 {actual[:16]}..., the file recorded "
+            f"{expected[:16]}... when it was written; the file is corrupt or was modified "
+            "(--no-verify / verify=False loads it anyway)"
+        )
+
+
+def _config_sha256(config: Mapping[str, Any]) -> str:
+    rebuild = {k: config.get(k) for k in _REBUILD_KEYS}
+    return hashlib.sha256(json.dumps(rebuild, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _weights_path(path: str | Path) -> Path:
@@ -59,14 +145,18 @@ def save_model(model: HeadModel, path: str | Path, metadata: dict[str, Any] | No
             "save its state_dict yourself, or build it from a timm/torchvision name"
         )
     config = {"format": FORMAT, "headreg_version": __version__, **model.config, "metadata": metadata or {}}
+    state = _state_dict(model)
     try:
+        # The digest of the config as a reader will see it (tuples read back as lists).
+        config["config_sha256"] = _config_sha256(json.loads(json.dumps(config)))
+        config["weights_sha256"] = tensors_sha256(state)
         text = json.dumps(config, sort_keys=True)
     except TypeError as exc:
         raise CheckpointError(f"the model config is not JSON-serialisable: {exc}") from None
     weights = _weights_path(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(_state_dict(model), str(tmp), metadata={_META_KEY: text})
+    save_file(state, str(tmp), metadata={_META_KEY: text})
     tmp.replace(weights)  # never leave a half-written checkpoint under the real name
     if weights.name == WEIGHTS_NAME and Path(path).suffix != ".safetensors":
         (weights.parent / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -74,7 +164,12 @@ def save_model(model: HeadModel, path: str | Path, metadata: dict[str, Any] | No
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The config stored with a checkpoint (file or directory)."""
+    """The config stored with a checkpoint (file or directory), validated against its schema.
+
+    Raises:
+        CheckpointError: no checkpoint, not JSON, another format, a key that is unknown, of the wrong type or
+            out of range, or a backbone argument a file may not carry (``checkpoint_path``, ``pretrained``...).
+    """
     weights = _weights_path(path)
     if not weights.is_file():
         raise CheckpointError(f"no checkpoint at {weights} (expected a .safetensors file or a run directory)")
@@ -85,31 +180,39 @@ def read_config(path: str | Path) -> dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    text = meta.get(_META_KEY)
+    text, where = meta.get(_META_KEY), f"the config stored in {weights}"
     if text is None and weights.name == WEIGHTS_NAME and (weights.parent / CONFIG_NAME).is_file():
-        text = (weights.parent / CONFIG_NAME).read_text()
+        where = str(weights.parent / CONFIG_NAME)
+        try:
+            text = (weights.parent / CONFIG_NAME).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{where} is unreadable: {exc}") from None
     if text is None:
         raise CheckpointError(f"{weights} holds no headreg config; was it written by headreg.save_model?")
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"the config stored in {weights} is not valid JSON: {exc}") from None
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{weights} has format {config.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{weights} has format {found!r}, expected {FORMAT!r}")
+    validate(config, MODEL_CONFIG, where=where)
+    check_backbone_kwargs(config.get("backbone_kwargs", {}), where=where)
     return config
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load checkpoint weights into an existing model, with a clear error when they do not fit."""
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    weights = _weights_path(path)
     try:
-        state = load_file(str(weights), device="cpu")
+        return load_file(str(weights), device="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {weights}") from None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def _fit(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, strict: bool) -> None:
     own = model.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -130,20 +233,62 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     model.load_state_dict(state, strict=strict)
 
 
+def _verify(config: dict[str, Any], state: dict[str, torch.Tensor], weights: Path, verify: bool) -> None:
+    """Check the tensors and the rebuild config against the digests ``save_model`` recorded."""
+    if not verify:
+        return
+    recorded = config.get("config_sha256")
+    if recorded is not None and recorded != _config_sha256(config):
+        raise CheckpointError(
+            f"{weights}: checksum mismatch: the config (backbone {config.get('backbone')!r}, head "
+            f"{config.get('head')!r}, ...) is not the one the weights were saved with; was config.json edited? "
+            "(--no-verify / verify=False loads it anyway)"
+        )
+    verify_tensors(state, config.get("weights_sha256"), where=str(weights))
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True, *, verify: bool = True) -> None:
+    """Load checkpoint weights into an existing model, with a clear error when they do not fit.
+
+    Args:
+        model: the model to fill.
+        path: the ``.safetensors`` file or the run directory.
+        strict: every tensor of the model must be in the checkpoint and none other.
+        verify: check the tensors against the digests recorded in the checkpoint's headreg config (a plain
+            safetensors file without one loads unchecked).
+    """
+    weights = _weights_path(path)
+    state = _read_tensors(weights)
+    if verify:
+        try:
+            config = read_config(path)
+        except CheckpointError:  # weights without a headreg config: nothing recorded to check against
+            config = None
+        if config is not None:
+            _verify(config, state, weights, verify)
+    _fit(model, state, weights, strict)
+
+
 def load_model(
     path: str | Path,
     *,
     head: str | None = None,
     num_classes: int | None = None,
     map_location: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> HeadModel:
     """Rebuild a model from a checkpoint written by :func:`save_model`.
+
+    The config is validated first (schema and backbone allow-list, see :func:`read_config`); the tensors are
+    then checked against the digests recorded at save time, before the model is built.
 
     Args:
         path: the ``.safetensors`` file or the run directory.
         head: if given, the head the caller expects; a checkpoint with another is an error.
         num_classes: if given, the class count the caller expects.
         map_location: device to put the model on.
+        verify: check ``weights_sha256`` and ``config_sha256`` (a checkpoint without them loads with an
+            :class:`UnverifiedCheckpointWarning`); False skips the check (``headreg eval --no-verify``).
 
     Returns:
         The :class:`HeadModel`, in eval mode.
@@ -155,6 +300,9 @@ def load_model(
         raise CheckpointError(f"checkpoint {path} has head {config.get('head')!r}, expected {head!r}")
     if num_classes is not None and num_classes != config.get("num_classes"):
         raise CheckpointError(f"checkpoint {path} has {config.get('num_classes')} classes, expected {num_classes}")
+    weights = _weights_path(path)
+    state = _read_tensors(weights)
+    _verify(config, state, weights, verify)
     model = create_model(
         config["backbone"],
         config.get("head"),
@@ -165,6 +313,34 @@ def load_model(
         neck_dropout=config.get("neck_dropout", 0.0),
         **config.get("backbone_kwargs", {}),
     )
-    load_weights(model, path)
+    _fit(model, state, weights, strict=True)
     model.config["metadata"] = config.get("metadata", {})
     return model.to(map_location).eval()
+
+
+def check_run_weights(run_dir: Path, train_config: Mapping[str, Any]) -> None:
+    """Refuse a run record whose model or head is not the one of the run's saved weights (an edited run.json).
+
+    A head edited in ``run.json`` would otherwise resume with the other head's weights whenever the two
+    have the same shapes (ArcFace and CosFace do). A run without saved weights yet passes.
+
+    Args:
+        run_dir: the run directory (``model.safetensors`` is looked for there).
+        train_config: the ``config`` of its ``run.json``.
+    """
+    if not (run_dir / WEIGHTS_NAME).is_file():
+        return
+    saved = read_config(run_dir)
+    record = run_dir / "run.json"
+    options = {k: v for k, v in (train_config.get("head_options") or {}).items() if v is not None}
+    pairs = (
+        ("model", train_config.get("model"), saved.get("backbone")),
+        ("head", train_config.get("head"), saved.get("head")),
+        ("head_options", options, saved.get("head_options", {})),
+    )
+    for key, there, weights in pairs:
+        if there != weights:
+            raise CheckpointError(
+                f"{record}: config.{key} is {there!r}, but the run's weights ({WEIGHTS_NAME}) were saved with "
+                f"{weights!r}; was run.json edited? Restore it, or start a new run"
+            )

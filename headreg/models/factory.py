@@ -193,12 +193,16 @@ def create_model(
         raise InvalidValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
     if neck not in (None, "linear_bn", "linear", "none"):
         raise InvalidValueError(f"neck must be 'linear_bn', 'linear' or 'none', got {neck!r}")
+    in_chans = backbone_kwargs.get("in_chans")
+    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+        raise InvalidValueError(f"in_chans must be a positive integer (image channels), got {in_chans!r}")
+    if isinstance(neck_dropout, bool) or not isinstance(neck_dropout, (int, float)) or not 0 <= neck_dropout <= 1:
+        raise InvalidValueError(f"neck_dropout must be a probability in [0, 1], got {neck_dropout!r}")
 
     own = isinstance(backbone, str) and backbone in HEADREG_BACKBONES
     if own and embedding_dim is not None:
         backbone_kwargs["embed_dim"] = embedding_dim
     adapter, cfg = create_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
-    in_chans = backbone_kwargs.get("in_chans")
     if in_chans is not None and "input_size" in cfg:
         cfg["input_size"] = (in_chans, *tuple(cfg["input_size"])[1:])
 

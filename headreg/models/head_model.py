@@ -103,7 +103,18 @@ class HeadModel(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Backbone features before pooling (timm) or the backbone's output (others)."""
         self._check_images(x)
-        return self.backbone.forward_features(x)
+        try:
+            return self.backbone.forward_features(x)
+        except RuntimeError as exc:
+            # torch's pooling and convolution refuse an input smaller than their window with a message
+            # naming neither the backbone nor the size it needs; anything else propagates unchanged.
+            if x.dim() != 4 or not any(p in str(exc) for p in _TOO_SMALL):
+                raise
+            expected = tuple(self.pretrained_cfg.get("input_size", ()))[1:]
+            raise InvalidInputError(
+                f"images of {x.shape[-2]}×{x.shape[-1]} are too small for this backbone (its data config says "
+                f"{'×'.join(map(str, expected)) or 'unknown'}): {exc}"
+            ) from None
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Features → embeddings (``pre_logits=True``) or margin-free head logits."""
@@ -174,6 +185,18 @@ class HeadModel(nn.Module):
             )
         if not x.is_floating_point():
             raise InvalidInputError(f"images must be a floating-point tensor (normalised), got {x.dtype}")
+        # timm's ViTs fix the image size with their position embeddings and assert on any other.
+        patch_embed = getattr(self.backbone.module, "patch_embed", None)
+        size = getattr(patch_embed, "img_size", None)
+        if x.dim() == 4 and getattr(patch_embed, "strict_img_size", False) and size is not None:
+            if tuple(x.shape[-2:]) != tuple(size):
+                raise InvalidInputError(
+                    f"this backbone takes images of exactly {size[0]}×{size[1]}, got {x.shape[-2]}×{x.shape[-1]}"
+                )
+
+
+#: Fragments of torch's messages for an input smaller than a pooling or convolution window.
+_TOO_SMALL = ("too small", "can't be greater than actual input size", "Kernel size can't be greater")
 
 
 def _has_batch_norm(module: nn.Module) -> bool:

@@ -14,6 +14,8 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ..errors import InvalidInputError, InvalidValueError
+
 __all__ = ["LeNetPP"]
 
 
@@ -81,6 +83,13 @@ class LeNetPP(nn.Module):
         h, w = input_size
         for _ in widths:
             h, w = h // 2, w // 2
+        self.min_input_size = 2 ** len(widths)  # each stage halves H and W
+        if h < 1 or w < 1:
+            raise InvalidValueError(
+                f"input_size {tuple(input_size)} is too small for LeNet++ with {len(widths)} stages: "
+                f"the minimum is {self.min_input_size}×{self.min_input_size}"
+            )
+        self.input_size, self._pooled, self.num_stages = tuple(input_size), (h, w), len(widths)
         self.flat_dim = prev * h * w
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 0:
             raise ValueError(f"hidden_dim must be an integer >= 0, got {hidden_dim!r}")
@@ -99,7 +108,21 @@ class LeNetPP(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W) -> (B, C_last, H/8, W/8)`` feature maps."""
+        if x.dim() == 4:
+            self._check_size(x.shape[-2], x.shape[-1])
         return self.stages(x)
+
+    def _check_size(self, h: int, w: int) -> None:
+        # The embedding layer's width was fixed for input_size: other sizes fail in a matmul otherwise.
+        k = self.min_input_size
+        if (h // k, w // k) != self._pooled:
+            (ph, pw), (ih, iw) = self._pooled, self.input_size
+            raise InvalidInputError(
+                f"images of {h}×{w} do not fit this LeNet++, built for input_size {ih}×{iw}: it takes H in "
+                f"[{ph * k}, {ph * k + k - 1}] and W in [{pw * k}, {pw * k + k - 1}] (the minimum for any "
+                f"LeNet++ of {self.num_stages} stages is {k}×{k}; "
+                "build it with input_size=(H, W) for other sizes)"
+            )
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Feature maps → embedding ``(B, embed_dim)`` (``pre_logits``) or class logits."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from headreg import HeadOutput
 from headreg.errors import InvalidValueError
 from headreg.heads import check_embeddings, check_labels, cosface_margin_feasibility, float32_region
+from headreg.heads.base import MAX_SCALE
 from torch import Tensor, nn
 
 __all__ = ["AdaFaceHead"]
@@ -24,6 +25,9 @@ _NORM_MIN, _NORM_MAX = 1e-3, 100.0
 
 
 def _number(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    # A bool is not a number and a string is not one either: refuse them rather than convert.
+    if isinstance(value, (bool, str, bytes)):
+        raise InvalidValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -71,7 +75,7 @@ class AdaFaceHead(nn.Module):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
+        scale: ``s`` in ``(0, 1e6]``.
         margin: ``m ≥ 0`` in radians (angular part) and cosine units (additive part), ``< π``.
         h: concentration ``h > 0`` of the normalised norm, at most 1.
         momentum: weight ``α`` in ``[0, 1]`` of the current batch in the running statistics.
@@ -120,7 +124,7 @@ class AdaFaceHead(nn.Module):
                 raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
         self.in_features = in_features
         self.num_classes = num_classes
-        self.scale = _number("scale", scale, 0.0, math.inf, lo_open=True)
+        self.scale = _number("scale", scale, 0.0, MAX_SCALE, lo_open=True)
         self.margin = _number("margin", margin, 0.0, math.pi)
         if self.margin == math.pi:
             raise InvalidValueError(f"margin must be in [0, π) radians, got {margin!r}")

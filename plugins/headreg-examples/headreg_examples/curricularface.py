@@ -7,9 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from headreg.errors import InvalidValueError
 from headreg.heads import Head, HeadOutput, arcface_margin_feasibility
-from headreg.heads.base import check_angle, check_non_negative, check_positive
+from headreg.heads.base import check_angle, check_number, check_scale
 from headreg.heads.functional import arcface_margin, cosine_linear, replace_target, target_logit
 from torch import Tensor, nn
 
@@ -45,7 +44,7 @@ class CurricularFaceHead(Head):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
+        scale: ``s`` in ``(0, 1e6]`` (above 1024 it warns, as the built-in heads).
         margin: additive angular margin ``m`` in radians, ``0 ≤ m < π``.
         momentum: weight ``α`` in ``[0, 1]`` of the current batch in ``t``.
 
@@ -69,11 +68,9 @@ class CurricularFaceHead(Head):
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, momentum: float = 0.01
     ) -> None:
         super().__init__(in_features, num_classes)
-        self.scale = check_positive("scale", scale)
+        self.scale = check_scale("scale", scale)
         self.margin = check_angle("margin", margin)
-        self.momentum = check_non_negative("momentum", momentum)
-        if self.momentum > 1:
-            raise InvalidValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.momentum = check_number("momentum", momentum, low=0.0, high=1.0)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
         self.register_buffer("t", torch.zeros(()))
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from headreg.errors import InvalidValueError
 from headreg.heads import Head, HeadOutput, arcface_margin_feasibility
-from headreg.heads.base import check_angle, check_positive
+from headreg.heads.base import check_angle, check_scale
 from headreg.heads.functional import arcface_margin, cosine_linear, replace_target, target_logit
 from torch import Tensor, nn
 
@@ -42,7 +42,7 @@ class SubCenterArcFaceHead(Head):
     Args:
         in_features: Embedding width ``D``.
         num_classes: Number of classes ``C``.
-        scale: ``s > 0``.
+        scale: ``s`` in ``(0, 1e6]`` (above 1024 it warns, as the built-in heads).
         margin: additive angular margin ``m`` in radians, ``0 ≤ m < π``.
         k: number of sub-centres per class, a positive integer.
 
@@ -66,7 +66,7 @@ class SubCenterArcFaceHead(Head):
         self, in_features: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, k: int = 3
     ) -> None:
         super().__init__(in_features, num_classes)
-        self.scale = check_positive("scale", scale)
+        self.scale = check_scale("scale", scale)
         self.margin = check_angle("margin", margin)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidValueError(f"k must be a positive integer (sub-centres per class), got {k!r}")
