@@ -42,6 +42,7 @@ class PluginInfo:
         heads: names the plugin registered.
         error: why it was skipped, or None.
         blocked: skipped on purpose by an environment variable.
+        blocked_by: that variable (``HEADREG_BLOCK_PLUGINS`` or ``HEADREG_LOAD_PLUGINS``), when blocked.
     """
 
     name: str
@@ -51,6 +52,7 @@ class PluginInfo:
     heads: list[str] = field(default_factory=list)
     error: str | None = None
     blocked: bool = False
+    blocked_by: str | None = None
 
     @property
     def origin(self) -> str:
@@ -134,6 +136,7 @@ def _load() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
         names = {_canonical(n) for n in (ep.name, info.distribution) if n}
         if (allow is not None and not names & allow) or names & block:
             info.blocked = True
+            info.blocked_by = "HEADREG_BLOCK_PLUGINS" if names & block else "HEADREG_LOAD_PLUGINS"
             pm.set_blocked(ep.name)
             continue
         try:

@@ -229,6 +229,12 @@ def get_head_entry(name: str) -> HeadEntry:
     if failed:
         # It may be a head of a plugin that failed: name the plugins and their errors.
         extra = "; it may come from a plugin that failed: " + "; ".join(f"'{i.name}': {i.error}" for i in failed)
+    blocked = [i for i in plugin_infos().values() if i.blocked]
+    if blocked:
+        # A blocked plugin is never imported, so which heads it has is unknown: name it and the variable.
+        extra += "; it may come from a plugin that is blocked: " + "; ".join(
+            f"'{i.name}' (blocked by {i.blocked_by}; change that variable to load it)" for i in blocked
+        )
     raise UnknownHeadError(f"unknown head '{name}'{hint} (`headreg list` shows all {len(entries)}){extra}")
 
 
