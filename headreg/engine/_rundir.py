@@ -159,19 +159,26 @@ class RunDir:
 
         Every JSON read of a run directory comes through here: where a schema check of the content goes.
         """
+        from .._schema import check_run_file
+
         path = self.path / name
         if not path.is_file():
             raise CheckpointError(missing)
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            obj = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+        return check_run_file(name, obj, str(path))  # its declared schema (headreg._schema)
 
     def read_record(self) -> dict[str, Any]:
-        """``run.json``; CheckpointError when absent or unreadable."""
-        return self.read_json(
+        """``run.json``; CheckpointError when absent, unreadable, off its schema, or not the run of the weights."""
+        from ..models.checkpoint import check_run_weights
+
+        record = self.read_json(
             RUN_CONFIG, missing=f"run directory {self.path} holds no {RUN_CONFIG}; is it a `headreg train` run?"
         )
+        check_run_weights(self.path, record["config"])
+        return record
 
     def write_record(self, record: dict[str, Any]) -> None:
         """Write ``run.json``: ``record`` under the run format's name."""
@@ -218,14 +225,17 @@ class RunDir:
         path = self.path / METRICS
         if not path.is_file():
             return []
+        from .._schema import METRICS_LINE, validate
+
         out = []
-        for line in path.read_text().splitlines():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line
+            out.append(validate(record, METRICS_LINE, where=f"{path} line {i}"))
         return out
 
     def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
