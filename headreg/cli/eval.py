@@ -93,6 +93,7 @@ class EvalOptions:
     as_json: bool
     output: Path | None
     plot: Path | None
+    no_verify: bool
 
     @classmethod
     def parse(cls, **params: Any) -> EvalOptions:
@@ -121,6 +122,7 @@ class EvalOptions:
 @click.option("--embedding-dim", type=int, help="Embedding width (with --model); None keeps the backbone's.")
 @click.option("--in-chans", type=int, help="Input channels of a backbone built with --model.")
 @click.option("--pretrained", is_flag=True, help="Load the backbone's pretrained weights (must be in the local cache).")
+@click.option("--no-verify", is_flag=True, help="Load a --checkpoint even if its recorded SHA-256 digests differ.")
 @engine_option("--dataset", help_text=lambda: f"Dataset: {dataset_names()}.")
 @click.option("--split", default="test", show_default=True, help="Split evaluated leave-one-out.")
 @click.option("--query-split", help="Split whose samples query (with --gallery-split).")
@@ -266,7 +268,7 @@ def _load_model(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
 
     if opts.checkpoint is not None:
         path = opts.checkpoint
-        model = load_model(path, head=opts.head, num_classes=opts.num_classes)
+        model = load_model(path, head=opts.head, num_classes=opts.num_classes, verify=not opts.no_verify)
         config = read_config(path)
         return model, {"checkpoint": str(path), "model": config.get("backbone"), "head": config.get("head")}
     if opts.head is not None and opts.num_classes is None:
