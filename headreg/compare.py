@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._atomic import atomic_output, atomic_write_text
 from .engine._jsonsafe import json_safe
 from .errors import InvalidValueError, UnknownHeadError
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from .engine._lock import DirLock
 
 __all__ = [
     "DEFAULT_HEADS",
@@ -190,8 +193,12 @@ def head_settings(head: str, embedding_dim: int, overrides: dict[str, Any] | Non
     return base
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Claim ``out`` with the guard of a run directory: never a foreign directory, a comparison only to overwrite."""
+def _prepare_out(out: Path, overwrite: bool) -> DirLock:
+    """Claim ``out`` with the guard of a run directory: never a foreign directory, a comparison only to overwrite.
+
+    Returns its lock, held (one writer per directory); the caller releases it.
+    """
+    from .engine._lock import DirLock
     from .engine._rundir import OutLayout, claim_out_dir
 
     def occupied(present: list[Path]) -> str:
@@ -202,7 +209,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
     # The head runs in sub-directories are guarded (and overwritten) by their own training runs.
     layout = OutLayout("comparison", frozenset(COMPARE_FILES), run_subdirs=True)
-    claim_out_dir(out, layout, overwrite=overwrite, occupied=occupied)
+    lock = DirLock(out, "headreg compare")
+    claim_out_dir(out, layout, overwrite=overwrite, occupied=occupied, lock=lock)
+    return lock
 
 
 def run_compare(
@@ -253,62 +262,67 @@ def run_compare(
     if unknown:
         raise InvalidValueError(f"--head-option names heads that are not compared: {', '.join(unknown)}")
     out = Path(out)
-    _prepare_out(out, overwrite)
-    entries: list[CompareEntry] = []
-    for head in heads:
-        options = head_settings(head, embedding_dim, (head_options or {}).get(head))
-        aids = head_aids(create_head(head, embedding_dim, 10, **options))
-        settings = {**PRESETS[preset], **aids, **(overrides or {})}
-        config = TrainConfig(
-            **settings,
-            head=head,
-            dataset=dataset,
-            embedding_dim=embedding_dim,
-            head_options=options,
-        )
-        t0 = time.perf_counter()
-        result = train(config, out / head, overwrite=overwrite, progress=progress, log=log)  # warns if infeasible
-        notes = margin_feasibility(head, options, embedding_dim, int(result.model.num_classes))
-        if result.status != "completed":
-            raise InvalidValueError(f"training of head '{head}' stopped before the end; nothing compared")
-        entries.append(
-            CompareEntry(
+    lock = _prepare_out(out, overwrite)
+    try:
+        entries: list[CompareEntry] = []
+        for head in heads:
+            options = head_settings(head, embedding_dim, (head_options or {}).get(head))
+            aids = head_aids(create_head(head, embedding_dim, 10, **options))
+            settings = {**PRESETS[preset], **aids, **(overrides or {})}
+            config = TrainConfig(
+                **settings,
                 head=head,
-                options=options,
-                test_accuracy=result.test_accuracy,
-                metrics=dict(result.eval.get("metrics", {})),
-                train_seconds=result.train_seconds,
-                total_seconds=time.perf_counter() - t0,
-                warnings=notes,
-                aids={k: settings[k] for k in aids},
-                embeddings=result.embeddings,
-                labels=result.labels,
+                dataset=dataset,
+                embedding_dim=embedding_dim,
+                head_options=options,
             )
+            t0 = time.perf_counter()
+            result = train(config, out / head, overwrite=overwrite, progress=progress, log=log)  # warns if infeasible
+            notes = margin_feasibility(head, options, embedding_dim, int(result.model.num_classes))
+            if result.status != "completed":
+                raise InvalidValueError(f"training of head '{head}' stopped before the end; nothing compared")
+            entries.append(
+                CompareEntry(
+                    head=head,
+                    options=options,
+                    test_accuracy=result.test_accuracy,
+                    metrics=dict(result.eval.get("metrics", {})),
+                    train_seconds=result.train_seconds,
+                    total_seconds=time.perf_counter() - t0,
+                    warnings=notes,
+                    aids={k: settings[k] for k in aids},
+                    embeddings=result.embeddings,
+                    labels=result.labels,
+                )
+            )
+        plot_compare(entries, out / "compare.png", title=f"{dataset}, {embedding_dim}-D features, preset {preset}")
+        table = compare_table(entries)
+        aids = "".join(f"- `{e.head}`: `{json.dumps(e.aids, sort_keys=True)}`\n" for e in entries if e.aids)
+        atomic_write_text(
+            out / "compare.md",
+            f"# headreg compare: {dataset}, {embedding_dim}-D features, preset `{preset}`\n\n{table}\n\n"
+            f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n"
+            + (f"\nHead aids (`headreg.compare.HEAD_AIDS`):\n\n{aids}" if aids else ""),
         )
-    plot_compare(entries, out / "compare.png", title=f"{dataset}, {embedding_dim}-D features, preset {preset}")
-    table = compare_table(entries)
-    aids = "".join(f"- `{e.head}`: `{json.dumps(e.aids, sort_keys=True)}`\n" for e in entries if e.aids)
-    (out / "compare.md").write_text(
-        f"# headreg compare: {dataset}, {embedding_dim}-D features, preset `{preset}`\n\n{table}\n\n"
-        f"Preset: `{json.dumps({**PRESETS[preset], **(overrides or {})}, sort_keys=True)}`\n"
-        + (f"\nHead aids (`headreg.compare.HEAD_AIDS`):\n\n{aids}" if aids else "")
-    )
-    (out / "compare.json").write_text(
-        json.dumps(
-            {
-                "dataset": dataset,
-                "embedding_dim": embedding_dim,
-                "preset": preset,
-                "settings": {**PRESETS[preset], **(overrides or {})},
-                "head_aids": HEAD_AIDS,
-                "heads": [json_safe(e.row()) for e in entries],
-            },
-            indent=2,
-            sort_keys=True,
+        atomic_write_text(
+            out / "compare.json",
+            json.dumps(
+                {
+                    "dataset": dataset,
+                    "embedding_dim": embedding_dim,
+                    "preset": preset,
+                    "settings": {**PRESETS[preset], **(overrides or {})},
+                    "head_aids": HEAD_AIDS,
+                    "heads": [json_safe(e.row()) for e in entries],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n",
         )
-        + "\n"
-    )
-    return entries
+        return entries
+    finally:
+        lock.release()
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -377,7 +391,8 @@ def plot_compare(entries: list[CompareEntry], path: str | Path, title: str = "")
             fig.suptitle(title)
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
     return path

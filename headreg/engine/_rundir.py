@@ -6,66 +6,54 @@ A run directory holds
 - ``model.safetensors`` + ``config.json``: the model, as :func:`headreg.save_model` writes it;
 - ``metrics.jsonl``: one JSON line per finished epoch;
 - ``eval.json``: the final evaluation;
-- ``resume.safetensors`` + ``resume.json``: everything needed to continue exactly (see
-  :mod:`headreg.engine._checkpoint` for how nested state becomes tensors + JSON).
+- ``resume.json`` + ``resume-<generation>.safetensors``: everything needed to continue exactly (see
+  :mod:`headreg.engine._checkpoint` for how nested state becomes tensors + JSON);
+- ``headreg.lock``: the lock that keeps a second writer out (:mod:`headreg.engine._lock`).
 
 :class:`RunDir` is the only code that touches these files; ``train``, ``resume`` and ``compare`` go
 through it, and ``compare`` guards its own ``--out`` with the same :func:`claim_out_dir`. Writes are
-atomic (temp file, fsync, rename), so a crash leaves the previous version, never half a file. Reads
-of JSON go through :meth:`RunDir.read_json`, the one place where a schema check of what was read
-belongs; claiming a directory is the one place for a lock against a second writer.
+atomic (:mod:`headreg._atomic`: temp file, fsync, rename), so a crash leaves the previous version, never
+half a file. Reads of JSON go through :meth:`RunDir.read_json`, the one place where a schema check of
+what was read belongs; claiming a directory takes the lock against a second writer.
+
+The resumable state is two files that must agree, so it is committed by one rename: each save writes
+its tensors under a new name, ``resume-<N>.safetensors`` (N one more than the generation in force), and
+then atomically replaces ``resume.json``, which names generation N; only after that is generation N − 1
+removed. A kill at any instant leaves a ``resume.json`` whose generation is complete on disk: the new one
+if the rename happened, else the old one. Runs written before generations (``resume.json`` without one,
+beside ``resume.safetensors``) still resume; their first save moves them to the new layout.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._atomic import atomic_output, atomic_write_text, temp_target
 from ..errors import CheckpointError, InvalidValueError
+from ._lock import LOCK_NAME, DirLock
 
 __all__ = ["RUN_FILES", "RUN_LAYOUT", "OutLayout", "RunDir", "atomic_write_text", "claim_out_dir", "write_json"]
 
 RUN_CONFIG = "run.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
-RESUME_TENSORS = "resume.safetensors"
+RESUME_TENSORS = "resume.safetensors"  # the layout before generations (format headreg.resume/1)
 RESUME_JSON = "resume.json"
-#: Files a training run writes; ``--overwrite`` removes exactly these, nothing else.
+#: One generation of the resumable state's tensors; ``resume.json`` names the one in force.
+RESUME_GENERATION = re.compile(r"^resume-([1-9][0-9]*)\.safetensors$")
+#: Files a training run writes; ``--overwrite`` removes exactly these (and the generations), nothing else.
 RUN_FILES = (RUN_CONFIG, "model.safetensors", "config.json", METRICS, EVAL, RESUME_TENSORS, RESUME_JSON)
 RUN_FORMAT = "headreg.run/1"
-RESUME_FORMAT = "headreg.resume/1"
+RESUME_FORMAT = "headreg.resume/2"
+_RESUME_FORMATS = ("headreg.resume/1", RESUME_FORMAT)  # /1: one resume.safetensors, replaced in place
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
-def _replace_synced(tmp: Path, path: Path) -> None:
-    """Rename the flushed ``tmp`` over ``path`` and sync the directory, so the rename itself survives a crash."""
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse to sync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file: flushed, fsynced, then renamed over the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace_synced(tmp, path)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON, atomically (:func:`atomic_write_text`)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -91,55 +79,92 @@ class OutLayout:
         files: names of the files the command writes; ``--overwrite`` removes these (and their ``.tmp``).
         run_subdirs: sub-directories holding a training run belong too (``compare``'s one per head; each is
             guarded by its own training run, so ``--overwrite`` leaves them); an empty one is ignored.
+        pattern: further file names the command writes (the resume generations), removed as ``files`` are.
     """
 
     noun: str
     files: frozenset[str]
     run_subdirs: bool = False
+    pattern: re.Pattern[str] | None = None
+
+    def writes(self, name: str) -> bool:
+        """Whether the command writes a file of this name: an output, or what a killed atomic write of one leaves."""
+        target = temp_target(name)
+        if target is not None:
+            return target == "" or self._output(target)
+        return self._output(name)
+
+    def _output(self, name: str) -> bool:
+        return name in self.files or (self.pattern is not None and self.pattern.match(name) is not None)
 
     def owns(self, entry: Path) -> bool:
-        """Whether ``entry`` is something this command wrote."""
-        if entry.name in self.files or entry.name.endswith(".tmp"):
+        """Whether ``entry`` is something this command wrote (its lock file included)."""
+        if entry.name == LOCK_NAME or self.writes(entry.name):
             return True
         return self.run_subdirs and entry.is_dir() and (entry / RUN_CONFIG).exists()
 
+    def leftover(self, entry: Path) -> bool:
+        """Whether ``entry`` is no output at all: the lock file, or a temporary file a killed write left."""
+        return entry.name == LOCK_NAME or (self.writes(entry.name) and not self._output(entry.name))
 
-RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES))
+
+RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES), pattern=RESUME_GENERATION)
 
 
-def claim_out_dir(path: Path, layout: OutLayout, *, overwrite: bool, occupied: Callable[[list[Path]], str]) -> Path:
+def claim_out_dir(
+    path: Path,
+    layout: OutLayout,
+    *,
+    overwrite: bool,
+    occupied: Callable[[list[Path]], str],
+    lock: DirLock | None = None,
+) -> Path:
     """Create ``path`` for a new output, refusing a directory that already holds something unless ``overwrite``.
 
     With ``overwrite`` only the files ``layout`` owns are removed; a directory holding anything else is still
-    refused, so a mistyped ``--out ~`` deletes nothing.
+    refused, so a mistyped ``--out ~`` deletes nothing. Temporary files a killed write left (and the lock
+    file) are no output: they are removed without ``overwrite``, never a reason to refuse.
 
     Args:
         path: the ``--out`` directory.
         layout: what the command writes there.
         overwrite: replace a previous output.
         occupied: the refusal's message, given what is there (the entries of a previous output).
+        lock: taken once the directory is known to be ours (so a foreign one gets no lock file), before
+            anything is checked for occupation or removed; the caller releases it.
 
     Returns:
         The directory, created.
     """
+    _survey(path, layout)  # a foreign directory is refused before anything is created in it
+    if lock is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    present = _survey(path, layout)
+    output = [p for p in present if not layout.leftover(p)]
+    if output and not overwrite:
+        raise InvalidValueError(occupied(output))
+    for entry in present:
+        if entry.name != LOCK_NAME and layout.writes(entry.name) and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _survey(path: Path, layout: OutLayout) -> list[Path]:
+    """What ``path`` holds (nothing when absent); InvalidValueError for a file or anything not ours."""
     if path.exists() and not path.is_dir():
         raise InvalidValueError(f"--out must be a directory, got the file {path}")
     present = sorted(path.iterdir()) if path.is_dir() else []
-    if layout.run_subdirs:  # an empty one is a head whose run failed before writing anything
-        present = [p for p in present if not (p.is_dir() and not any(p.iterdir()))]
+    if layout.run_subdirs:  # a head whose run failed before writing anything leaves none, or only its lock
+        present = [p for p in present if not (p.is_dir() and all(RUN_LAYOUT.leftover(q) for q in p.iterdir()))]
     foreign = [p.name for p in present if not layout.owns(p)]
     if foreign:
         raise InvalidValueError(
             f"--out {path} is not empty and holds files that are not a headreg {layout.noun} "
             f"({', '.join(foreign[:5])}); choose a new directory"
         )
-    if present and not overwrite:
-        raise InvalidValueError(occupied(present))
-    for entry in present:
-        if (entry.name in layout.files or entry.name.endswith(".tmp")) and (entry.is_file() or entry.is_symlink()):
-            entry.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return present
 
 
 # ---------------------------------------------------------------------------------------------- the run directory
@@ -152,6 +177,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.lock = DirLock(self.path, "headreg train")
 
     # -------------------------------------------------------------------------------------- JSON files
     def read_json(self, name: str, *, missing: str) -> Any:
@@ -189,9 +215,18 @@ class RunDir:
         write_json(self.path / EVAL, result)
 
     # -------------------------------------------------------------------------------------- new runs
-    def claim(self, config: dict[str, Any], *, overwrite: bool) -> None:
-        """Create the directory for a new run with ``config`` (see :func:`claim_out_dir`)."""
-        claim_out_dir(self.path, RUN_LAYOUT, overwrite=overwrite, occupied=lambda _: self._occupied(config))
+    def claim(self, config: dict[str, Any], *, overwrite: bool, lock: bool = False) -> None:
+        """Create the directory for a new run with ``config`` (see :func:`claim_out_dir`), with :attr:`lock` held."""
+        claim_out_dir(
+            self.path, RUN_LAYOUT, overwrite=overwrite, occupied=lambda _: self._occupied(config),
+            lock=self.lock if lock else None,
+        )  # fmt: skip
+
+    def clear_leftovers(self) -> None:
+        """Remove the temporary files a killed write left behind (a resumed run's first step)."""
+        for entry in self.path.iterdir():
+            if entry.name != LOCK_NAME and RUN_LAYOUT.leftover(entry) and entry.is_file():
+                entry.unlink(missing_ok=True)
 
     def _occupied(self, config: dict[str, Any]) -> str:
         path = self.path
@@ -251,7 +286,10 @@ class RunDir:
 
     # -------------------------------------------------------------------------------------- resumable state
     def save_state(self, state: dict[str, Any]) -> None:
-        """Write ``resume.safetensors`` then ``resume.json``, each atomically; the step ties the two together."""
+        """Commit the resumable ``state``: a new tensors generation, then ``resume.json`` naming it, atomically.
+
+        See the module docstring for why no kill can leave a ``resume.json`` and tensors that disagree.
+        """
         from safetensors.torch import save_file
 
         from ._checkpoint import split_state
@@ -259,38 +297,60 @@ class RunDir:
         tensors: dict[str, Any] = {}
         tree = split_state(state, tensors, "s")
         step = str(state.get("progress", {}).get("global_step", -1))
-        tmp = self.path / (RESUME_TENSORS + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": RESUME_FORMAT, "global_step": step})
-        with open(tmp, "rb+") as f:  # safetensors closes without fsync
-            os.fsync(f.fileno())
-        _replace_synced(tmp, self.path / RESUME_TENSORS)
-        write_json(self.path / RESUME_JSON, {"format": RESUME_FORMAT, "global_step": step, "state": tree})
+        generation = max([0, *self._generations()]) + 1
+        with atomic_output(self.path / _generation_name(generation)) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": RESUME_FORMAT, "global_step": step})
+        meta = {"format": RESUME_FORMAT, "generation": generation, "global_step": step, "state": tree}
+        write_json(self.path / RESUME_JSON, meta)  # the commit
+        for old in [*self._generations(), 0]:  # the superseded tensors (0: the layout before generations)
+            if old != generation:
+                (self.path / _generation_name(old)).unlink(missing_ok=True)
+
+    def _generations(self) -> list[int]:
+        """The tensor generations on disk (complete files only: a killed write leaves a temporary name)."""
+        found = (RESUME_GENERATION.match(p.name) for p in self.path.iterdir()) if self.path.is_dir() else ()
+        return [int(m.group(1)) for m in found if m]
+
+    def has_state(self) -> bool:
+        """Whether a resumable state was ever committed here (else a resumed run starts from the beginning)."""
+        return (self.path / RESUME_JSON).is_file()
 
     def load_state(self) -> dict[str, Any]:
-        """Read the state :meth:`save_state` wrote; CheckpointError when missing, torn or foreign."""
+        """Read the state :meth:`save_state` committed; CheckpointError when missing, torn or foreign."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         from ._checkpoint import join_state
 
-        tj, ts = self.path / RESUME_JSON, self.path / RESUME_TENSORS
+        tj = self.path / RESUME_JSON
         where = f"--resume {self.path}"
-        if not tj.is_file() or not ts.is_file():
-            raise CheckpointError(f"{where}: no resumable state ({RESUME_JSON} and {RESUME_TENSORS}) in that directory")
+        if not tj.is_file():
+            raise CheckpointError(f"{where}: no resumable state ({RESUME_JSON} and its tensors) in that directory")
         try:
             meta = self.read_json(RESUME_JSON, missing="")
+            ts = self.path / _generation_name(meta.get("generation", 0))
+            if not ts.is_file():
+                raise CheckpointError(f"{ts.name}, which {RESUME_JSON} names, is missing")
             with safe_open(str(ts), framework="pt") as f:
                 tmeta = f.metadata() or {}
             tensors = load_file(str(ts), device="cpu")
         except Exception as exc:  # noqa: BLE001 - json / safetensors errors alike mean an unreadable file
             raise CheckpointError(f"{where}: resumable state is unreadable ({type(exc).__name__}: {exc})") from None
-        if meta.get("format") != RESUME_FORMAT or tmeta.get("format") != RESUME_FORMAT:
+        if meta.get("format") not in _RESUME_FORMATS or tmeta.get("format") != meta.get("format"):
             raise CheckpointError(
-                f"{where}: resume files have format {meta.get('format')!r}, expected {RESUME_FORMAT!r}"
+                f"{where}: resume files have format {meta.get('format')!r} and {tmeta.get('format')!r}, "
+                f"expected {RESUME_FORMAT!r}"
             )
         if meta.get("global_step") != tmeta.get("global_step"):
             raise CheckpointError(
-                f"{where}: {RESUME_JSON} (step {meta.get('global_step')}) and {RESUME_TENSORS} "
+                f"{where}: {RESUME_JSON} (step {meta.get('global_step')}) and {ts.name} "
                 f"(step {tmeta.get('global_step')}) disagree; the run was stopped while saving"
             )
         return join_state(meta["state"], tensors)
+
+
+def _generation_name(generation: Any) -> str:
+    """The tensors file of ``generation``; 0 (or none recorded) is the layout before generations."""
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        raise CheckpointError(f"{RESUME_JSON}: generation must be an integer >= 0, got {generation!r}")
+    return RESUME_TENSORS if generation == 0 else f"resume-{generation}.safetensors"

@@ -48,15 +48,31 @@ def run_training(
     """Set up a fresh (or resumed) run in ``run_dir`` and train it to the end or to a stop."""
     ranks = Ranks.join(config.device, config.batch_size)
     directory = RunDir(run_dir)
-    # Only rank 0 touches the directory; the others learn whether it worked, then read the state themselves.
-    work = directory.load_state if resume else functools.partial(directory.claim, config.to_dict(), overwrite=overwrite)
-    state = run_on_main(work, share=False)
-    if resume and not ranks.main:
-        state = directory.load_state()
-    run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
-    if resume:
-        run.restore(state)
-    return run.execute(stop_after_steps=stop_after_steps, on_step=on_step)
+    # Only rank 0 touches the directory, and holds its lock for the whole run; the others learn whether
+    # that worked, then read the state themselves.
+    work = functools.partial(_open, directory, config, resume=resume, overwrite=overwrite)
+    try:
+        state = run_on_main(work, share=False)
+        if resume and not ranks.main and directory.has_state():
+            state = directory.load_state()
+        run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
+        if state is not None:
+            run.restore(state)
+        elif resume:
+            run.start_over()
+        return run.execute(stop_after_steps=stop_after_steps, on_step=on_step)
+    finally:
+        directory.lock.release()
+
+
+def _open(directory: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Lock the run directory (claiming it for a new run); a resumed run's committed state, if it has one."""
+    if not resume:
+        directory.claim(config.to_dict(), overwrite=overwrite, lock=True)
+        return None
+    directory.lock.acquire()
+    directory.clear_leftovers()
+    return directory.load_state() if directory.has_state() else None
 
 
 class Run:
@@ -119,6 +135,11 @@ class Run:
             self.tally = EpochTally.from_state(prog["tally"], self.ranks.device)
         self.log.resume_at(self.epoch)
         self.log.say(f"resuming {self.run_dir.path} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
+
+    def start_over(self) -> None:
+        """Resume a run killed before it committed its first state: from the beginning, as a fresh run."""
+        self.log.resume_at(0)
+        self.log.say(f"resuming {self.run_dir.path}: no resumable state was saved yet; starting from the beginning")
 
     # ------------------------------------------------------------------------------------------ the epochs
     def execute(self, *, stop_after_steps: int | None, on_step: Callable[[int], None] | None) -> TrainResult:
