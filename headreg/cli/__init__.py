@@ -6,7 +6,9 @@ imports torch at module level, so ``headreg --help`` and ``headreg --version`` a
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 from typing import Any
 
 import click
@@ -52,8 +54,48 @@ def main() -> None:
     """
 
 
+#: Printed (on stderr, before the traceback) when a command fails in a way no user mistake explains.
+REPORT_BUG = (
+    "headreg: internal error: this is a bug in headreg (or a plugin), not a mistake in your command; please "
+    "report it on the headreg issue tracker with the command you ran and the traceback below"
+)
+
+# What an OSError's errno means for a path the user gave, said plainly (by name: not every platform has all).
+_OS_HINTS = {
+    getattr(errno, name): hint
+    for name, hint in (
+        ("ENOTDIR", "a part of the path is a file, not a folder"),
+        ("EISDIR", "it is a folder; give a file name"),
+        ("EACCES", "no permission"),
+        ("EPERM", "not permitted"),
+        ("EROFS", "the file system is read-only"),
+        ("ENOSPC", "the disk is full"),
+        ("EDQUOT", "the disk quota is used up"),
+        ("ENOENT", "it does not exist"),
+        ("ENAMETOOLONG", "the name is too long"),
+    )
+    if hasattr(errno, name)
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError: what failed on which path, and what that means (``... (the disk is full)``)."""
+    what = exc.strerror or str(exc)
+    hint = _OS_HINTS.get(exc.errno)  # type: ignore[arg-type]
+    hint = f" ({hint})" if hint and hint.lower() != what.lower() else ""
+    if exc.filename is None:
+        return f"{what}{hint}"
+    return f"cannot use {os.fsdecode(exc.filename)}: {what}{hint}"
+
+
 def run_cli(fn: Any) -> Any:
-    """Decorator for command bodies: headreg errors become clean messages, never tracebacks."""
+    """Decorator for command bodies: a user's mistake becomes a one-line message, never a traceback.
+
+    Converted, deliberately: :class:`~headreg.errors.HeadregError` (what headreg raises on purpose: bad
+    options, unreadable or corrupt files named by path, a directory in use) and ``OSError`` (a path that
+    cannot be read or written: under a file, onto a folder, read-only, a full disk), named by its path.
+    Anything else is a bug: its traceback is kept, after one line asking to report it.
+    """
     import functools
 
     @functools.wraps(fn)
@@ -64,5 +106,12 @@ def run_cli(fn: Any) -> Any:
             return fn(*args, **kwargs)
         except HeadregError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_message(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception:  # not converted: only the line asking for a report is added, the traceback stays
+            click.echo(REPORT_BUG, err=True)
+            raise
 
     return wrapper

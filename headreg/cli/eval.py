@@ -10,7 +10,9 @@ from typing import Any
 
 import click
 
+from .._atomic import atomic_output, atomic_write_text
 from . import run_cli
+from ._guards import check_input_size, check_output_paths
 from ._options import LazyChoice, data_dir_default, dataset_names, drop_none, engine_option, keyword_defaults
 
 _PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -160,6 +162,7 @@ def eval_cmd(**params: Any) -> None:
     """
     opts = EvalOptions.parse(**params)
     _check_options(opts)
+    check_output_paths((("--output", opts.output), ("--plot", opts.plot), ("--save-embeddings", opts.save_embeddings)))
 
     from headreg.engine.evaluate import evaluate_model, parse_metric_names
     from headreg.engine.runtime import cleanup_distributed, init_distributed, is_main_process
@@ -173,6 +176,7 @@ def eval_cmd(**params: Any) -> None:
             result = _from_files(opts, metrics, device)
         else:
             model, source = _load_model(opts)
+            check_input_size(model, opts.input_size)
             query, gallery, described = _load_datasets(opts)
             names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "progress")
             result = evaluate_model(model, query, gallery, device=device, **opts.engine_kwargs(*names, metrics=metrics))
@@ -311,22 +315,24 @@ def _write_outputs(result: Any, opts: EvalOptions) -> None:
         from headreg.data import save_embeddings
 
         meta = {k: str(v) for k, v in result.info.items() if k in ("model", "head", "dataset", "split", "checkpoint")}
-        save_embeddings(
-            opts.save_embeddings,
-            result.embeddings,
-            result.labels,
-            is_query=result.is_query,
-            is_gallery=result.is_gallery,
-            metadata=meta or None,
-        )
+        with atomic_output(opts.save_embeddings) as tmp:  # a kill mid-write leaves the old file, not half of one
+            save_embeddings(
+                tmp,
+                result.embeddings,
+                result.labels,
+                is_query=result.is_query,
+                is_gallery=result.is_gallery,
+                metadata=meta or None,
+            )
     if opts.output is not None:
         opts.output.parent.mkdir(parents=True, exist_ok=True)
-        opts.output.write_text(text + "\n")
+        atomic_write_text(opts.output, text + "\n")
     if opts.plot is not None:
         from headreg.plotting import _save_plot  # the evaluation checked these embeddings already
 
         title = " / ".join(str(result.info[k]) for k in ("model", "head", "dataset") if result.info.get(k))
-        _save_plot(opts.plot, result.embeddings, result.labels, title or None)
+        with atomic_output(opts.plot) as tmp:
+            _save_plot(tmp, result.embeddings, result.labels, title or None)
     if opts.as_json:
         click.echo(text)
         return

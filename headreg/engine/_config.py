@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,12 @@ class TrainConfig:
             raise InvalidValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_epochs < 0:
             raise InvalidValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        # The optimiser's own ranges, checked here so that a bad value is refused before any data is read,
+        # by its option's name, instead of torch's "Invalid momentum value" from inside the set-up.
+        _check_range("momentum", self.momentum, low=0.0, high=1.0)
+        _check_range("weight_decay", self.weight_decay, low=0.0)
+        if self.lr is not None:
+            _check_range("lr", self.lr, low=0.0)
         if not (isinstance(self.head_lr_scale, (int, float)) and 0 < self.head_lr_scale < float("inf")):
             raise InvalidValueError(f"head_lr_scale must be a finite number > 0, got {self.head_lr_scale!r}")
         self.head_lr_scale = float(self.head_lr_scale)
@@ -121,6 +128,14 @@ class TrainConfig:
         if unknown:
             raise InvalidValueError(f"run config has unknown keys {unknown}; written by a newer headreg?")
         return cls(**d)
+
+
+def _check_range(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """``value`` must be a finite real number (not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or value > high or (low_open and value == low):
+        bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise InvalidValueError(f"{name} must be a finite number {bounds}, got {value!r}")
 
 
 def _warmup_entry(name: str, value: Any) -> list[float]:
