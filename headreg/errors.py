@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "DatasetNotFoundError",
     "RunLockedError",
+    "DataFileError",
     "did_you_mean",
 ]
 
@@ -79,6 +80,10 @@ class DatasetNotFoundError(HeadregError, FileNotFoundError):
 
 class RunLockedError(HeadregError):
     """A run (or comparison) directory that another headreg process is writing."""
+
+
+class DataFileError(HeadregError):
+    """A file of a dataset (an image in an image folder) that cannot be read or decoded."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from headreg.data._tensor import TensorImageDataset
-from headreg.errors import DatasetNotFoundError, InvalidValueError, UnknownDatasetError, did_you_mean
+from headreg.errors import DataFileError, DatasetNotFoundError, InvalidValueError, UnknownDatasetError, did_you_mean
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -57,6 +57,23 @@ def _data_dir_source(data_dir: str | Path | None) -> str:
     if os.environ.get(DATA_DIR_ENV):
         return f"from {DATA_DIR_ENV}"
     return f"the default; {DATA_DIR_ENV} is not set"
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What reading one image can raise, for a corrupt, truncated, vanished or hostile file.
+
+    OSError (PIL's UnidentifiedImageError, a truncated file, a vanished one); for malformed files PIL also
+    raises SyntaxError, ValueError, EOFError, and DecompressionBombError for a decompression bomb.
+    """
+    errors: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - torchvision's loader needs PIL anyway
+        return errors
+    return (*errors, Image.DecompressionBombError)
+
+
+_DECODE_ERRORS = _decode_errors()
 
 
 class ImageFolderDataset(Dataset):
@@ -106,7 +123,13 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self._folder.samples[index]
-        image = self._folder.loader(path)
+        try:
+            image = self._folder.loader(path)
+        except _DECODE_ERRORS as exc:  # PIL's errors name no file, or only in a DataLoader worker's traceback
+            raise DataFileError(
+                f"dataset '{self.name}': cannot read the image {path} ({type(exc).__name__}: {exc}); "
+                "is it corrupt or truncated? Replace or remove it"
+            ) from None
         if self.transform is not None:
             return self.transform(image), target
         from torchvision.transforms.functional import pil_to_tensor

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from headreg._runtime import DistInfo, dist_info
 from headreg.data._datasets import TensorImageDataset
-from headreg.errors import InvalidValueError
+from headreg.errors import DataFileError, InvalidValueError
 
 __all__ = ["BatchLoader", "ShardSampler", "create_loader"]
 
@@ -175,7 +175,10 @@ class BatchLoader:
         if self._dataloader is not None:
             # Worker seeds follow the epoch too, so per-sample augmentation is reproducible.
             self._generator.manual_seed(self.sampler.seed + self.sampler.epoch)
-            yield from self._dataloader
+            try:
+                yield from self._dataloader
+            except DataFileError as exc:  # from a worker, whose traceback became the message: keep our line
+                raise DataFileError(_worker_message(str(exc))) from None
             return
         idx = self.sampler.indices().to(self._images.device)
         stop = len(self) * self.batch_size if self.drop_last else idx.numel()
@@ -253,6 +256,16 @@ def create_loader(
         pin_memory=bool(pin_memory),
         device=dev,
     )
+
+
+def _worker_message(text: str) -> str:
+    """The message of a :class:`DataFileError` raised in a DataLoader worker, without the worker's traceback.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where ``text`` is
+    "Caught ... in DataLoader worker process N. Original Traceback ...", ending with the original line.
+    """
+    marker = f"{DataFileError.__module__}.{DataFileError.__qualname__}: "
+    return text.rsplit(marker, 1)[1].strip() if marker in text else text
 
 
 def _rank_and_world(distributed: bool | DistInfo | None) -> tuple[int, int]:
