@@ -25,14 +25,13 @@ from headreg._checks import (
     check_embeddings,
     check_labels,
     check_mask,
-    check_positive_ints,
     check_same_width,
     resolve_device,
 )
 from headreg.engine.extract import Extraction, extract_dataset, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._knn import KNN_BACKENDS
-from headreg.metrics.retrieval import _positive_counts
+from headreg.metrics.retrieval import RetrievalOptions, _positive_counts
 
 __all__ = [
     "ALL_METRICS",
@@ -195,8 +194,9 @@ def evaluate_embeddings(
     names = parse_metric_names(metrics)
     if names is None:
         names = DEFAULT_METRICS + (("classification",) if label_rank is not None else ())
-    knn = check_choice(knn, KNN_BACKENDS, "knn")
-    recall_k = check_positive_ints(tuple(recall_k), "recall_k")
+    options = RetrievalOptions(
+        recall_k=tuple(recall_k), knn_backend=check_choice(knn, KNN_BACKENDS, "knn"), progress=progress
+    )
     embeddings, labels = validate_embeddings(embeddings, labels)
     n = embeddings.shape[0]
     for key, mask in (("is_query", is_query), ("is_gallery", is_gallery)):
@@ -239,22 +239,9 @@ def evaluate_embeddings(
     if embedding_names:
         from headreg.metrics._compute import compute_checked
 
-        out.update(
-            compute_checked(
-                embeddings,
-                labels,
-                query_mask=None if loo else qm.to(embeddings.device),
-                gallery_mask=None if loo else gm.to(embeddings.device),
-                metrics=embedding_names,
-                recall_k=recall_k,
-                knn_k=5,
-                device=dev,
-                knn_backend=knn,
-                chunk_size=None,
-                seed=0,
-                progress=progress,
-            )
-        )
+        query_mask = None if loo else qm.to(embeddings.device)
+        gallery_mask = None if loo else gm.to(embeddings.device)
+        out.update(compute_checked(embeddings, labels, query_mask, gallery_mask, embedding_names, options, dev))
     if "classification" in names and label_rank is not None:
         out.update(classification_accuracy(label_rank[qm.to(label_rank.device)]))
     return out, warnings

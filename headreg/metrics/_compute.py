@@ -11,18 +11,9 @@ import time
 
 import torch
 
-from headreg._checks import (
-    check_choice,
-    check_chunk_size,
-    check_embeddings,
-    check_labels,
-    check_mask,
-    check_positive_ints,
-    resolve_device,
-)
-from headreg.metrics._knn import KNN_BACKENDS
+from headreg._checks import check_choice, check_embeddings, check_labels, check_mask, resolve_device
 from headreg.metrics.clustering import DEFAULT_MAX_ITER, _clustering
-from headreg.metrics.retrieval import _masked
+from headreg.metrics.retrieval import RetrievalOptions, _masked
 from headreg.metrics.verification import _label_pairs_verification
 
 __all__ = ["METRIC_FAMILIES", "compute_checked", "compute_metrics"]
@@ -81,61 +72,30 @@ def compute_metrics(
     for mask, name in ((query_mask, "query_mask"), (gallery_mask, "gallery_mask")):
         if mask is not None:
             check_mask(mask, n, name)
-    (knn_k,) = check_positive_ints(knn_k, "knn_k")
-    return compute_checked(
-        embeddings,
-        labels,
-        query_mask=query_mask,
-        gallery_mask=gallery_mask,
-        metrics=names,
-        recall_k=check_positive_ints(recall_k, "recall_k"),
-        knn_k=knn_k,
-        device=resolve_device(device, embeddings),
-        knn_backend=check_choice(knn_backend, KNN_BACKENDS, "knn_backend"),
-        chunk_size=check_chunk_size(chunk_size),
-        seed=seed,
-        progress=progress,
-        stats=stats,
-    )
+    retrieval = RetrievalOptions(recall_k, knn_k, True, knn_backend, chunk_size, seed, progress)
+    dev = resolve_device(device, embeddings)
+    return compute_checked(embeddings, labels, query_mask, gallery_mask, names, retrieval, dev, stats)
 
 
 def compute_checked(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
-    *,
     query_mask: torch.Tensor | None,
     gallery_mask: torch.Tensor | None,
     metrics: tuple[str, ...],
-    recall_k: tuple[int, ...],
-    knn_k: int,
+    retrieval: RetrievalOptions,
     device: torch.device,
-    knn_backend: str,
-    chunk_size: int | None,
-    seed: int,
-    progress: bool,
     stats: dict[str, float] | None = None,
 ) -> dict[str, float | int]:
     """:func:`compute_metrics` on input its caller has checked (``headreg eval`` checks once, then calls this).
 
-    Nothing here scans the embeddings again: each family runs its unchecked core.
+    Nothing here scans the embeddings again: each family runs its unchecked core. The seed and the
+    progress flag of ``retrieval`` serve every family.
     """
+    seed, progress = retrieval.seed, retrieval.progress
     out: dict[str, float | int] = {"num_samples": int(embeddings.shape[0])}
     families = {
-        "retrieval": lambda: _masked(
-            embeddings,
-            labels,
-            query_mask,
-            gallery_mask,
-            device,
-            recall_k=recall_k,
-            knn_k=knn_k,
-            r_metrics=True,
-            knn_backend=knn_backend,
-            chunk_size=chunk_size,
-            seed=seed,
-            progress=progress,
-            stats=None,
-        ),
+        "retrieval": lambda: _masked(embeddings, labels, query_mask, gallery_mask, device, retrieval),
         "verification": lambda: _label_pairs_verification(embeddings, labels, device, seed, progress),
         "clustering": lambda: _clustering(embeddings, labels, None, device, seed, DEFAULT_MAX_ITER, progress),
     }

@@ -189,6 +189,19 @@ def sample_rank(k: torch.Tensor, m: int, n: int, z: float) -> torch.Tensor:
     return ((e + z * e.sqrt()).ceil().long() + 1).clamp(min=1, max=m)
 
 
+def first_block(
+    layout: Layout, q: torch.Tensor, k: torch.Tensor, own: torch.Tensor, buf: torch.Tensor, sample_z: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1's block: ``q`` against the sampled (or whole) gallery in ``buf``, self excluded, and each row's rank `j`.
+
+    The thresholds are then the `j`-th largest value of each row (each back end has its own selection).
+    """
+    first = torch.mm(q, layout.gallery[: buf.shape[1]].T, out=buf[: q.shape[0]])
+    exclude_self(first, own, 0)
+    m = layout.num_sampled
+    return first, (sample_rank(k, m, layout.size, sample_z) if m else k)
+
+
 def exclude_self(sims: torch.Tensor, own: torch.Tensor, col0: int) -> None:
     """Set `sims[r, own[r] - col0]` to -inf where that column is inside `sims` (`(rows, width)`)."""
     rel = own - col0

@@ -20,8 +20,8 @@ from headreg.metrics._knn_base import (
     Layout,
     ScanSettings,
     exclude_self,
+    first_block,
     kth_largest_numpy,
-    sample_rank,
     tile_similarities,
 )
 
@@ -134,13 +134,9 @@ class CpuTileScan:
         self.cands = KeyCandidates(layout, settings, np.empty(chunk * tile, dtype=np.int64))
 
     def thresholds(self, q: torch.Tensor, k: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layout, rows = self.layout, q.shape[0]
-        first = torch.mm(q, layout.gallery[: self.first_width].T, out=self.first_buf[:rows])
-        exclude_self(first, own, 0)
-        m = layout.num_sampled
-        j = sample_rank(k, m, layout.size, self.settings.sample_z) if m else k
+        first, j = first_block(self.layout, q, k, own, self.first_buf, self.settings.sample_z)
         # Cosines are >= -1; the floor keeps the -inf self entries out of every candidate set.
-        return first, kth_largest_numpy(first, j, self.scratch[:rows]).clamp(min=-2.0)
+        return first, kth_largest_numpy(first, j, self.scratch[: q.shape[0]]).clamp(min=-2.0)
 
     def similarities(self, q: torch.Tensor, col0: int) -> torch.Tensor:
         return tile_similarities(q, self.layout.gallery, col0, self.tile, self.tile_buf)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from headreg.metrics._knn_base import KeyLayout, Layout, ScanSettings, exclude_self, sample_rank, tile_similarities
+from headreg.metrics._knn_base import KeyLayout, Layout, ScanSettings, exclude_self, first_block, tile_similarities
 
 # (row, original index, similarity), each `(n,)`.
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -72,11 +72,7 @@ class TorchScan:
         self._sorted = _sorted_by_key(keys) if fits else _sorted_stably
 
     def thresholds(self, q: torch.Tensor, k: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layout, rows = self.layout, q.shape[0]
-        first = torch.mm(q, layout.gallery[: self.first_width].T, out=self.first_buf[:rows])
-        exclude_self(first, own, 0)
-        m = layout.num_sampled
-        j = sample_rank(k, m, layout.size, self.settings.sample_z) if m else k
+        first, j = first_block(self.layout, q, k, own, self.first_buf, self.settings.sample_z)
         # Cosines are >= -1; the floor keeps the -inf self entries out of every candidate set.
         return first, self.kth_largest(first, j).clamp(min=-2.0)
 

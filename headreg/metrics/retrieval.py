@@ -9,6 +9,7 @@ itself excluded); queries with `R_q = 0` are excluded from every average and cou
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,10 +101,7 @@ def retrieval_metrics(
         `knn_accuracy` (floats in [0, 1], NaN when no query has a positive), `num_queries`,
         `num_gallery`, `num_queries_without_positive`.
     """
-    recall_k = check_positive_ints(recall_k, "recall_k")
-    (knn_k,) = check_positive_ints(knn_k, "knn_k")
-    chunk_size = check_chunk_size(chunk_size)
-    knn_backend = check_choice(knn_backend, KNN_BACKENDS, "knn_backend")
+    opts = RetrievalOptions(recall_k, knn_k, r_metrics, knn_backend, chunk_size, seed, progress, stats)
     leave_one_out = gallery is None
     min_rows = 2 if leave_one_out else 1
     check_embeddings(query, "query" if not leave_one_out else "embeddings", min_rows=min_rows)
@@ -122,21 +120,34 @@ def retrieval_metrics(
             got = tuple(query_self_index.shape) if isinstance(query_self_index, torch.Tensor) else query_self_index
             raise InvalidInputError(f"query_self_index must have shape ({query.shape[0]},), got {got}")
     return _retrieval(
-        query,
-        query_labels,
-        gallery,
-        gallery_labels,
-        query_self_index,
-        recall_k,
-        knn_k,
-        r_metrics,
-        resolve_device(device, query),
-        knn_backend,
-        chunk_size,
-        seed,
-        progress,
-        stats,
+        query, query_labels, gallery, gallery_labels, query_self_index, resolve_device(device, query), opts
     )
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """The options of :func:`retrieval_metrics` (see there), checked once when built."""
+
+    recall_k: tuple[int, ...] = (1, 2, 4, 8)
+    knn_k: int = 5
+    r_metrics: bool = True
+    knn_backend: str = "torch"
+    chunk_size: int | None = None
+    seed: int = 0
+    progress: bool = False
+    stats: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        (knn_k,) = check_positive_ints(self.knn_k, "knn_k")
+        checked = {
+            "recall_k": check_positive_ints(self.recall_k, "recall_k"),
+            "knn_k": knn_k,
+            "r_metrics": bool(self.r_metrics),
+            "knn_backend": check_choice(self.knn_backend, KNN_BACKENDS, "knn_backend"),
+            "chunk_size": check_chunk_size(self.chunk_size),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 def _retrieval(
@@ -145,17 +156,12 @@ def _retrieval(
     gallery: torch.Tensor | None,
     gallery_labels: torch.Tensor | None,
     query_self_index: torch.Tensor | None,
-    recall_k: tuple[int, ...],
-    knn_k: int,
-    r_metrics: bool,
     dev: torch.device,
-    knn_backend: str,
-    chunk_size: int | None,
-    seed: int,
-    progress: bool,
-    stats: dict[str, float] | None,
+    opts: RetrievalOptions,
 ) -> dict[str, float | int]:
     """:func:`retrieval_metrics` on checked input (the unchecked core its callers inside headreg use)."""
+    recall_k, knn_k, r_metrics, knn_backend = opts.recall_k, opts.knn_k, opts.r_metrics, opts.knn_backend
+    chunk_size, seed, progress, stats = opts.chunk_size, opts.seed, opts.progress, opts.stats
     leave_one_out = gallery is None
     if leave_one_out:
         gallery, gallery_labels = query, query_labels
@@ -247,37 +253,9 @@ def retrieval_with_masks(
         check_mask(gallery_mask, n, "gallery_mask")
     if query_mask is None and gallery_mask is None:
         return retrieval_metrics(embeddings, labels, **kwargs)  # type: ignore[arg-type]
-    # The options are checked by retrieval_metrics' own checks, on the (query, gallery) split; those
-    # rows were scanned above, so the split itself goes straight to the core.
-    opts = _retrieval_options(**kwargs)  # type: ignore[arg-type]
-    return _masked(embeddings, labels, query_mask, gallery_mask, resolve_device(opts.pop("device"), embeddings), **opts)
-
-
-def _retrieval_options(
-    *,
-    recall_k: tuple[int, ...] = (1, 2, 4, 8),
-    knn_k: int = 5,
-    r_metrics: bool = True,
-    device: str | torch.device | None = None,
-    knn_backend: str = "torch",
-    chunk_size: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    stats: dict[str, float] | None = None,
-) -> dict[str, object]:
-    """The keyword options of :func:`retrieval_metrics`, checked, with their defaults filled in."""
-    (knn_k,) = check_positive_ints(knn_k, "knn_k")
-    return {
-        "recall_k": check_positive_ints(recall_k, "recall_k"),
-        "knn_k": knn_k,
-        "r_metrics": bool(r_metrics),
-        "device": device,
-        "knn_backend": check_choice(knn_backend, KNN_BACKENDS, "knn_backend"),
-        "chunk_size": check_chunk_size(chunk_size),
-        "seed": seed,
-        "progress": progress,
-        "stats": stats,
-    }
+    device = kwargs.pop("device", None)
+    opts = RetrievalOptions(**kwargs)  # type: ignore[arg-type]
+    return _masked(embeddings, labels, query_mask, gallery_mask, resolve_device(device, embeddings), opts)  # type: ignore[arg-type]
 
 
 def _masked(
@@ -286,12 +264,12 @@ def _masked(
     query_mask: torch.Tensor | None,
     gallery_mask: torch.Tensor | None,
     dev: torch.device,
-    **opts: object,
+    opts: RetrievalOptions,
 ) -> dict[str, float | int]:
     """:func:`retrieval_with_masks` on checked input: split by the masks, then the core."""
     n = embeddings.shape[0]
     if query_mask is None and gallery_mask is None:
-        return _retrieval(embeddings, labels, None, None, None, dev=dev, **opts)  # type: ignore[arg-type]
+        return _retrieval(embeddings, labels, None, None, None, dev, opts)
     qm = torch.ones(n, dtype=torch.bool) if query_mask is None else query_mask.cpu()
     gm = torch.ones(n, dtype=torch.bool) if gallery_mask is None else gallery_mask.cpu()
     q_idx, g_idx = qm.nonzero().squeeze(1), gm.nonzero().squeeze(1)
@@ -304,8 +282,8 @@ def _masked(
         embeddings[g_idx.to(d)],
         labels[g_idx.to(labels.device)],
         position[q_idx],
-        dev=dev,
-        **opts,  # type: ignore[arg-type]
+        dev,
+        opts,
     )
 
 
@@ -404,11 +382,7 @@ class RetrievalMetrics(Metric):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
-        self.recall_k = check_positive_ints(recall_k, "recall_k")
-        (self.knn_k,) = check_positive_ints(knn_k, "knn_k")
-        self.knn_backend = check_choice(knn_backend, KNN_BACKENDS, "knn_backend")
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.seed = seed
+        self.options = RetrievalOptions(recall_k, knn_k, True, knn_backend, chunk_size, seed)
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("is_query", default=[], dist_reduce_fx="cat")
@@ -447,18 +421,5 @@ class RetrievalMetrics(Metric):
             raise InvalidInputError(f"embeddings must have at least 2 rows for leave-one-out retrieval, got {n}")
         for name, mask in (("is_query", isq), ("is_gallery", isg)):
             check_mask(mask, n, name)  # each batch was checked in update(); the union must select something
-        return _masked(
-            emb,
-            lab,
-            None if bool(isq.all()) else isq,
-            None if bool(isg.all()) else isg,
-            emb.device,
-            recall_k=self.recall_k,
-            knn_k=self.knn_k,
-            r_metrics=True,
-            knn_backend=self.knn_backend,
-            chunk_size=self.chunk_size,
-            seed=self.seed,
-            progress=False,
-            stats=None,
-        )
+        query_mask = None if bool(isq.all()) else isq
+        return _masked(emb, lab, query_mask, None if bool(isg.all()) else isg, emb.device, self.options)
