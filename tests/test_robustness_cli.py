@@ -155,3 +155,16 @@ def test_a_run_in_the_layout_before_generations_still_resumes(tmp_path: Path) ->
         assert torch.equal(v, done.model.state_dict()[k]), k
     assert not (run / "resume.safetensors").exists()  # the first save moved it to the generation layout
     assert json.loads((run / "resume.json").read_text())["format"] == "headreg.resume/2"
+
+
+def test_a_flipped_byte_in_the_resumable_state_is_a_checksum_mismatch(tmp_path: Path) -> None:
+    from headreg.errors import CheckpointError
+
+    run = tmp_path / "run"
+    train(TrainConfig(**TINY), run, stop_after_steps=1, **QUIET)
+    (gen,) = [p for p in run.iterdir() if p.name.startswith("resume-")]
+    data = bytearray(gen.read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor's bytes, past the header
+    gen.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        resume(run, **QUIET)

@@ -292,6 +292,7 @@ class RunDir:
         """
         from safetensors.torch import save_file
 
+        from ..models.checkpoint import tensors_sha256
         from ._checkpoint import split_state
 
         tensors: dict[str, Any] = {}
@@ -301,6 +302,7 @@ class RunDir:
         with atomic_output(self.path / _generation_name(generation)) as tmp:
             save_file(tensors, str(tmp), metadata={"format": RESUME_FORMAT, "global_step": step})
         meta = {"format": RESUME_FORMAT, "generation": generation, "global_step": step, "state": tree}
+        meta["weights_sha256"] = tensors_sha256(tensors)  # safetensors has no checksum: a flipped byte shows
         write_json(self.path / RESUME_JSON, meta)  # the commit
         for old in [*self._generations(), 0]:  # the superseded tensors (0: the layout before generations)
             if old != generation:
@@ -320,6 +322,7 @@ class RunDir:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        from ..models.checkpoint import verify_tensors
         from ._checkpoint import join_state
 
         tj = self.path / RESUME_JSON
@@ -346,6 +349,8 @@ class RunDir:
                 f"{where}: {RESUME_JSON} (step {meta.get('global_step')}) and {ts.name} "
                 f"(step {tmeta.get('global_step')}) disagree; the run was stopped while saving"
             )
+        if "weights_sha256" in meta:  # recorded since headreg.resume/2
+            verify_tensors(tensors, meta["weights_sha256"], where=str(ts))
         return join_state(meta["state"], tensors)
 
 
