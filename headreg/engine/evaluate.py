@@ -12,7 +12,6 @@ metrics and broadcasts them (errors included, so no rank waits forever), and eve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from headreg._checks import (
     check_same_width,
     resolve_device,
 )
+from headreg.engine._jsonsafe import json_safe
 from headreg.engine.extract import Extraction, extract_dataset, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._knn import KNN_BACKENDS
@@ -78,15 +78,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``{"metrics", "info", "warnings"}``; NaN and infinities become None."""
-
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            return v
-
-        return {"metrics": clean(self.metrics), "info": clean(self.info), "warnings": list(self.warnings)}
+        return {"metrics": json_safe(self.metrics), "info": json_safe(self.info), "warnings": list(self.warnings)}
 
 
 def parse_metric_names(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:

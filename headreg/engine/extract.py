@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from headreg.data.transforms import BatchTransform
-from headreg.engine.runtime import autocast
+from headreg.engine.runtime import autocast, comm_device
 from headreg.errors import InvalidValueError
 from headreg.metrics.classification import label_rank
 
@@ -316,12 +316,6 @@ def extract_dataset(
     return extract_embeddings(model, loader, device=device, transform=transform, amp=amp, progress=progress, desc=desc)
 
 
-def _comm_device(like: torch.device) -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def gather_extraction(part: Extraction) -> Extraction:
     """Concatenate every rank's :class:`Extraction` in rank order; the input itself in a single process.
 
@@ -333,7 +327,7 @@ def gather_extraction(part: Extraction) -> Extraction:
         return part
     import torch.distributed as dist
 
-    comm = _comm_device(part.embeddings.device)
+    comm = comm_device()
 
     def gather(t: Tensor | None) -> Tensor | None:
         if t is None:

@@ -25,6 +25,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup_distributed",
+    "comm_device",
     "dist_info",
     "init_distributed",
     "is_main_process",
@@ -166,7 +167,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where tensors go for a collective: the current GPU under NCCL, else the CPU (gloo)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -225,7 +227,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not 0 <= src < info.world_size:
         raise InvalidValueError(f"src must lie in [0, {info.world_size}), got {src}")
     holder = [obj if info.rank == src else None]
-    dist.broadcast_object_list(holder, src=src, device=_comm_device())
+    dist.broadcast_object_list(holder, src=src, device=comm_device())
     return holder[0]
 
 
