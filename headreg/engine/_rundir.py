@@ -140,14 +140,19 @@ def claim_out_dir(
     if lock is not None:
         path.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-    present = _survey(path, layout)
-    output = [p for p in present if not layout.leftover(p)]
-    if output and not overwrite:
-        raise InvalidValueError(occupied(output))
-    for entry in present:
-        if entry.name != LOCK_NAME and layout.writes(entry.name) and (entry.is_file() or entry.is_symlink()):
-            entry.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        present = _survey(path, layout)
+        output = [p for p in present if not layout.leftover(p)]
+        if output and not overwrite:
+            raise InvalidValueError(occupied(output))
+        for entry in present:
+            if entry.name != LOCK_NAME and layout.writes(entry.name) and (entry.is_file() or entry.is_symlink()):
+                entry.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        if lock is not None:  # a refused claim holds nothing
+            lock.release()
+        raise
     return path
 
 
