@@ -168,3 +168,12 @@ def test_a_flipped_byte_in_the_resumable_state_is_a_checksum_mismatch(tmp_path: 
     gen.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         resume(run, **QUIET)
+
+
+def test_resume_of_a_run_that_never_wrote_its_record_says_how_to_start_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "headreg.lock").write_text("")
+    (run / "run.json.tmp").write_text("{")  # killed while writing the record
+    r = CliRunner().invoke(main, ["train", "--resume", str(run)])
+    assert r.exit_code == 1 and "stopped before it wrote anything" in r.output and f"--out {run}" in r.output

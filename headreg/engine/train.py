@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import CheckpointError
 from ._config import TrainConfig, TrainResult
 from ._feasibility import MarginFeasibilityWarning, TrainingWarning, class_separation, margin_feasibility
-from ._rundir import RunDir
+from ._rundir import RUN_LAYOUT, RunDir
 from ._runner import run_training
 
 __all__ = [
@@ -80,6 +81,11 @@ def resume(
         stop_after_steps, on_step, progress, log: as :func:`train`.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_dir() and not any(not RUN_LAYOUT.leftover(p) for p in run_dir.iterdir()):
+        raise CheckpointError(
+            f"--resume {run_dir}: the run there stopped before it wrote anything to continue from; start it "
+            f"again with the same `headreg train ... --out {run_dir}` (no --overwrite needed)"
+        )
     config = TrainConfig.from_dict(RunDir(run_dir).read_record()["config"])
     if epochs is not None:
         config.epochs = epochs
