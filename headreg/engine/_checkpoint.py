@@ -4,7 +4,7 @@ Nested state (an optimiser's ``state_dict``, a grad scaler's) is split by :func:
 into a flat ``{key: tensor}`` dict for safetensors and a JSON tree with placeholders, and put
 back together by :func:`join_state`; :func:`capture_rng` / :func:`restore_rng` turn a process's
 random states into such a structure and back. :class:`headreg.engine._rundir.RunDir` writes and
-reads the result (``resume.safetensors`` + ``resume.json``).
+reads the result (``resume.json`` + ``resume-<N>.safetensors``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def join_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if _TENSOR in obj:
             key = obj[_TENSOR]
             if key not in tensors:
-                raise CheckpointError(f"resume state refers to tensor {key!r}, missing from resume.safetensors")
+                raise CheckpointError(f"resume state refers to tensor {key!r}, missing from the resume tensors")
             return tensors[key]
         if _ITEMS in obj:
             return {k: join_state(v, tensors) for k, v in obj[_ITEMS]}
