@@ -228,3 +228,23 @@ def test_a_run_killed_before_its_first_state_resumes_from_the_start(tmp_path: Pa
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, done.model.state_dict()[k]), k
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path: Path) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    full = train(TrainConfig(**CONFIG), tmp_path / "full", progress=False, log=lambda line: None)
+    lines: list[str] = []
+
+    def terminate(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's polite kill: as the first Ctrl-C
+
+    stopped = train(TrainConfig(**CONFIG), tmp_path / "part", on_step=terminate, progress=False, log=lines.append)
+    assert stopped.status == "stopped" and stopped.global_step == 3
+    assert any("terminated (SIGTERM)" in line for line in lines), lines
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is only the run's
+    done = resume(tmp_path / "part", progress=False, log=lambda line: None)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, done.model.state_dict()[k]), k
