@@ -135,7 +135,7 @@ def test_a_kill_at_any_rename_resumes_to_the_uninterrupted_weights(tmp_path: Pat
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {Path(p).name for p in report["renames"]}
     # Every kind of file a run commits was a kill point: the record, the model, the state, metrics.jsonl.
-    assert {"run.json", "model.safetensors", "resume.json", "metrics.jsonl", "eval.json"} <= names, names
+    assert {"run.json", "model.safetensors", "config.json", "resume.json", "metrics.jsonl", "eval.json"} <= names, names
     assert any(n.startswith("resume-") for n in names), names
     assert report["failures"] == [], "\n".join(report["failures"])
 

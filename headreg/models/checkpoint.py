@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._atomic import atomic_output, atomic_write_text
 from .._schema import MODEL_CONFIG, check_backbone_kwargs, validate
 from ..errors import CheckpointError
 from .head_model import HeadModel
@@ -155,11 +156,10 @@ def save_model(model: HeadModel, path: str | Path, metadata: dict[str, Any] | No
         raise CheckpointError(f"the model config is not JSON-serialisable: {exc}") from None
     weights = _weights_path(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp), metadata={_META_KEY: text})
-    tmp.replace(weights)  # never leave a half-written checkpoint under the real name
+    with atomic_output(weights) as tmp:  # never a half-written checkpoint under the real name, even after a kill
+        save_file(state, str(tmp), metadata={_META_KEY: text})
     if weights.name == WEIGHTS_NAME and Path(path).suffix != ".safetensors":
-        (weights.parent / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(weights.parent / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return weights
 
 
