@@ -247,13 +247,14 @@ def _verification(
 ) -> dict[str, float | int]:
     """:func:`verification_metrics` on checked input and pairs: cosine scores in blocks, then the ROC."""
     x = embeddings.detach()
-    # Fewer rows than pairs: normalise every row once (no more memory than the pair gathers);
-    # else only the gathered rows. Row-wise normalisation commutes with the gather: same scores.
-    whole = embeddings.shape[0] <= i.numel()
+    step = 1 << 16  # bounds the (step, D) gathers and their temporaries (32 MiB each at D = 128)
+    # Few rows (no more than one block of pairs, and fewer than the pairs): normalise every row once;
+    # else only the gathered rows, so memory stays O(step × D) whatever N is. Row-wise normalisation
+    # commutes with the gather, so both give the same scores.
+    whole = embeddings.shape[0] <= min(i.numel(), step)
     if whole:
         x = F.normalize(x.to(dev, torch.float32), dim=1)
     scores = torch.empty(i.numel(), dtype=torch.float32, device=dev)
-    step = 1 << 18  # bounds the (step, D) gathers
     with stage_bar("verification pairs", i.numel(), "pair", progress) as bar:
         for s in range(0, i.numel(), step):
             a = x[i[s : s + step].to(x.device)].to(dev, torch.float32)
