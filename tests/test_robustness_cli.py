@@ -168,6 +168,30 @@ def test_a_flipped_byte_in_the_resumable_state_is_a_checksum_mismatch(tmp_path: 
     gen.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         resume(run, **QUIET)
+    # The escape hatch the message names: the CLI's --no-verify resumes all the same.
+    r = CliRunner().invoke(main, ["train", "--resume", str(run), "--no-verify", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_no_verify_belongs_to_resume(tmp_path: Path) -> None:
+    argv = ["train", "--model", "lenetpp", "--head", "softmax", "--dataset", "fake", "--out", str(tmp_path / "r")]
+    r = CliRunner().invoke(main, [*argv, "--no-verify"])
+    assert r.exit_code == 1 and "--no-verify goes with --resume" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_record_without_a_required_key_is_a_clean_error(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(TrainConfig(**TINY), run, stop_after_steps=1, **QUIET)
+    record = json.loads((run / "run.json").read_text())
+    del record["config"]["model"]
+    (run / "run.json").write_text(json.dumps(record))
+    r = CliRunner().invoke(main, ["train", "--resume", str(run)])
+    assert r.exit_code == 1 and "config.model" in r.output and "run.json" in r.output, r.output
+    # The config class says so itself too, for a record that reaches it by another path.
+    with pytest.raises(InvalidValueError, match=r"lacks the required keys \['model'\]"):
+        TrainConfig.from_dict({k: v for k, v in record["config"].items()})
 
 
 def test_resume_of_a_run_that_never_wrote_its_record_says_how_to_start_it(tmp_path: Path) -> None:

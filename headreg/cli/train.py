@@ -171,6 +171,13 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
 @click.option("--max-steps", "stop_after_steps", type=int, help="Stop (resumably) after this many steps in total.")
+@click.option(
+    "--no-verify",
+    "verify",
+    flag_value=False,
+    default=None,
+    help="With --resume: continue even if the state's recorded SHA-256 digest does not match.",
+)
 @engine_option("--progress/--no-progress", defaults=_run_defaults, help="Progress bars and per-epoch lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as JSON.")
 @click.pass_context
@@ -181,6 +188,7 @@ def train_cmd(
     overwrite: bool,
     resume_dir: str | None,
     stop_after_steps: int | None,
+    verify: bool | None,
     progress: bool | None,
     as_json: bool,
     **config: Any,
@@ -201,8 +209,10 @@ def train_cmd(
     try:
         with visible_warnings():
             if resume_dir:
-                result = resume(resume_dir, **_resume_settings(ctx, {**config, **run}))
+                result = resume(resume_dir, **_resume_settings(ctx, {**config, **run, "verify": verify}))
             else:
+                if verify is not None:
+                    raise InvalidValueError("--no-verify goes with --resume: a new run has no state to verify")
                 settings = drop_none(config)
                 settings.update({k: parse(settings[k]) for k, parse in _PARSERS.items() if k in settings})
                 missing = [_flag(ctx, f) for f in _required_fields() if f not in settings] + ([] if out else ["--out"])

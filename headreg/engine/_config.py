@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,10 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise InvalidValueError(f"run config has unknown keys {unknown}; written by a newer headreg?")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise InvalidValueError(f"run config lacks the required keys {missing}; it cannot rebuild the run")
         return cls(**d)
 
 

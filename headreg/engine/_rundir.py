@@ -322,8 +322,12 @@ class RunDir:
         """Whether a resumable state was ever committed here (else a resumed run starts from the beginning)."""
         return (self.path / RESUME_JSON).is_file()
 
-    def load_state(self) -> dict[str, Any]:
-        """Read the state :meth:`save_state` committed; CheckpointError when missing, torn or foreign."""
+    def load_state(self, verify: bool = True) -> dict[str, Any]:
+        """Read the state :meth:`save_state` committed; CheckpointError when missing, torn or foreign.
+
+        Args:
+            verify: check the tensors against their recorded SHA-256 (``--no-verify`` skips it).
+        """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -342,6 +346,8 @@ class RunDir:
             with safe_open(str(ts), framework="pt") as f:
                 tmeta = f.metadata() or {}
             tensors = load_file(str(ts), device="cpu")
+        except CheckpointError as exc:  # already names the file and what is wrong with it
+            raise CheckpointError(f"{where}: resumable state is unreadable: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - json / safetensors errors alike mean an unreadable file
             raise CheckpointError(f"{where}: resumable state is unreadable ({type(exc).__name__}: {exc})") from None
         if meta.get("format") not in _RESUME_FORMATS or tmeta.get("format") != meta.get("format"):
@@ -355,7 +361,7 @@ class RunDir:
                 f"(step {tmeta.get('global_step')}) disagree; the run was stopped while saving"
             )
         if "weights_sha256" in meta:  # recorded since headreg.resume/2
-            verify_tensors(tensors, meta["weights_sha256"], where=str(ts))
+            verify_tensors(tensors, meta["weights_sha256"], where=str(ts), verify=verify)
         return join_state(meta["state"], tensors)
 
 

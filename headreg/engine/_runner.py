@@ -44,17 +44,21 @@ def run_training(
     on_step: Callable[[int], None] | None,
     progress: bool,
     log: Callable[[str], None] | None,
+    verify: bool = True,
 ) -> TrainResult:
-    """Set up a fresh (or resumed) run in ``run_dir`` and train it to the end or to a stop."""
+    """Set up a fresh (or resumed) run in ``run_dir`` and train it to the end or to a stop.
+
+    ``verify=False`` resumes from a state whose recorded SHA-256 does not match (``--no-verify``).
+    """
     ranks = Ranks.join(config.device, config.batch_size)
     directory = RunDir(run_dir)
     # Only rank 0 touches the directory, and holds its lock for the whole run; the others learn whether
     # that worked, then read the state themselves.
-    work = functools.partial(_open, directory, config, resume=resume, overwrite=overwrite)
+    work = functools.partial(_open, directory, config, resume=resume, overwrite=overwrite, verify=verify)
     try:
         state = run_on_main(work, share=False)
         if resume and not ranks.main and directory.has_state():
-            state = directory.load_state()
+            state = directory.load_state(verify=verify)
         run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
         if state is not None:
             run.restore(state)
@@ -65,14 +69,16 @@ def run_training(
         directory.lock.release()
 
 
-def _open(directory: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def _open(
+    directory: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool, verify: bool
+) -> dict[str, Any] | None:
     """Lock the run directory (claiming it for a new run); a resumed run's committed state, if it has one."""
     if not resume:
         directory.claim(config.to_dict(), overwrite=overwrite, lock=True)
         return None
     directory.lock.acquire()
     directory.clear_leftovers()
-    return directory.load_state() if directory.has_state() else None
+    return directory.load_state(verify=verify) if directory.has_state() else None
 
 
 class Run:

@@ -70,6 +70,7 @@ def resume(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    verify: bool = True,
 ) -> TrainResult:
     """Continue the run in ``run_dir`` from its resumable state, with the same config.
 
@@ -79,6 +80,7 @@ def resume(
             continuation is then not the run an uninterrupted longer run would have been).
         device: run on another device than the original.
         stop_after_steps, on_step, progress, log: as :func:`train`.
+        verify: check the state's tensors against their recorded SHA-256 (``--no-verify``: False).
     """
     run_dir = Path(run_dir)
     if run_dir.is_dir() and not any(not RUN_LAYOUT.leftover(p) for p in run_dir.iterdir()):
@@ -94,5 +96,5 @@ def resume(
         config.device = device
     return run_training(
         config, run_dir, resume=True, overwrite=False, stop_after_steps=stop_after_steps, on_step=on_step,
-        progress=progress, log=log,
+        progress=progress, log=log, verify=verify,
     )  # fmt: skip
