@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from headreg.errors import InvalidInputError
-from headreg.metrics.classification import ClassificationAccuracy, topk_accuracy
+from headreg.metrics import ClassificationAccuracy
+from headreg.metrics.classification import topk_accuracy
 
 
 def reference(logits, labels, k):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.metrics.clustering import ClusteringMetrics, clustering_metrics, kmeans
+from headreg.metrics import ClusteringMetrics
+from headreg.metrics.clustering import clustering_metrics, kmeans
 
 sk = pytest.importorskip("sklearn.metrics")
 

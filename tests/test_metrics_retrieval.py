@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.metrics import _knn
-from headreg.metrics.retrieval import RetrievalMetrics, retrieval_metrics, retrieval_with_masks
+from headreg.metrics import RetrievalMetrics, _knn
+from headreg.metrics.retrieval import retrieval_metrics, retrieval_with_masks
 
 
 def brute_force(q, ql, g, gl, self_index, recall_k=(1, 2, 4, 8), knn_k=5):

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from headreg.errors import InvalidInputError
-from headreg.metrics.verification import (
-    VerificationMetrics,
-    sample_pairs,
-    verification_from_scores,
-    verification_metrics,
-)
+from headreg.metrics import VerificationMetrics
+from headreg.metrics.verification import sample_pairs, verification_from_scores, verification_metrics
 
 sk = pytest.importorskip("sklearn.metrics")
 

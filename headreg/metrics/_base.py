@@ -9,13 +9,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-from torchmetrics import Metric
-
-from headreg._checks import check_embeddings, check_labels
-from headreg.errors import InvalidInputError
-
-__all__ = ["EmbeddingMetric", "stage_bar"]
+__all__ = ["stage_bar"]
 
 
 @contextlib.contextmanager
@@ -31,32 +25,3 @@ def stage_bar(desc: str, total: int | None, unit: str, enabled: bool) -> Iterato
         yield bar
     finally:
         bar.close()
-
-
-class EmbeddingMetric(Metric):
-    """A torchmetrics ``Metric`` that keeps every ``(embeddings, labels)`` batch until ``compute``.
-
-    The list states are concatenated across processes by torchmetrics (``dist_reduce_fx="cat"``),
-    so a subclass computes over the whole set; it implements ``compute`` with :meth:`_stored`.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: `(B, D)` float embeddings and `(B,)` integer labels."""
-        check_embeddings(embeddings)
-        self.embeddings.append(embeddings.detach())
-        self.labels.append(check_labels(labels, embeddings.shape[0]))
-
-    def _stored(self, min_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything added since the last reset, ``(N, D)`` and ``(N,)`` (each batch was checked in ``update``)."""
-        if not self.embeddings:
-            raise InvalidInputError(f"{type(self).__name__}.compute() called before any update()")
-        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
-        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
-        if emb.shape[0] < min_rows:
-            raise InvalidInputError(f"embeddings must have at least {min_rows} rows, got {emb.shape[0]}")
-        return emb, lab

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
 
 from headreg._checks import check_logits, check_positive_ints
 
-__all__ = ["label_rank", "topk_accuracy", "topk_from_ranks", "topk_hits", "ClassificationAccuracy"]
+__all__ = ["label_rank", "topk_accuracy", "topk_from_ranks", "topk_hits"]
 
 
 def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -59,42 +58,3 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, 
     top_k = check_positive_ints(top_k, "top_k")
     logits, labels = check_logits(logits, labels)
     return topk_from_ranks(label_rank(logits, labels), top_k)
-
-
-class ClassificationAccuracy(Metric):
-    """Top-k accuracy from logits, accumulated as counts (`dist_reduce_fx="sum"`).
-
-    Ties with the k-th logit favour the label (a label counts as within the top k when
-    fewer than k logits are strictly larger), which is independent of `torch.topk`'s order.
-
-    Example:
-        >>> import torch
-        >>> from headreg.metrics.classification import ClassificationAccuracy
-        >>> metric = ClassificationAccuracy(top_k=(1, 2))
-        >>> metric.update(torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), torch.tensor([1, 2]))
-        >>> metric.compute()
-        {'top1_accuracy': 0.5, 'top2_accuracy': 1.0}
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, top_k: tuple[int, ...] = (1, 5), **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.top_k = check_positive_ints(top_k, "top_k")
-        self.add_state("correct", default=torch.zeros(len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: `(B, C)` logits and `(B,)` labels."""
-        logits, labels = check_logits(logits, labels)
-        self.correct += topk_hits(label_rank(logits.detach(), labels), self.top_k).to(self.correct.device)
-        self.total += logits.shape[0]
-
-    def compute(self) -> dict[str, float]:
-        """Accuracy per k since the last reset (NaN before any update)."""
-        total = int(self.total)
-        if total == 0:
-            return {f"top{k}_accuracy": float("nan") for k in self.top_k}
-        return {f"top{k}_accuracy": int(n) / total for k, n in zip(self.top_k, self.correct.tolist(), strict=True)}

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 
 from headreg._checks import check_embeddings, check_labels, resolve_device
 from headreg.errors import InvalidValueError
-from headreg.metrics._base import EmbeddingMetric, stage_bar
+from headreg.metrics._base import stage_bar
 from headreg.metrics._mutual_info import nmi_ami
 
-__all__ = ["DEFAULT_MAX_ITER", "SEED_ROUNDS", "kmeans", "clustering_metrics", "ClusteringMetrics"]
+__all__ = ["DEFAULT_MAX_ITER", "SEED_ROUNDS", "kmeans", "clustering_metrics"]
 
 #: Lloyd iterations at most: headreg runs k-means to convergence, where pytorch-metric-learning's faiss
 #: k-means stops at 20 (what that costs the NMI: docs/metrics.md).
@@ -197,31 +197,3 @@ def _clustering(
     assign, _ = kmeans(x, k, seed=seed, max_iter=max_iter, progress=progress)
     nmi, ami = nmi_ami(labels.cpu().numpy(), assign.cpu().numpy(), average_method="arithmetic")
     return {"nmi": nmi, "ami": ami, "num_clusters": k}
-
-
-class ClusteringMetrics(EmbeddingMetric):
-    """NMI / AMI of k-means clusters over embeddings gathered batch by batch.
-
-    Example:
-        >>> import torch
-        >>> from headreg.metrics.clustering import ClusteringMetrics
-        >>> metric = ClusteringMetrics()
-        >>> metric.update(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), torch.tensor([0, 0, 1, 1]))
-        >>> out = metric.compute()
-        >>> round(out["nmi"], 6), round(out["ami"], 6), out["num_clusters"]
-        (1.0, 1.0, 2)
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, seed: int = 0, max_iter: int = DEFAULT_MAX_ITER, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.max_iter = max_iter
-
-    def compute(self) -> dict[str, float | int]:
-        """NMI and AMI over everything added since the last reset."""
-        emb, lab = self._stored(min_rows=2)
-        return _clustering(emb, lab, None, emb.device, self.seed, self.max_iter, False)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 
 from headreg._checks import (
     check_choice,
@@ -29,7 +28,7 @@ from headreg.errors import InvalidInputError
 from headreg.metrics._knn import KNN_BACKENDS, iter_ranked_neighbours, iter_self_neighbours
 from headreg.metrics._retrieval_sums import _chunk_sums
 
-__all__ = ["retrieval_metrics", "retrieval_with_masks", "RetrievalMetrics"]
+__all__ = ["retrieval_metrics", "retrieval_with_masks"]
 
 
 def _positive_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> torch.Tensor:
@@ -266,78 +265,3 @@ def _masked(
         dev,
         opts,
     )
-
-
-class RetrievalMetrics(Metric):
-    """Leave-one-out (or query/gallery) retrieval metrics over embeddings gathered batch by batch.
-
-    States are the embeddings and labels themselves (`dist_reduce_fx="cat"`), so under
-    DDP every process sees all samples at `compute()`. See `retrieval_metrics` for the
-    definitions and arguments.
-
-    Example:
-        >>> import torch
-        >>> from headreg.metrics.retrieval import RetrievalMetrics
-        >>> metric = RetrievalMetrics(recall_k=(1, 2))
-        >>> emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-        >>> metric.update(emb, torch.tensor([0, 0, 1, 1]))
-        >>> out = metric.compute()
-        >>> out["precision_at_1"], out["mean_average_precision_at_r"], out["recall_at_2"]
-        (1.0, 1.0, 1.0)
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(
-        self,
-        recall_k: tuple[int, ...] = (1, 2, 4, 8),
-        knn_k: int = 5,
-        knn_backend: str = "torch",
-        chunk_size: int | None = None,
-        seed: int = 0,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.options = RetrievalOptions(recall_k, knn_k, True, knn_backend, chunk_size, seed)
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-        self.add_state("is_query", default=[], dist_reduce_fx="cat")
-        self.add_state("is_gallery", default=[], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        is_query: torch.Tensor | None = None,
-        is_gallery: torch.Tensor | None = None,
-    ) -> None:
-        """Add a batch: `(B, D)` embeddings, `(B,)` labels, optional `(B,)` bool query/gallery flags."""
-        check_embeddings(embeddings)
-        labels = check_labels(labels, embeddings.shape[0])
-        n = embeddings.shape[0]
-        ones = torch.ones(n, dtype=torch.bool, device=embeddings.device)
-        for name, flag in (("is_query", is_query), ("is_gallery", is_gallery)):
-            if flag is not None:
-                check_mask(flag, n, name, nonempty=False)  # a batch may hold no query; the whole set must
-        self.embeddings.append(embeddings.detach())
-        self.labels.append(labels)
-        self.is_query.append(ones if is_query is None else is_query.to(embeddings.device))
-        self.is_gallery.append(ones if is_gallery is None else is_gallery.to(embeddings.device))
-
-    def compute(self) -> dict[str, float | int]:
-        """All retrieval metrics over everything added since the last reset."""
-        if not self.embeddings:
-            raise InvalidInputError("RetrievalMetrics.compute() called before any update()")
-        emb = torch.cat(self.embeddings) if isinstance(self.embeddings, list) else self.embeddings
-        lab = torch.cat(self.labels) if isinstance(self.labels, list) else self.labels
-        isq = torch.cat(self.is_query) if isinstance(self.is_query, list) else self.is_query
-        isg = torch.cat(self.is_gallery) if isinstance(self.is_gallery, list) else self.is_gallery
-        n = emb.shape[0]
-        if n < 2 and bool(isq.all()) and bool(isg.all()):
-            raise InvalidInputError(f"embeddings must have at least 2 rows for leave-one-out retrieval, got {n}")
-        for name, mask in (("is_query", isq), ("is_gallery", isg)):
-            check_mask(mask, n, name)  # each batch was checked in update(); the union must select something
-        query_mask = None if bool(isq.all()) else isq
-        return _masked(emb, lab, query_mask, None if bool(isg.all()) else isg, emb.device, self.options)

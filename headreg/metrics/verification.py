@@ -6,18 +6,21 @@ of the two embeddings; a higher score means "more likely the same".
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import binary_roc
 
 from headreg._checks import check_embeddings, check_labels, resolve_device
 from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.metrics._base import EmbeddingMetric, stage_bar
+from headreg.metrics._base import stage_bar
 
-__all__ = ["sample_pairs", "verification_metrics", "verification_from_scores", "VerificationMetrics"]
+__all__ = ["roc_curve", "sample_pairs", "verification_metrics", "verification_from_scores"]
 
 DEFAULT_MAX_PAIRS = 1_000_000
+# A normalised copy of all rows is made when it fits in this many float32 entries (128 MiB).
+_WHOLE_ELEMENTS = 1 << 25
 DEFAULT_FAR_TARGETS = (1e-2, 1e-3, 1e-4)
 # Up to this many candidate pairs are enumerated (80 MB of indices); beyond it pairs are drawn.
 _ENUMERABLE = 5_000_000
@@ -28,6 +31,33 @@ def _far_key(far: float) -> str:
     mantissa, exponent = f"{far:e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"tar_at_far_{mantissa}e{int(exponent)}"
+
+
+def roc_curve(scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ROC of pair scores, one point per distinct score, in float64 (scikit-learn's `roc_curve`
+    without `drop_intermediate`).
+
+    Args:
+        scores: `(P,)` finite scores, higher = more likely the same identity.
+        same: `(P,)` bool, with at least one True and one False.
+
+    Returns:
+        `(fpr, tpr, thresholds)`, each `(T + 1,)`: point `t` accepts the pairs scoring at least
+        `thresholds[t]`. The first point accepts nothing; its threshold is the next float above the
+        highest score.
+    """
+    s = scores.double()
+    order = torch.argsort(s, descending=True, stable=True)
+    s, y = s[order], same[order].double()
+    # The last pair of each run of equal scores: the ROC moves only between distinct scores.
+    last = torch.cat([torch.nonzero(s[1:] != s[:-1]).squeeze(1), torch.tensor([s.numel() - 1])])
+    tps = torch.cumsum(y, 0)[last]
+    fps = (last + 1).double() - tps
+    zero = torch.zeros(1, dtype=torch.float64)
+    tpr = torch.cat([zero, tps / tps[-1]])
+    fpr = torch.cat([zero, fps / fps[-1]])
+    top = torch.nextafter(s[:1], torch.full((1,), math.inf, dtype=torch.float64))
+    return fpr, tpr, torch.cat([top, s[last]])
 
 
 def verification_from_scores(
@@ -59,17 +89,8 @@ def verification_from_scores(
         raise InvalidInputError(
             f"verification needs both positive and negative pairs, got {n_pos} positive and {n_neg} negative"
         )
-    # torchmetrics sigmoids scores outside [0, 1]; map cosines into [0, 1] in float64 instead,
-    # a monotone map that keeps every distinct score distinct.
-    s = (scores.double() + 1.0) / 2.0
-    lo, hi = float(s.min()), float(s.max())
-    if lo < 0.0 or hi > 1.0:
-        s = (s - lo) / max(hi - lo, 1e-300)
-    target = same.long()
-    fpr, tpr, thr = binary_roc(s, target, validate_args=False)
-    # torchmetrics' binary_auroc is the trapezoid over this same curve; one ROC pass serves both.
+    fpr, tpr, thr = roc_curve(scores, same)
     auc = float(torch.trapz(tpr, fpr))
-    fpr, tpr = fpr.double(), tpr.double()
     fnr = 1.0 - tpr
     # EER: first ROC point where FNR <= FPR, interpolated with the point before it.
     i = int(torch.nonzero(fnr <= fpr)[0, 0])
@@ -88,9 +109,7 @@ def verification_from_scores(
     acc = (tpr * n_pos + (1.0 - fpr) * n_neg) / (n_pos + n_neg)
     best = int(acc.argmax())
     out["verification_accuracy"] = float(acc[best])
-    # Thresholds are in the [0, 1] score space above; map back to the cosine scale when unshifted.
-    t = float(thr[best])
-    out["verification_threshold"] = t * 2.0 - 1.0 if (lo >= 0.0 and hi <= 1.0) else float("nan")
+    out["verification_threshold"] = float(thr[best])
     out["num_positive_pairs"] = n_pos
     out["num_negative_pairs"] = n_neg
     return out
@@ -247,11 +266,12 @@ def _verification(
 ) -> dict[str, float | int]:
     """:func:`verification_metrics` on checked input and pairs: cosine scores in blocks, then the ROC."""
     x = embeddings.detach()
-    step = 1 << 16  # bounds the (step, D) gathers and their temporaries (32 MiB each at D = 128)
-    # Few rows (no more than one block of pairs, and fewer than the pairs): normalise every row once;
-    # else only the gathered rows, so memory stays O(step × D) whatever N is. Row-wise normalisation
+    step = 1 << 13  # cache-sized (step, D) gathers, 4 MiB at D = 128 (larger blocks were slower: docs/benchmarks.md)
+    # Fewer rows than pairs, and a normalised copy of them within 128 MiB: normalise every row once;
+    # else only the gathered rows, so memory stays bounded whatever N is. Row-wise normalisation
     # commutes with the gather, so both give the same scores.
-    whole = embeddings.shape[0] <= min(i.numel(), step)
+    n, d = embeddings.shape
+    whole = n <= i.numel() and n * d <= _WHOLE_ELEMENTS
     if whole:
         x = F.normalize(x.to(dev, torch.float32), dim=1)
     scores = torch.empty(i.numel(), dtype=torch.float32, device=dev)
@@ -272,39 +292,3 @@ def _label_pairs_verification(
     """The default verification (label-derived pairs, default caps and FARs) on checked input."""
     i, j, same = sample_pairs(labels, max_pairs=DEFAULT_MAX_PAIRS, seed=seed)
     return _verification(embeddings, i, j, same, dev, DEFAULT_FAR_TARGETS, progress)
-
-
-class VerificationMetrics(EmbeddingMetric):
-    """Pair verification (ROC-AUC, EER, TAR@FAR, accuracy) over embeddings gathered batch by batch.
-
-    Example:
-        >>> import torch
-        >>> from headreg.metrics.verification import VerificationMetrics
-        >>> metric = VerificationMetrics(far_targets=(0.5,))
-        >>> metric.update(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), torch.tensor([0, 0, 1, 1]))
-        >>> out = metric.compute()
-        >>> out["roc_auc"], out["eer"], out["num_positive_pairs"], out["num_negative_pairs"]
-        (1.0, 0.0, 2, 4)
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(
-        self,
-        max_pairs: int = DEFAULT_MAX_PAIRS,
-        far_targets: tuple[float, ...] = DEFAULT_FAR_TARGETS,
-        seed: int = 0,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.max_pairs = max_pairs
-        self.far_targets = tuple(far_targets)
-        self.seed = seed
-
-    def compute(self) -> dict[str, float | int]:
-        """Verification metrics over everything added since the last reset (each batch checked in update)."""
-        emb, lab = self._stored(min_rows=2)
-        i, j, same = sample_pairs(lab, max_pairs=self.max_pairs, seed=self.seed)
-        return _verification(emb, i, j, same, emb.device, self.far_targets, False)
