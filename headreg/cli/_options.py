@@ -170,5 +170,5 @@ def dataset_names() -> str:
     from ..data import list_datasets
 
     names = list_datasets()
-    folder = ["imagefolder:PATH"] if "imagefolder" in names else []  # the one that takes a path
-    return ", ".join([n for n in names if n != "imagefolder"] + folder)
+    with_path = {"bin": "bin:PATH", "imagefolder": "imagefolder:PATH"}  # the ones that take a path
+    return ", ".join([n for n in names if n not in with_path] + [with_path[n] for n in names if n in with_path])

@@ -53,6 +53,12 @@ def _knn_backends() -> tuple[str, ...]:
     return KNN_BACKENDS
 
 
+def _tta_modes() -> tuple[str, ...]:
+    from ..engine.extract import TTA_MODES
+
+    return TTA_MODES
+
+
 def _metrics_help() -> str:
     from ..engine.evaluate import ALL_METRICS
 
@@ -91,6 +97,7 @@ class EvalOptions:
     metrics: str | None
     recall_k: tuple[int, ...] | None
     knn: str | None
+    tta: str | None
     progress: bool | None
     as_json: bool
     output: Path | None
@@ -146,6 +153,12 @@ class EvalOptions:
 @engine_option("--metrics", help_text=_metrics_help)
 @engine_option("--recall-k", defaults=_evaluate_defaults, help="k of recall@k.")
 @engine_option("--knn", type=LazyChoice(_knn_backends), defaults=_evaluate_defaults, help="k-NN backend.")
+@click.option(
+    "--tta",
+    type=LazyChoice(_tta_modes),
+    help="Test-time augmentation: the horizontal mirror's embedding added (flip-sum) or appended (flip-concat) "
+    "[default: flip-sum for face pairs (bin:PATH), else none].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON results to this file.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Scatter plot of the embeddings (2-D or PCA), by class.")
@@ -158,6 +171,7 @@ def eval_cmd(**params: Any) -> None:
     headreg eval --checkpoint runs/arcface --dataset mnist
     headreg eval --checkpoint runs/arcface --dataset mnist --query-split test --gallery-split train
     headreg eval --embeddings emb.safetensors --json
+    headreg eval --checkpoint runs/arcface --dataset bin:faces/lfw.bin
     torchrun --nproc_per_node=2 -m headreg eval --checkpoint runs/arcface --dataset mnist
     """
     opts = EvalOptions.parse(**params)
@@ -178,7 +192,7 @@ def eval_cmd(**params: Any) -> None:
             model, source = _load_model(opts)
             check_input_size(model, opts.input_size)
             query, gallery, described = _load_datasets(opts)
-            names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "progress")
+            names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "tta", "progress")
             result = evaluate_model(model, query, gallery, device=device, **opts.engine_kwargs(*names, metrics=metrics))
             result.info = {**source, **described, **result.info}
         if main:
@@ -208,6 +222,8 @@ def _check_options(opts: EvalOptions) -> None:
         raise click.UsageError(f"a model needs --dataset ({dataset_names()})")
     if (opts.query_split is None) != (opts.gallery_split is None):
         raise click.UsageError("--query-split and --gallery-split go together (or use --split for leave-one-out)")
+    if has_file and opts.tta is not None:
+        raise click.UsageError("--tta applies while extracting embeddings; an --embeddings file was made already")
     if has_file and opts.save_embeddings is not None:
         raise click.UsageError(
             "--save-embeddings writes a model's embeddings; with --embeddings they are already saved"
@@ -221,8 +237,13 @@ def _show_progress(flag: bool | None) -> bool:
 
 def _from_files(opts: EvalOptions, metrics: tuple[str, ...] | None, device: Any) -> Any:
     from headreg.data import load_embeddings
+    from headreg.data._pairs import has_issame
     from headreg.engine.evaluate import EvalResult, broadcast_from_main, combine_query_gallery, evaluate_embeddings
 
+    if has_issame(opts.embeddings_file):
+        from ._pairs import from_pairs_file
+
+        return from_pairs_file(opts.embeddings_file, opts.gallery_embeddings, metrics, device)
     data = load_embeddings(opts.embeddings_file)
     emb, labels = data["embeddings"], data["labels"]
     is_query, is_gallery = data.get("is_query"), data.get("is_gallery")
@@ -314,16 +335,22 @@ def _write_outputs(result: Any, opts: EvalOptions) -> None:
     if opts.save_embeddings is not None:
         from headreg.data import save_embeddings
 
-        meta = {k: str(v) for k, v in result.info.items() if k in ("model", "head", "dataset", "split", "checkpoint")}
+        keys = ("model", "head", "dataset", "split", "checkpoint", "tta")
+        meta = {k: str(v) for k, v in result.info.items() if k in keys}
         with atomic_output(opts.save_embeddings) as tmp:  # a kill mid-write leaves the old file, not half of one
-            save_embeddings(
-                tmp,
-                result.embeddings,
-                result.labels,
-                is_query=result.is_query,
-                is_gallery=result.is_gallery,
-                metadata=meta or None,
-            )
+            if result.issame is not None:
+                from headreg.data._pairs import save_pair_embeddings
+
+                save_pair_embeddings(tmp, result.embeddings, result.issame, metadata=meta or None)
+            else:
+                save_embeddings(
+                    tmp,
+                    result.embeddings,
+                    result.labels,
+                    is_query=result.is_query,
+                    is_gallery=result.is_gallery,
+                    metadata=meta or None,
+                )
     if opts.output is not None:
         opts.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(opts.output, text + "\n")

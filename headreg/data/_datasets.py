@@ -148,12 +148,14 @@ _TORCHVISION = {
     "cifar100": ("CIFAR100", "cifar-100-python", True),
 }
 _PREFIXED = ("imagefolder",)
+#: Names that take a file and give a pairs protocol (:mod:`headreg.data._pairs`); used as ``bin:PATH``.
+_PAIRS = ("bin",)
 _OTHER = ("fake",)
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder`` is used as ``imagefolder:PATH``."""
-    return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED])
+    """Names :func:`create_dataset` accepts; ``imagefolder`` and ``bin`` take a path (``bin:PATH``)."""
+    return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS])
 
 
 def create_dataset(
@@ -169,7 +171,9 @@ def create_dataset(
     Args:
         name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision's layouts under the data dir),
             ``imagefolder:PATH`` (torchvision's ImageFolder layout; ``PATH/<split>`` if that folder exists, else
-            ``PATH`` itself; a relative PATH is taken from the current directory) or ``fake`` (seeded synthetic
+            ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
+            validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
+            the same for every split) or ``fake`` (seeded synthetic
             images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
             ``channels``, ``seed``).
         split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
@@ -194,6 +198,14 @@ def create_dataset(
             raise InvalidValueError(f"dataset '{name}' needs a folder: use 'imagefolder:PATH'")
         _reject_options(name, kwargs)
         return _create_imagefolder(name, Path(arg).expanduser(), split)
+    if key in _PAIRS:
+        if not arg:
+            raise InvalidValueError(f"dataset '{name}' needs a file: use 'bin:PATH/lfw.bin'")
+        _check_split(name, split)
+        _reject_options(name, kwargs)
+        from headreg.data._pairs import PairsDataset
+
+        return PairsDataset.from_bin(Path(arg).expanduser(), name=name)
     if key in _TORCHVISION and not arg:
         _check_split(name, split)
         _reject_options(name, kwargs)
@@ -205,7 +217,7 @@ def create_dataset(
         return create_fake(split, **kwargs)
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
-        "imagefolder is used as 'imagefolder:PATH')"
+        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH')"
     )
 
 

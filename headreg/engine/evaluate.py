@@ -65,6 +65,7 @@ class EvalResult:
         label_rank: ``(N,)`` int64 rank of each label under the head's logits, or None.
         info: Where the numbers came from: protocol, sizes, device, precision, images/s, world size.
         warnings: Conditions worth telling the user that did not stop the evaluation.
+        issame: ``(P,)`` bool under the pairs protocol (``N = 2P`` interleaved rows), else None.
     """
 
     metrics: dict[str, float | int]
@@ -75,6 +76,7 @@ class EvalResult:
     label_rank: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    issame: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``{"metrics", "info", "warnings"}``; NaN and infinities become None."""
@@ -260,6 +262,7 @@ def evaluate_model(
     metrics: Sequence[str] | str | None = None,
     recall_k: Sequence[int] = (1, 2, 4, 8),
     knn: str = "torch",
+    tta: str | None = None,
     progress: bool | None = None,
 ) -> EvalResult:
     """Extract embeddings of ``query`` (and ``gallery``) with ``model`` and compute the metrics.
@@ -277,6 +280,9 @@ def evaluate_model(
         metrics: See :func:`evaluate_embeddings`.
         recall_k: See :func:`evaluate_embeddings`.
         knn: See :func:`evaluate_embeddings`.
+        tta: Test-time augmentation, one of :data:`~headreg.engine.extract.TTA_MODES`; None: ``none``, or
+            ``flip-sum`` for a pairs dataset (``bin:PATH``), which runs the pairs protocol
+            (:mod:`headreg.engine._pairs`).
         progress: Progress bars; None shows them when stderr is a terminal (and on rank 0 only).
 
     Returns:
@@ -292,6 +298,16 @@ def evaluate_model(
     if info.rank != 0:
         show = False
     common = dict(device=dev, batch_size=batch_size, workers=workers, limit=limit, input_size=input_size, amp=amp)
+    if getattr(query, "issame", None) is not None:
+        from headreg.engine._pairs import evaluate_pairs_model
+
+        fields = evaluate_pairs_model(
+            model, query, gallery, common=common, metrics=parse_metric_names(metrics), tta=tta,
+            progress=_tqdm_flag(show), world_size=info.world_size,
+        )  # fmt: skip
+        return EvalResult(**fields)
+    if tta is not None:
+        common["tta"] = tta
     parts: list[Extraction] = []
     for name, ds in (("query", query), ("gallery", gallery)):
         if ds is None:
@@ -346,6 +362,7 @@ def evaluate_model(
         "world_size": info.world_size,
         "extract_seconds": round(seconds, 4),
         "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+        **({"tta": tta} if tta is not None else {}),
     }
     return EvalResult(
         metrics=values,

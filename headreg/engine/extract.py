@@ -29,6 +29,7 @@ from headreg.errors import InvalidValueError
 from headreg.metrics.classification import label_rank
 
 __all__ = [
+    "TTA_MODES",
     "Extraction",
     "autocast_context",
     "extract_dataset",
@@ -54,6 +55,7 @@ class Extraction:
         images: Images processed (``N``).
         precision: ``"bf16"``, ``"fp16"`` (a training pass on a GPU without bf16) or ``"fp32"``.
         channels_last: Whether the model ran in channels_last memory format.
+        tta: The test-time augmentation of the pass (:data:`TTA_MODES`).
     """
 
     embeddings: Tensor
@@ -64,6 +66,7 @@ class Extraction:
     images: int = 0
     precision: str = "fp32"
     channels_last: bool = False
+    tta: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,6 +74,10 @@ class Extraction:
         """Throughput of the loop in images per second (0 when nothing ran)."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+
+#: Test-time augmentations: ``flip-sum`` adds the embedding of the horizontal mirror to the image's (as
+#: insightface's verification does; the metrics then normalise the sum), ``flip-concat`` appends it (``2D`` wide).
+TTA_MODES = ("none", "flip-sum", "flip-concat")
 
 _PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -145,6 +152,7 @@ def extract_embeddings(
     amp_dtype: torch.dtype = torch.bfloat16,
     channels_last: bool | None = None,
     with_predictions: bool = True,
+    tta: str = "none",
     progress: bool = True,
     desc: str = "extract",
 ) -> Extraction:
@@ -165,7 +173,10 @@ def extract_embeddings(
         amp_dtype: The autocast dtype when ``amp`` is on: bf16, or float16 for training's evaluation on a device
             that trains in float16 (a GPU without bf16, MPS).
         channels_last: Override the memory format :func:`resolve_precision` picks (None: follow ``amp``).
-        with_predictions: Keep the rank of each sample's label under the head's logits when the model has a head.
+        with_predictions: Keep the rank of each sample's label under the head's logits when the model has a head
+            (never with a test-time augmentation: the head scores single views).
+        tta: One of :data:`TTA_MODES`; the mirror is taken of the transformed batch, on the device, in the same
+            pass.
         progress: Show a tqdm bar with images/s on stderr.
         desc: Label of the bar.
 
@@ -173,8 +184,11 @@ def extract_embeddings(
         An :class:`Extraction` of this process's batches.
 
     Raises:
-        InvalidValueError: the loader yielded no batch.
+        InvalidValueError: the loader yielded no batch, or an unknown ``tta``.
     """
+    from headreg._checks import check_choice
+
+    tta = check_choice(tta, TTA_MODES, "tta")
     device = torch.device(device)
     low_precision, auto_cl = resolve_precision(device, amp)
     channels_last = auto_cl if channels_last is None else bool(channels_last)
@@ -184,7 +198,7 @@ def extract_embeddings(
     if transform is not None and isinstance(transform, nn.Module):
         transform = transform.to(device).eval()
     embed = _embed_fn(model)
-    head = _head_of(model) if with_predictions else None
+    head = _head_of(model) if with_predictions and tta == "none" else None
     direct_layout = channels_last and isinstance(transform, BatchTransform)
     total = getattr(loader, "num_samples", None)
     embs: list[Tensor] = []
@@ -194,6 +208,7 @@ def extract_embeddings(
     all_labels: Tensor | None = None
     n = 0
     non_blocking = device.type == "cuda"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     bar = _progress(total, desc, progress)
     _synchronize(device)
     start = time.perf_counter()
@@ -213,8 +228,11 @@ def extract_embeddings(
                             x = transform(x, memory_format=torch.channels_last) if direct_layout else transform(x)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)  # a no-op when already so
-                    emb = embed(x)
-                    embs.append(emb.float())
+                    emb = embed(x).float()
+                    if tta != "none":
+                        mirror = embed(x.flip(-1).contiguous(memory_format=fmt)).float()
+                        emb = emb + mirror if tta == "flip-sum" else torch.cat([emb, mirror], 1)
+                    embs.append(emb)
                     labs.append(y)
                     b = int(x.shape[0])
                     n += b
@@ -248,6 +266,7 @@ def extract_embeddings(
         images=n,
         precision=_PRECISION.get(amp_dtype, str(amp_dtype)) if low_precision else "fp32",
         channels_last=channels_last,
+        tta=tta,
     )
 
 
@@ -262,6 +281,7 @@ def extract_dataset(
     input_size: int | tuple[int, ...] | None = None,
     amp: bool | None = None,
     distributed: bool | None = None,
+    tta: str = "none",
     progress: bool = True,
     desc: str = "extract",
 ) -> Extraction:
@@ -277,6 +297,7 @@ def extract_dataset(
         input_size: ``H``, ``(H, W)`` or ``(C, H, W)`` overriding the image size.
         amp: See :func:`resolve_precision`.
         distributed: None: shard across ranks when a process group is up; False: read everything.
+        tta: See :func:`extract_embeddings`.
         progress: Show a progress bar.
         desc: Label of the bar.
 
@@ -313,7 +334,9 @@ def extract_dataset(
         limit=limit,
         device=device if in_memory else None,
     )
-    return extract_embeddings(model, loader, device=device, transform=transform, amp=amp, progress=progress, desc=desc)
+    return extract_embeddings(
+        model, loader, device=device, transform=transform, amp=amp, tta=tta, progress=progress, desc=desc
+    )
 
 
 def gather_extraction(part: Extraction) -> Extraction:
