@@ -206,6 +206,8 @@ BACKBONE_KWARGS: Mapping[str, Field] = {
     "feature_bn": _FLAG,
     "hidden_dim": Field("int", check=at_least(0)),
     "embed_bias": _FLAG,
+    # headreg's IResNet and MobileFaceNet (headreg.models.iresnet, headreg.models.mobilefacenet)
+    "fp16": _FLAG,
 }
 
 #: Keys refused from a file with a reason of their own (they make timm open a file or fetch a URL, or

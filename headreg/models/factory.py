@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import os
+import pickle
+import sys
 from typing import Any
 
 from torch import nn
@@ -11,7 +14,7 @@ from ..errors import HeadregError, InvalidValueError, UnknownBackboneError, did_
 from . import lenetpp as _lenetpp  # noqa: F401 - registers LeNet++ into timm
 from .head_model import BackboneAdapter, HeadModel, Neck
 
-__all__ = ["create_model", "list_backbones", "create_backbone"]
+__all__ = ["create_model", "list_backbones", "create_backbone", "load_pretrained_file"]
 
 TORCHVISION_PREFIX = "torchvision/"
 #: headreg's own backbones: they take ``embed_dim`` and end in the embedding layer, so need no neck.
@@ -111,6 +114,48 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
             return
 
 
+def load_pretrained_file(module: nn.Module, path: str | os.PathLike[str], *, classifier: str | None = None) -> None:
+    """Load a backbone state dict saved by ``torch.save`` into ``module``, renaming keys where it knows how.
+
+    ``torch.load(weights_only=True)`` only rebuilds tensors and plain containers, so a crafted file cannot
+    run code. The keys go through the ``checkpoint_filter_fn`` of the module's defining module when it
+    has one (timm's convention; :mod:`headreg.models.iresnet` maps insightface's names). Keys of the
+    removed classifier (``classifier``, from the data config) are dropped, as timm does; any other
+    missing or unexpected key is an error.
+
+    Args:
+        module: the backbone (built with ``num_classes=0``).
+        path: the file.
+        classifier: the classifier's name prefix in the state dict, or None.
+
+    Raises:
+        HeadregError: the file cannot be read, is not a state dict, or does not fit ``module``.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise HeadregError(f"could not read pretrained_file {os.fspath(path)!r}: {type(exc).__name__}: {msg}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # the common {"state_dict": ...} wrapper of training scripts
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise HeadregError(f"pretrained_file {os.fspath(path)!r} must hold a state dict (name -> tensor)")
+    convert = getattr(sys.modules.get(type(module).__module__), "checkpoint_filter_fn", None)
+    if callable(convert):
+        state = convert(state, module)
+    if classifier:
+        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise HeadregError(
+            f"pretrained_file {os.fspath(path)!r} does not fit backbone {type(module).__name__}: "
+            f"{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
+        )
+
+
 def create_backbone(
     backbone: str | nn.Module, *, pretrained: bool = False, **kwargs: Any
 ) -> tuple[BackboneAdapter, dict[str, Any]]:
@@ -155,6 +200,7 @@ def create_model(
     num_classes: int | None = None,
     embedding_dim: int | None = None,
     pretrained: bool = False,
+    pretrained_file: str | os.PathLike[str] | None = None,
     head_options: dict[str, Any] | None = None,
     neck: str | None = None,
     neck_dropout: float = 0.0,
@@ -170,6 +216,10 @@ def create_model(
         embedding_dim: embedding width ``D``; None keeps the backbone's width. For LeNet++
             it sets the embedding layer itself.
         pretrained: load the backbone's pretrained weights (no download is attempted offline).
+        pretrained_file: a state dict of the backbone saved by ``torch.save`` (insightface's
+            ``backbone.pth``, say), read with ``torch.load(weights_only=True)``, never unpickled in
+            full; the backbone's ``checkpoint_filter_fn`` renames its keys (insightface's IResNet
+            names). Not recorded in the model's config: a checkpoint never names a file to open.
         head_options: the head's options, e.g. ``{"margin": 0.3, "scale": 30}``.
         neck: ``"linear_bn"`` (default when ``embedding_dim`` is given: linear + batch norm as
             insightface), ``"linear"``, or ``"none"``.
@@ -202,7 +252,11 @@ def create_model(
     own = isinstance(backbone, str) and backbone in HEADREG_BACKBONES
     if own and embedding_dim is not None:
         backbone_kwargs["embed_dim"] = embedding_dim
+    if pretrained_file is not None and pretrained:
+        raise InvalidValueError("give pretrained=True or pretrained_file, not both: they both load the weights")
     adapter, cfg = create_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
+    if pretrained_file is not None:
+        load_pretrained_file(adapter.module, pretrained_file, classifier=cfg.get("classifier"))
     if in_chans is not None and "input_size" in cfg:
         cfg["input_size"] = (in_chans, *tuple(cfg["input_size"])[1:])
 
