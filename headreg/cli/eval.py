@@ -80,6 +80,7 @@ class EvalOptions:
     embedding_dim: int | None
     in_chans: int | None
     pretrained: bool
+    pretrained_file: Path | None
     dataset: str | None
     split: str
     query_split: str | None
@@ -131,6 +132,11 @@ class EvalOptions:
 @click.option("--embedding-dim", type=int, help="Embedding width (with --model); None keeps the backbone's.")
 @click.option("--in-chans", type=int, help="Input channels of a backbone built with --model.")
 @click.option("--pretrained", is_flag=True, help="Load the backbone's pretrained weights (must be in the local cache).")
+@click.option(
+    "--pretrained-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Backbone state dict for --model (torch.save'd, e.g. insightface's backbone.pth; read weights-only).",
+)
 @click.option("--no-verify", is_flag=True, help="Load a --checkpoint even if its recorded SHA-256 digests differ.")
 @engine_option("--dataset", help_text=lambda: f"Dataset: {dataset_names()}.")
 @click.option("--split", default="test", show_default=True, help="Split evaluated leave-one-out.")
@@ -292,6 +298,8 @@ def _load_model(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
     from headreg.models import create_model, load_model, read_config
 
     if opts.checkpoint is not None:
+        if opts.pretrained_file is not None:
+            raise click.UsageError("--pretrained-file goes with --model (a checkpoint holds its own weights)")
         path = opts.checkpoint
         model = load_model(path, head=opts.head, num_classes=opts.num_classes, verify=not opts.no_verify)
         config = read_config(path)
@@ -304,6 +312,7 @@ def _load_model(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
         num_classes=opts.num_classes if opts.head else None,
         embedding_dim=opts.embedding_dim,
         pretrained=opts.pretrained,
+        pretrained_file=opts.pretrained_file,
         in_chans=opts.in_chans,
     )
     return model, {"model": opts.model_name, "head": opts.head, "pretrained": opts.pretrained}

@@ -160,6 +160,11 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     help="Ramp a head attribute (scale, margin) linearly from START to its value over FRACTION of the run.",
 )
 @config_option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", help="Backbone argument.")
+@config_option(
+    "--pretrained-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Backbone state dict to start from (torch.save'd, e.g. insightface's backbone.pth; read weights-only).",
+)
 @config_option("--amp/--no-amp", help="Mixed precision.", default_text=lambda: "on for CUDA")
 @config_option("--augment/--no-augment", help="Random shifts (and flips).")
 @config_option("--device")

@@ -53,6 +53,9 @@ class TrainConfig:
         eval_metrics: metric families of the final evaluation (see ``headreg eval --metrics``); empty skips it.
         eval_limit: compute those metrics on a seeded random subset of this many test embeddings
             (retrieval and clustering cost grows with N²; the test accuracy always uses all of them).
+        pretrained_file: a backbone state dict to start from (insightface's ``backbone.pth``; see
+            :func:`headreg.create_model`). Not written to ``run.json``: a file read back never names a
+            file to open, and a resumed run takes its weights from its own state.
     """
 
     model: str
@@ -82,6 +85,7 @@ class TrainConfig:
     data_dir: str | None = None
     eval_metrics: tuple[str, ...] = ("retrieval", "clustering")
     eval_limit: int | None = None
+    pretrained_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -119,11 +123,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eval_metrics"] = list(self.eval_metrics)
+        del d["pretrained_file"]  # see the attribute: never recorded
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"pretrained_file"}  # never read from a file (see the attribute)
         unknown = sorted(set(d) - known)
         if unknown:
             raise InvalidValueError(f"run config has unknown keys {unknown}; written by a newer headreg?")

@@ -76,6 +76,7 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         embedding_dim=cfg.embedding_dim,
         head_options=cfg.head_options,
         neck=cfg.neck,
+        pretrained_file=cfg.pretrained_file,
         **cfg.model_options,
     )
     model = model.to(dev).train()
