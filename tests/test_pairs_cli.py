@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from test_pairs_data import _RunsCode, write_bin
 from timm.data import resolve_data_config
 
@@ -102,3 +103,19 @@ def test_pairs_misuse_is_one_line(ckpt: Path, lfw: Path, tmp_path: Path) -> None
     evil.write_bytes(pickle.dumps(([_RunsCode(marker), b"x"], [True])))
     r = invoke("--checkpoint", ckpt, "--dataset", f"bin:{evil}", ok=False)
     assert "refusing to load the global" in r.output and "system" in r.output and not marker.exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_match_one(ckpt: Path, lfw: Path, tmp_path: Path) -> None:
+    from test_eval_distributed import _run
+
+    # 40 images in batches of 20: each rank's shard is one batch, so both runs see the very same batches.
+    args = ("--checkpoint", str(ckpt), "--dataset", f"bin:{lfw}", *SMALL, "--batch-size", "20", "--json")
+    one = _run(*args, "--device", "cpu", "--save-embeddings", str(tmp_path / "1.st"), nproc=1)
+    two = _run(*args, "--device", "cpu", "--save-embeddings", str(tmp_path / "2.st"), nproc=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert b["info"]["world_size"] == 2 and b["metrics"] == a["metrics"]
+    e1, e2 = load_file(str(tmp_path / "1.st")), load_file(str(tmp_path / "2.st"))
+    assert torch.equal(e1["embeddings"], e2["embeddings"]) and torch.equal(e1["issame"], e2["issame"])
