@@ -263,3 +263,22 @@ def test_fp16_option_survives_a_checkpoint(tmp_path: Path) -> None:
     headreg.save_model(model, tmp_path / "ckpt")
     loaded = headreg.load_model(tmp_path / "ckpt")
     assert loaded.backbone.module.fp16 and loaded.config["backbone_kwargs"] == {"fp16": True}
+
+
+def test_train_starts_from_the_pretrained_file_and_does_not_record_it(monkeypatch, tmp_path: Path) -> None:
+    import headreg.models.factory as factory
+    from headreg.engine.train import train
+
+    start = timm.create_model("lenetpp", num_classes=0, in_chans=1, widths=(4, 8, 8))
+    torch.save(start.state_dict(), tmp_path / "start.pth")
+    loaded: list[str] = []
+    real = factory.load_pretrained_file
+    monkeypatch.setattr(factory, "load_pretrained_file", lambda m, p, **kw: (loaded.append(str(p)), real(m, p, **kw)))
+    cfg = TrainConfig(
+        model="lenetpp", head="softmax", dataset="fake", model_options={"widths": [4, 8, 8]}, epochs=1, limit=32,
+        batch_size=16, test_limit=32, device="cpu", eval_metrics=(), pretrained_file=str(tmp_path / "start.pth"),
+    )  # fmt: skip
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert loaded == [str(tmp_path / "start.pth")] and result.status == "completed"
+    assert "start.pth" not in (tmp_path / "run" / "run.json").read_text()
+    assert "start.pth" not in (tmp_path / "run" / "config.json").read_text()
