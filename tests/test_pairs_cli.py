@@ -119,3 +119,24 @@ def test_two_processes_match_one(ckpt: Path, lfw: Path, tmp_path: Path) -> None:
     assert b["info"]["world_size"] == 2 and b["metrics"] == a["metrics"]
     e1, e2 = load_file(str(tmp_path / "1.st")), load_file(str(tmp_path / "2.st"))
     assert torch.equal(e1["embeddings"], e2["embeddings"]) and torch.equal(e1["issame"], e2["issame"])
+
+
+def test_training_on_a_pairs_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from headreg.cli import main
+
+    missing = tmp_path / "never-read.bin"
+    args = [
+        "train",
+        "--model",
+        "lenetpp",
+        "--head",
+        "softmax",
+        "--dataset",
+        f"bin:{missing}",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "holds verification pairs, not labelled classes" in r.output, r.output

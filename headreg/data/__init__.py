@@ -10,6 +10,7 @@ from headreg.data._datasets import (
     ImageFolderDataset,
     TensorImageDataset,
     create_dataset,
+    is_pairs_dataset,
     list_datasets,
     resolve_data_dir,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "TensorImageDataset",
     "create_dataset",
     "create_loader",
+    "is_pairs_dataset",
     "list_datasets",
     "load_embeddings",
     "resolve_data_dir",

@@ -24,6 +24,7 @@ __all__ = [
     "ImageFolderDataset",
     "TensorImageDataset",
     "create_dataset",
+    "is_pairs_dataset",
     "list_datasets",
     "resolve_data_dir",
 ]
@@ -151,6 +152,11 @@ _PREFIXED = ("imagefolder",)
 #: Names that take a file and give a pairs protocol (:mod:`headreg.data._pairs`); used as ``bin:PATH``.
 _PAIRS = ("bin",)
 _OTHER = ("fake",)
+
+
+def is_pairs_dataset(name: str) -> bool:
+    """Whether ``name`` gives an evaluation pairs protocol (``bin:PATH``) rather than labelled classes."""
+    return isinstance(name, str) and name.partition(":")[0].strip().lower() in _PAIRS
 
 
 def list_datasets() -> list[str]:

@@ -58,9 +58,14 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         InvalidValueError: labels outside the head's classes, a batch larger than the training set, a head
             attribute the head cannot warm up.
     """
-    from ..data import create_dataset, create_loader, resolve_transform
+    from ..data import create_dataset, create_loader, is_pairs_dataset, resolve_transform
     from ..models import create_model
 
+    if is_pairs_dataset(cfg.dataset):
+        raise InvalidValueError(
+            f"dataset {cfg.dataset!r} holds verification pairs, not labelled classes, so it cannot train a head; "
+            "train on a classification dataset and evaluate with `headreg eval --dataset bin:PATH`"
+        )
     dev = ranks.device
     _seed_everything(cfg.seed)
     train_ds = create_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
