@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from _cli import invoke
 from safetensors.torch import save_file
 
 import headreg
-from headreg.cli import main
 from headreg.data import save_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,16 +25,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = headreg.create_model("lenetpp", head="arcface", num_classes=10)
     return headreg.save_model(model, tmp_path_factory.mktemp("run") / "run").parent
-
-
-def invoke(*args: str | Path, ok: bool = True):
-    result = CliRunner().invoke(main, ["eval", *map(str, args)])
-    if ok:
-        assert result.exit_code == 0, result.output
-    else:
-        assert result.exit_code != 0, result.output
-        assert isinstance(result.exception, SystemExit), f"traceback instead of a message: {result.exception!r}"
-    return result
 
 
 def as_json(result) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import invoke
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_pairs_data import _RunsCode, write_bin
@@ -34,16 +35,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lfw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_bin(tmp_path_factory.mktemp("faces") / "lfw.bin", NUM_PAIRS)
-
-
-def invoke(*args: str | Path, ok: bool = True):
-    result = CliRunner().invoke(main, ["eval", *map(str, args)])
-    if ok:
-        assert result.exit_code == 0, result.output
-    else:
-        assert result.exit_code != 0, result.output
-        assert isinstance(result.exception, SystemExit), f"traceback instead of a message: {result.exception!r}"
-    return result
 
 
 def _embed(model: torch.nn.Module, lfw: Path, tta: str) -> torch.Tensor:
@@ -122,9 +113,6 @@ def test_two_processes_match_one(ckpt: Path, lfw: Path, tmp_path: Path) -> None:
 
 
 def test_training_on_a_pairs_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from headreg.cli import main
 
     missing = tmp_path / "never-read.bin"
     args = [
