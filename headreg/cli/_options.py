@@ -170,5 +170,6 @@ def dataset_names() -> str:
     from ..data import list_datasets
 
     names = list_datasets()
-    with_path = {"bin": "bin:PATH", "imagefolder": "imagefolder:PATH"}  # the ones that take a path
+    # the ones that take a path
+    with_path = {"bin": "bin:PATH", "imagefolder": "imagefolder:PATH", "lfw": "lfw:DIR", "pairs": "pairs:LIST.csv"}
     return ", ".join([n for n in names if n not in with_path] + [with_path[n] for n in names if n in with_path])

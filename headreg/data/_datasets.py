@@ -149,18 +149,18 @@ _TORCHVISION = {
     "cifar100": ("CIFAR100", "cifar-100-python", True),
 }
 _PREFIXED = ("imagefolder",)
-#: Names that take a file and give a pairs protocol (:mod:`headreg.data._pairs`); used as ``bin:PATH``.
-_PAIRS = ("bin",)
+#: Names that take a path and give a pairs protocol (:mod:`headreg.data._pairs`), with the form of their argument.
+_PAIRS = {"bin": ("file", "bin:PATH/lfw.bin"), "lfw": ("folder", "lfw:DIR"), "pairs": ("file", "pairs:LIST.csv")}
 _OTHER = ("fake",)
 
 
 def is_pairs_dataset(name: str) -> bool:
-    """Whether ``name`` gives an evaluation pairs protocol (``bin:PATH``) rather than labelled classes."""
+    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``) rather than classes."""
     return isinstance(name, str) and name.partition(":")[0].strip().lower() in _PAIRS
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder`` and ``bin`` take a path (``bin:PATH``)."""
+    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw`` and ``pairs`` take a path."""
     return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS])
 
 
@@ -179,7 +179,8 @@ def create_dataset(
             ``imagefolder:PATH`` (torchvision's ImageFolder layout; ``PATH/<split>`` if that folder exists, else
             ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
             validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
-            the same for every split) or ``fake`` (seeded synthetic
+            the same for every split), ``lfw:DIR`` (LFW's ``DIR/pairs.txt`` over ``DIR/lfw/``, likewise),
+            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise) or ``fake`` (seeded synthetic
             images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
             ``channels``, ``seed``).
         split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
@@ -206,12 +207,10 @@ def create_dataset(
         return _create_imagefolder(name, Path(arg).expanduser(), split)
     if key in _PAIRS:
         if not arg:
-            raise InvalidValueError(f"dataset '{name}' needs a file: use 'bin:PATH/lfw.bin'")
+            raise InvalidValueError(f"dataset '{name}' needs a {_PAIRS[key][0]}: use '{_PAIRS[key][1]}'")
         _check_split(name, split)
         _reject_options(name, kwargs)
-        from headreg.data._pairs import PairsDataset
-
-        return PairsDataset.from_bin(Path(arg).expanduser(), name=name)
+        return _create_pairs(key, Path(arg).expanduser(), name)
     if key in _TORCHVISION and not arg:
         _check_split(name, split)
         _reject_options(name, kwargs)
@@ -223,8 +222,19 @@ def create_dataset(
         return create_fake(split, **kwargs)
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
-        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH')"
+        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv')"
     )
+
+
+def _create_pairs(key: str, path: Path, name: str) -> TensorImageDataset:
+    from headreg.data._pairs import PairsDataset
+
+    if key == "bin":
+        return PairsDataset.from_bin(path, name=name)
+    from headreg.data._pair_lists import read_lfw_pairs, read_pairs_csv
+
+    paths, issame = read_lfw_pairs(path) if key == "lfw" else read_pairs_csv(path)
+    return PairsDataset.from_files(paths, issame, name=name)
 
 
 def _check_split(name: str, split: str) -> None:

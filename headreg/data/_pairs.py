@@ -8,6 +8,9 @@ tuples, lists, bytes, str, bool and int (and other plain containers, which the s
 can be built, and a crafted file is a :class:`~headreg.errors.DataFileError`, never executed. The unpickled
 structure is then checked as data (:func:`check_pairs_structure`) before anything is decoded.
 
+Pair lists of image files (LFW's ``pairs.txt``, a CSV) are parsed by :mod:`headreg.data._pair_lists` and decoded
+by :meth:`PairsDataset.from_files` into the same dataset.
+
 A pair-embeddings file is a safetensors file with ``embeddings`` ``(2P, D)`` (pair members interleaved as in
 the ``.bin`` order) and ``issame`` ``(P,)`` bool.
 """
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from headreg.data._tensor import TensorImageDataset
-from headreg.errors import DataFileError, DatasetNotFoundError, InvalidInputError
+from headreg.errors import DataFileError, DatasetNotFoundError, InvalidInputError, InvalidValueError
 from headreg.metrics.pairs import check_pairs
 
 __all__ = [
@@ -114,14 +118,15 @@ def read_pairs_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
     return check_pairs_structure(obj, str(path))
 
 
-def _decode(blob: bytes, index: int, where: str) -> torch.Tensor:
+def _decode(source: bytes | Path, what: str) -> torch.Tensor:
+    """Decode one image (encoded bytes or a file) to ``(H, W, 3)`` uint8 RGB; ``what`` names it in the error."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(blob)) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             rgb = img.convert("RGB")
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise DataFileError(f"{where}: images[{index}] cannot be decoded ({type(err).__name__}: {err})") from None
+        raise DataFileError(f"{what} cannot be decoded ({type(err).__name__}: {err})") from None
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
 
 
@@ -147,10 +152,10 @@ class PairsDataset(TensorImageDataset):
     def from_bin(cls, path: str | Path, *, name: str) -> PairsDataset:
         """Read, check and decode an insightface ``.bin`` (all images must share one size)."""
         blobs, issame = read_pairs_bin(path)
-        first = _decode(blobs[0], 0, str(path))
+        first = _decode(blobs[0], f"{path}: images[0]")
         images = torch.empty((len(blobs), 3, *first.shape[:2]), dtype=torch.uint8)
         for i, blob in enumerate(blobs):
-            img = first if i == 0 else _decode(blob, i, str(path))
+            img = first if i == 0 else _decode(blob, f"{path}: images[{i}]")
             if img.shape != first.shape:
                 raise DataFileError(
                     f"{path}: images[{i}] is {img.shape[1]}x{img.shape[0]} pixels, images[0] "
@@ -158,6 +163,51 @@ class PairsDataset(TensorImageDataset):
                 )
             images[i] = img.permute(2, 0, 1)
         return cls(images, torch.tensor(issame, dtype=torch.bool), name=name)
+
+    @classmethod
+    def from_files(
+        cls, paths: Sequence[Path], issame: Sequence[bool], *, name: str, progress: bool = True
+    ) -> PairsDataset:
+        """Decode the ``2P`` image files of a pair list (``lfw:DIR``, ``pairs:LIST.csv``) at their native size.
+
+        A file named by several pairs (LFW's are) is decoded once. All images must share one size, as the
+        batch transform resizes one ``(2P, 3, H, W)`` tensor; a delayed bar shows when decoding takes over 2 s.
+
+        Args:
+            paths: ``2P`` image files, pair ``p`` being ``paths[2p]`` and ``paths[2p + 1]``.
+            issame: ``P`` bools.
+            name: The dataset name, for messages.
+            progress: Allow the bar (on rank 0 only).
+
+        Raises:
+            DataFileError: an image that cannot be decoded, or one whose size differs from the first's.
+        """
+        from headreg._runtime import dist_info
+        from headreg.metrics._base import stage_bar
+
+        if not issame or len(paths) != 2 * len(issame):
+            raise InvalidValueError(
+                f"a pair list needs 2 x P image paths for P >= 1 pairs, got {len(paths)} and P = {len(issame)}"
+            )
+        decoded: dict[Path, torch.Tensor] = {}
+        images: torch.Tensor | None = None
+        with stage_bar(f"decode {name}", len(paths), "img", progress and dist_info().rank == 0) as bar:
+            for i, path in enumerate(paths):
+                img = decoded.get(path)
+                if img is None:
+                    img = decoded[path] = _decode(path, f"dataset '{name}': the image {path}").permute(2, 0, 1)
+                if images is None:
+                    images = torch.empty((len(paths), *img.shape), dtype=torch.uint8)
+                elif img.shape != images.shape[1:]:
+                    raise DataFileError(
+                        f"dataset '{name}': {path} is {img.shape[2]}x{img.shape[1]} pixels, {paths[0]} "
+                        f"{images.shape[3]}x{images.shape[2]}; the images of a pair list must share one size "
+                        "(resize them beforehand, e.g. to aligned 112x112 faces)"
+                    )
+                images[i] = img
+                bar.update(1)
+        # images was allocated at the first of the >= 2 paths.
+        return cls(images, torch.tensor(list(issame), dtype=torch.bool), name=name)
 
 
 def has_issame(path: str | Path) -> bool:
