@@ -206,3 +206,66 @@ def test_list_backbones():
     names = headreg.list_backbones("resnet1*")
     assert "resnet18" in names and "torchvision/resnet18" in headreg.list_backbones("torchvision/res*")
     assert "lenetpp" in headreg.list_backbones("lenet*")
+
+
+# timm's own model contract (its tests/test_models.py), reproduced for the backbones headreg registers into timm.
+HEADREG_BACKBONES = sorted(
+    n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("headreg.")
+)
+#: One small model per backbone module, for the checks that run a forward pass (IResNet-200 scripts slowly).
+TRACED_BACKBONES = ["lenetpp", "lenetpp_bn", "iresnet18", "mobilefacenet"]
+
+
+def test_every_headreg_backbone_is_covered():
+    assert {"lenetpp", "lenetpp_bn", "iresnet18", "mobilefacenet"} <= set(HEADREG_BACKBONES)
+    modules = {timm.models.model_entrypoint(n).__module__ for n in HEADREG_BACKBONES}
+    assert modules == {timm.models.model_entrypoint(n).__module__ for n in TRACED_BACKBONES}
+
+
+@pytest.mark.parametrize("name", HEADREG_BACKBONES)
+def test_timm_default_cfg_and_factory_arguments(name):
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    for key in ("input_size", "pool_size", "mean", "std", "crop_pct", "interpolation", "first_conv", "classifier"):
+        assert cfg[key] is not None, key
+    # timm builds every model on the meta device in its tests; nothing may stay behind on the CPU.
+    model = timm.create_model(name, device="meta", dtype=torch.float64)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    state = model.state_dict()
+    assert f"{cfg['first_conv']}.weight" in state and model.in_chans == cfg["input_size"][0]
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    with pytest.raises(TypeError):
+        timm.create_model(name, device="meta", not_a_model_arg=1)
+    model.reset_classifier(3)  # the new classifier follows the model's device, dtype and mode
+    new = model.get_classifier()
+    assert (new.weight.device.type, new.weight.dtype, new.training) == ("meta", torch.float64, model.training)
+    info = timm.models.FeatureInfo(model.feature_info, list(range(len(model.feature_info))))
+    assert len(info.channels()) >= 3 and info.reduction() == sorted(info.reduction())
+    assert set(info.get("module")) <= dict(model.named_modules()).keys()
+
+
+@pytest.mark.parametrize("name", TRACED_BACKBONES)
+def test_timm_features_torchscript_and_fx(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+        assert tuple(feats.shape[-2:]) == tuple(model.pretrained_cfg["pool_size"])
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
+        extractor = timm.create_model(name, features_only=True).eval()
+        maps = extractor(x)
+        assert [m.shape[1] for m in maps] == extractor.feature_info.channels()
+        assert [m.shape[-1] for m in maps] == [x.shape[-1] // r for r in extractor.feature_info.reduction()]
+        torch.testing.assert_close(torch.jit.script(model)(x), out, rtol=0, atol=0)
+        nodes = timm.layers.get_graph_node_names(model)[1]
+        traced = timm.layers.create_feature_extractor(model, [nodes[-1]])
+        torch.testing.assert_close(next(iter(traced(x).values())), out, rtol=0, atol=0)
+
+
+def test_lenetpp_size_check_survives_torchscript_and_fx_skips_it():
+    model = timm.create_model("lenetpp").eval()
+    with pytest.raises(torch.jit.Error, match="images of 4×4 do not fit this LeNet\\+\\+"):
+        torch.jit.script(model)(torch.randn(1, 1, 4, 4))
+    traced = timm.layers.create_feature_extractor(model, [timm.layers.get_graph_node_names(model)[1][-1]])
+    assert "_check_size" not in traced.code  # traced graphs hold tensor ops only

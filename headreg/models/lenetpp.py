@@ -2,11 +2,12 @@
 
 Registered into timm, so ``timm.create_model("lenetpp", in_chans=1, num_classes=10)``
 works once ``headreg.models`` is imported, and it follows timm's conventions:
-``forward_features`` → ``forward_head(x, pre_logits=True)`` → classifier.
+``forward_features`` → ``forward_head(x, pre_logits=True)`` → classifier, timm's ``device``/``dtype``
+factory arguments, ``feature_info`` (one entry per stage) for ``features_only=True``, TorchScript and FX.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` and no class-level nn.Module annotations: TorchScript compiles
+# this module and reads annotations as the attributes' types.
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidValueError
+from ._face import pop_factory_kwargs
+
+try:  # newer torch: true under torch.fx.symbolic_trace only, not under torch.export / torch.compile
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # older torch: also true under torch.export, where skipping the check costs nothing
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
 __all__ = ["LeNetPP"]
 
@@ -42,7 +49,11 @@ class LeNetPP(nn.Module):
         hidden_dim: width of a hidden fully connected layer (linear → batch norm → PReLU)
             between the convolutions and the embedding layer; 0 for none (the paper).
         embed_bias: bias in the embedding layer.
+        **kwargs: timm's ``device`` and ``dtype`` factory arguments; ``global_pool``, which timm passes to
+            every model, is accepted and ignored (the embedding layer stands where other models pool).
     """
+
+    __jit_unused_properties__ = ["embedding_layer"]  # TorchScript cannot type its ``nn.Module`` return
 
     def __init__(
         self,
@@ -61,15 +72,15 @@ class LeNetPP(nn.Module):
     ) -> None:
         super().__init__()
         kwargs.pop("global_pool", None)  # timm passes it to every model; LeNet++ flattens
-        if kwargs:
-            raise TypeError(f"LeNetPP got unexpected arguments: {sorted(kwargs)}")
+        factory = pop_factory_kwargs("LeNetPP", kwargs)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dim
         self.drop_rate = drop_rate
         stages: list[nn.Module] = []
         prev = in_chans
-        for width in widths:
+        feature_info = []
+        for i, width in enumerate(widths):
             layers: list[nn.Module] = []
             for _ in range(2):
                 layers.append(nn.Conv2d(prev, width, 5, padding=2, bias=not batch_norm))
@@ -79,7 +90,9 @@ class LeNetPP(nn.Module):
                 prev = width
             layers.append(nn.MaxPool2d(2))
             stages.append(nn.Sequential(*layers))
+            feature_info.append({"num_chs": width, "reduction": 2 ** (i + 1), "module": f"stages.{i}"})
         self.stages = nn.Sequential(*stages)
+        self.feature_info = feature_info  # timm's features_only: each stage's output (after its pooling)
         h, w = input_size
         for _ in widths:
             h, w = h // 2, w // 2
@@ -105,9 +118,17 @@ class LeNetPP(nn.Module):
         self.embed = nn.Linear(width, embed_dim, bias=embed_bias)
         self.embed_act = nn.PReLU() if embed_act else nn.Identity()
         self.fc = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if factory:  # timm's device= / dtype= (its tests build every model on the meta device)
+            self.to(**factory)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W) -> (B, C_last, H/8, W/8)`` feature maps."""
+        # FX cannot branch on a traced shape, so a symbolically traced graph runs without the size check (a wrong
+        # size then fails in the embedding layer's matmul). TorchScript keeps the check and skips the FX test,
+        # which it could not compile.
+        if not torch.jit.is_scripting():
+            if _fx_tracing():
+                return self.stages(x)
         if x.dim() == 4:
             self._check_size(x.shape[-2], x.shape[-1])
         return self.stages(x)
@@ -145,15 +166,24 @@ class LeNetPP(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new linear classifier of ``num_classes`` (0: none), on the model's device and dtype and in its mode.
+
+        ``global_pool`` is accepted for timm's signature and ignored, as in ``__init__``.
+        """
+        ref = self.embed.weight
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        else:
+            self.fc = nn.Identity()
+        self.fc.train(self.training)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "num_classes": 10,
         "input_size": (1, 28, 28),
-        "pool_size": None,
+        "pool_size": (3, 3),  # forward_features' map for the 28×28 input (three 2× poolings)
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": (0.1307, 0.1307, 0.1307),  # MNIST statistics, repeated for 3-channel inputs
@@ -169,7 +199,10 @@ default_cfgs = generate_default_cfgs({"lenetpp": _cfg(), "lenetpp_bn": _cfg()})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LeNetPP:
-    return build_model_with_cfg(LeNetPP, variant, pretrained, **kwargs)
+    # features_only: one feature map per stage (timm's default out_indices assume five).
+    num_stages = len(kwargs.get("widths", (32, 64, 128)))
+    feature_cfg = {"flatten_sequential": True, "out_indices": tuple(range(num_stages))}
+    return build_model_with_cfg(LeNetPP, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 @register_model
