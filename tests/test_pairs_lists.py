@@ -125,6 +125,9 @@ def test_both_through_the_cli_equal_the_bin(ckpt: Path, tmp_path: Path) -> None:
     )
     out = json.loads(invoke("--checkpoint", ckpt, "--dataset", f"lfw:{tmp_path / 'LFW'}", *SMALL, "--json").stdout)
     assert out["metrics"] == ref["metrics"] and out["info"]["num_pairs"] == 20 and out["info"]["tta"] == "flip-sum"
+    # Photos go in at the backbone's input size (LeNet++: 28x28) when --input-size is not given.
+    plain = json.loads(invoke("--checkpoint", ckpt, "--dataset", f"lfw:{tmp_path / 'LFW'}", "--json").stdout)
+    assert plain["metrics"] == out["metrics"]
     path, pairs = write_csv(tmp_path / "list")
     ref = json.loads(
         invoke(

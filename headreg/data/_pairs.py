@@ -138,10 +138,13 @@ class PairsDataset(TensorImageDataset):
 
     Attributes:
         issame: ``(P,)`` bool, whether pair ``p`` (images ``2p`` and ``2p + 1``) shows one identity.
+        photos: True for image files of any size (:meth:`from_files`): without ``--input-size`` they are resized
+            to the backbone's input size, not kept at their native size as a ``.bin``'s aligned faces are.
         protocol: ``"pairs"``, which routes :func:`headreg.engine.evaluate.evaluate_model` to the pairs protocol.
     """
 
     protocol = "pairs"
+    photos = False
 
     def __init__(self, images: torch.Tensor, issame: torch.Tensor, *, name: str) -> None:
         labels = torch.arange(images.shape[0]) // 2
@@ -171,7 +174,8 @@ class PairsDataset(TensorImageDataset):
         """Decode the ``2P`` image files of a pair list (``lfw:DIR``, ``pairs:LIST.csv``) at their native size.
 
         A file named by several pairs (LFW's are) is decoded once. All images must share one size, as the
-        batch transform resizes one ``(2P, 3, H, W)`` tensor; a delayed bar shows when decoding takes over 2 s.
+        batch transform resizes one ``(2P, 3, H, W)`` tensor (to the backbone's input size unless ``--input-size``
+        says otherwise: :attr:`photos`); a delayed bar shows when decoding takes over 2 s.
 
         Args:
             paths: ``2P`` image files, pair ``p`` being ``paths[2p]`` and ``paths[2p + 1]``.
@@ -207,7 +211,9 @@ class PairsDataset(TensorImageDataset):
                 images[i] = img
                 bar.update(1)
         # images was allocated at the first of the >= 2 paths.
-        return cls(images, torch.tensor(list(issame), dtype=torch.bool), name=name)
+        dataset = cls(images, torch.tensor(list(issame), dtype=torch.bool), name=name)
+        dataset.photos = True
+        return dataset
 
 
 def has_issame(path: str | Path) -> bool:

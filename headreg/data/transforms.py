@@ -201,7 +201,8 @@ def resolve_transform(
     For an in-memory :class:`~headreg.data.TensorImageDataset` the result converts whole batches on the device;
     channels, mean and std come from ``data_config`` but the image size defaults to the dataset's **native** size,
     not the config's (usually 224): resizing 28-px MNIST to 224 px costs 64x the pixels per image for no gain on
-    a backbone that pools globally. Pass ``input_size`` for backbones that need a fixed size (e.g. ViTs).
+    a backbone that pools globally. Pass ``input_size`` for backbones that need a fixed size (e.g. ViTs). A dataset
+    of photos of their own size (``photos`` true: ``lfw:DIR``, ``pairs:LIST.csv``) defaults to the config's size.
     Training adds a random translation of 1/8 of the image side and, where it is label-preserving (not digits),
     horizontal flips.
 
@@ -234,6 +235,9 @@ def resolve_transform(
 
     if isinstance(dataset, TensorImageDataset):
         side = min(dataset.image_size)
+        if size is None:
+            # Photos decoded at their own size (lfw:DIR, pairs:LIST.csv) say so: they go in at the model's size.
+            size = _as_size(data_config["input_size"], "input_size") if getattr(dataset, "photos", False) else None
         transform = BatchTransform(
             mean,
             std,
