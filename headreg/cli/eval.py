@@ -163,7 +163,7 @@ class EvalOptions:
     "--tta",
     type=LazyChoice(_tta_modes),
     help="Test-time augmentation: the horizontal mirror's embedding added (flip-sum) or appended (flip-concat) "
-    "[default: flip-sum for face pairs (bin:PATH), else none].",
+    "[default: flip-sum for face pairs (bin:, lfw:, pairs:), else none].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON results to this file.")
