@@ -133,7 +133,7 @@ class IResNet(FaceClassifierMixin, nn.Module):
         self.stem = _Stem(in_chans, widths[0])
         stages: list[nn.Module] = []
         prev = widths[0]
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []  # no annotation: TorchScript would warn about it
         for i, (width, depth) in enumerate(zip(widths, layers, strict=True)):
             blocks = [IBasicBlock(prev if j == 0 else width, width, 2 if j == 0 else 1) for j in range(depth)]
             stages.append(nn.Sequential(*blocks))
