@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from headreg.engine.extract import TTA_MODES, extract_dataset, gather_extraction
+from headreg.engine.extract import TTA_MODES, extract_dataset, extraction_info, gather_extraction
 from headreg.errors import InvalidValueError
 
 __all__ = ["DEFAULT_PAIRS_TTA", "evaluate_pair_embeddings", "evaluate_pairs_model", "pairs_info"]
@@ -100,17 +100,7 @@ def evaluate_pairs_model(
     ext = gather_extraction(extract_dataset(model, dataset, tta=tta, progress=progress, desc="extract pairs", **common))
     issame = dataset.issame.to(ext.embeddings.device)
     values, warnings = run_on_main(lambda: evaluate_pair_embeddings(ext.embeddings, issame, metrics=metrics))
-    seconds = ext.seconds
-    info = {
-        **pairs_info(ext.embeddings, issame),
-        "tta": tta,
-        "device": str(common["device"]),
-        "precision": ext.precision,
-        "channels_last": ext.channels_last,
-        "world_size": world_size,
-        "extract_seconds": round(seconds, 4),
-        "images_per_second": round(ext.images / seconds, 1) if seconds > 0 else None,
-    }
+    info = {**pairs_info(ext.embeddings, issame), "tta": tta, **extraction_info([ext], common["device"], world_size)}
     return {
         "metrics": values,
         "embeddings": ext.embeddings.detach().cpu(),

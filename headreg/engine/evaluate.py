@@ -28,7 +28,7 @@ from headreg._checks import (
     resolve_device,
 )
 from headreg.engine._jsonsafe import json_safe
-from headreg.engine.extract import Extraction, extract_dataset, gather_extraction
+from headreg.engine.extract import Extraction, extract_dataset, extraction_info, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._knn import KNN_BACKENDS
 from headreg.metrics.retrieval import RetrievalOptions, _positive_counts
@@ -348,20 +348,13 @@ def evaluate_model(
             f"{outside} samples have labels outside the head's {num_classes} classes (max label {int(labels.max())}); "
             "they count as misses in top-k accuracy",
         ]
-    seconds = sum(p.seconds for p in parts)
-    images = sum(p.images for p in parts)
     run_info = {
         "protocol": "leave-one-out" if gallery is None else "query/gallery",
         "num_samples": int(embeddings.shape[0]),
         "num_queries": int(embeddings.shape[0] if is_query is None else is_query.sum()),
         "num_gallery": int(embeddings.shape[0] if is_gallery is None else is_gallery.sum()),
         "embedding_dim": int(embeddings.shape[1]),
-        "device": str(dev),
-        "precision": parts[0].precision,
-        "channels_last": parts[0].channels_last,
-        "world_size": info.world_size,
-        "extract_seconds": round(seconds, 4),
-        "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+        **extraction_info(parts, dev, info.world_size),
         **({"tta": tta} if tta is not None else {}),
     }
     return EvalResult(

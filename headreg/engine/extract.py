@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "autocast_context",
     "extract_dataset",
     "extract_embeddings",
+    "extraction_info",
     "gather_extraction",
     "resolve_precision",
 ]
@@ -337,6 +338,20 @@ def extract_dataset(
     return extract_embeddings(
         model, loader, device=device, transform=transform, amp=amp, tta=tta, progress=progress, desc=desc
     )
+
+
+def extraction_info(parts: Sequence[Extraction], device: torch.device | str, world_size: int) -> dict[str, Any]:
+    """The ``info`` fields of an evaluation that describe its extraction passes (one per split)."""
+    seconds = sum(p.seconds for p in parts)
+    images = sum(p.images for p in parts)
+    return {
+        "device": str(device),
+        "precision": parts[0].precision,
+        "channels_last": parts[0].channels_last,
+        "world_size": world_size,
+        "extract_seconds": round(seconds, 4),
+        "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+    }
 
 
 def gather_extraction(part: Extraction) -> Extraction:
