@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from headreg.data._tensor import TensorImageDataset
-from headreg.errors import DataFileError, DatasetNotFoundError, InvalidInputError, InvalidValueError
+from headreg.errors import DataFileError, DatasetNotFoundError, InvalidValueError
 from headreg.metrics.pairs import check_pairs
 
 __all__ = [
@@ -237,24 +237,11 @@ def load_pair_embeddings(path: str | Path) -> dict[str, Any]:
         DatasetNotFoundError: no file at ``path``.
         InvalidInputError: not safetensors, a key missing, or shapes and dtypes that disagree.
     """
-    from safetensors import safe_open
+    from headreg.data.embeddings import read_tensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetNotFoundError(f"embeddings file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys, metadata = set(f.keys()), dict(f.metadata() or {})
-            if not {"embeddings", "issame"} <= keys:
-                raise InvalidInputError(
-                    f"pair embeddings file {path} needs 'embeddings' and 'issame'; it holds {sorted(keys)}"
-                )
-            emb, issame = f.get_tensor("embeddings"), f.get_tensor("issame")
-    except InvalidInputError:
-        raise
-    except Exception as err:  # safetensors' own SafetensorError or OSError for a bad header
-        raise InvalidInputError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from None
-    check_pairs(emb, issame, f"in {path}: ", finite=False)
+    tensors, metadata = read_tensors(path, ("embeddings", "issame"), what="pair embeddings file")
+    emb, issame = tensors["embeddings"], tensors["issame"]
+    check_pairs(emb, issame, f"in {Path(path)}: ", finite=False)
     return {"embeddings": emb, "issame": issame, "metadata": metadata}
 
 

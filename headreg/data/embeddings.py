@@ -67,6 +67,42 @@ def save_embeddings(
     return path
 
 
+def read_tensors(
+    path: str | Path, required: tuple[str, ...], optional: tuple[str, ...] = (), *, what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The named tensors and the metadata of a safetensors file; other tensors in it are not read.
+
+    Args:
+        path: The file.
+        required: Keys that must be there.
+        optional: Keys read when there.
+        what: The kind of file, for the messages (``"embeddings file"``).
+
+    Raises:
+        DatasetNotFoundError: no file at ``path``.
+        InvalidInputError: not a safetensors file, or a required key missing.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            metadata = dict(f.metadata() or {})
+            missing = [k for k in required if k not in keys]
+            if missing:
+                lacks = ", ".join(repr(k) for k in missing)
+                raise InvalidInputError(f"{what} {path} lacks {lacks}; it holds {sorted(keys) or 'no tensors'}")
+            tensors = {k: f.get_tensor(k) for k in (*required, *optional) if k in keys}
+    except InvalidInputError:
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError or OSError for a bad header
+        raise InvalidInputError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from None
+    return tensors, metadata
+
+
 def load_embeddings(path: str | Path) -> dict[str, Any]:
     """Read and validate a file written by :func:`save_embeddings`.
 
@@ -81,28 +117,9 @@ def load_embeddings(path: str | Path) -> dict[str, Any]:
         DatasetNotFoundError: no file at ``path``.
         InvalidInputError: not a safetensors file, a required key missing, or shapes/dtypes that disagree.
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetNotFoundError(f"embeddings file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            metadata = dict(f.metadata() or {})
-            missing = [k for k in ("embeddings", "labels") if k not in keys]
-            if missing:
-                raise InvalidInputError(
-                    f"embeddings file {path} lacks {', '.join(repr(k) for k in missing)}; "
-                    f"it holds {sorted(keys) or 'no tensors'}"
-                )
-            out: dict[str, Any] = {k: f.get_tensor(k) for k in ("embeddings", "labels", *_MASKS) if k in keys}
-    except InvalidInputError:
-        raise
-    except Exception as err:  # safetensors raises its own SafetensorError or OSError for a bad header
-        raise InvalidInputError(f"{path} is not a readable safetensors file: {type(err).__name__}: {err}") from None
+    out, metadata = read_tensors(path, ("embeddings", "labels"), _MASKS, what="embeddings file")
     masks = {k: out[k] for k in _MASKS if k in out}
-    _check(out["embeddings"], out["labels"], masks, f"in {path}: ")
+    _check(out["embeddings"], out["labels"], masks, f"in {Path(path)}: ")
     out["labels"] = out["labels"].to(torch.long)
     out["metadata"] = metadata
     return out
