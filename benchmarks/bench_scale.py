@@ -1,0 +1,31 @@
+"""Scale benchmarks, one entry point: ``python benchmarks/bench_scale.py PART [options]``.
+
+Parts:
+    head  the sharded margin head's training step against the replicated DDP head
+          (benchmarks/_scale_head.py)
+    knn   gallery-sharded exact k-NN against one process (benchmarks/_scale_knn.py)
+
+Each part launches its own worker processes (gloo on CPU) and prints a table of ratios
+measured side by side in one run; ``--help`` after the part lists its options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+PARTS = {"head": "_scale_head", "knn": "_scale_knn"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in PARTS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    module = importlib.import_module(PARTS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
