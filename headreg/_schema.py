@@ -305,6 +305,8 @@ TRAIN_CONFIG: Mapping[str, Field] = {
     "data_dir": Field("str", nullable=True),
     "eval_metrics": Field("list", items=Field("str")),
     "eval_limit": Field("int", nullable=True, check=at_least(1)),
+    "shard_head": Field("bool"),
+    "sample_rate": Field("number", check=in_range(0.0, 1.0)),
 }
 
 #: ``run.json``: the run record the training runner writes.

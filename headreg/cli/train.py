@@ -159,6 +159,11 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     metavar="NAME=START:FRACTION",
     help="Ramp a head attribute (scale, margin) linearly from START to its value over FRACTION of the run.",
 )
+@config_option(
+    "--shard-head/--no-shard-head",
+    help="Split the head's classes over the ranks (Partial FC, under torchrun; docs/scale.md).",
+)
+@config_option("--sample-rate", type=float, help="With --shard-head: fraction of each rank's classes per step.")
 @config_option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", help="Backbone argument.")
 @config_option(
     "--pretrained-file",

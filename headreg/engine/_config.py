@@ -53,6 +53,9 @@ class TrainConfig:
         eval_metrics: metric families of the final evaluation (see ``headreg eval --metrics``); empty skips it.
         eval_limit: compute those metrics on a seeded random subset of this many test embeddings
             (retrieval and clustering cost grows with N²; the test accuracy always uses all of them).
+        shard_head: split the head's classes over the ranks (Partial FC; docs/scale.md); the head must be
+            ``shardable``.
+        sample_rate: with ``shard_head``, the fraction of each rank's classes scored per step, in ``(0, 1]``.
         pretrained_file: a backbone state dict to start from (insightface's ``backbone.pth``; see
             :func:`headreg.create_model`). Not written to ``run.json``: a file read back never names a
             file to open, and a resumed run takes its weights from its own state.
@@ -85,6 +88,8 @@ class TrainConfig:
     data_dir: str | None = None
     eval_metrics: tuple[str, ...] = ("retrieval", "clustering")
     eval_limit: int | None = None
+    shard_head: bool = False
+    sample_rate: float = 1.0
     pretrained_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +113,11 @@ class TrainConfig:
         _check_range("weight_decay", self.weight_decay, low=0.0)
         if self.lr is not None:
             _check_range("lr", self.lr, low=0.0)
+        _check_range("sample_rate", self.sample_rate, low=0.0, high=1.0, low_open=True)
+        if self.sample_rate != 1.0 and not self.shard_head:
+            raise InvalidValueError(
+                f"sample_rate={self.sample_rate!r} samples a sharded head's classes; add shard_head"
+            )
         if not (isinstance(self.head_lr_scale, (int, float)) and 0 < self.head_lr_scale < float("inf")):
             raise InvalidValueError(f"head_lr_scale must be a finite number > 0, got {self.head_lr_scale!r}")
         self.head_lr_scale = float(self.head_lr_scale)

@@ -91,6 +91,9 @@ class Ranks:
 
     def replica_difference(self, model: nn.Module) -> float:
         """Largest difference of any weight or buffer between ranks (0.0 when DDP kept them in step)."""
-        flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
+        # A class-sharded head's rows differ by design (and by shape): only the replicated part is compared.
+        sharded = type(getattr(model, "head", None)).__name__ == "ShardedHead"
+        state = {k: t for k, t in model.state_dict().items() if not (sharded and k.startswith("head."))}
+        flat = torch.cat([t.detach().double().flatten() for t in state.values()])
         hi, lo = self.max_(flat.clone()), -self.max_(-flat)
         return float((hi - lo).max()) if flat.numel() else 0.0

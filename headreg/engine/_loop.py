@@ -217,8 +217,12 @@ def run_epoch(
         n = labels.shape[0]
         tally.loss_sum += loss.detach().double() * n
         with torch.no_grad():  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
-            logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
-            tally.correct += (label_rank(logits, labels) == 0).sum()
+            sharded_rank = getattr(ctx.head, "label_rank", None)  # a sharded head ranks from its shards
+            if callable(sharded_rank) and out.embeddings is not None:
+                tally.correct += (sharded_rank(out.embeddings.detach(), labels) == 0).sum()
+            else:
+                logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
+                tally.correct += (label_rank(logits, labels) == 0).sum()
         tally.seen += n
         tally.batches += 1
         ctx.global_step += 1

@@ -283,11 +283,11 @@ class RunDir:
         atomic_write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
     # -------------------------------------------------------------------------------------- model
-    def save_model(self, model: Any, metadata: dict[str, Any]) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (:func:`headreg.save_model`)."""
+    def save_model(self, model: Any, metadata: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (:func:`headreg.save_model`; ``state``: its weights)."""
         from ..models import save_model
 
-        save_model(model, self.path, metadata=metadata)
+        save_model(model, self.path, metadata=metadata, state=state)
 
     # -------------------------------------------------------------------------------------- resumable state
     def save_state(self, state: dict[str, Any]) -> None:

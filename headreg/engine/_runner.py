@@ -28,6 +28,7 @@ from ._jsonsafe import json_safe
 from ._loop import EpochTally, StopFlag, run_epoch
 from ._rundir import RunDir
 from ._setup import Session, build_session
+from ._shard_head import is_sharded, load_train_state, train_state
 from .extract import Extraction, extract_embeddings, gather_extraction
 from .runtime import run_on_main
 
@@ -118,7 +119,7 @@ class Run:
         """Load a stopped run's state: weights, optimiser, scaler, every RNG, progress; check it still fits."""
         prog, world, s = state["progress"], self.ranks.info.world_size, self.session
         where = f"--resume {self.run_dir.path}"
-        if prog["world_size"] != world:
+        if prog["world_size"] != world and not is_sharded(self.model):
             raise InvalidValueError(
                 f"{where}: the run was trained on {prog['world_size']} process(es), now {world}; "
                 "resume with the same number of processes (the data shards depend on it)"
@@ -128,11 +129,12 @@ class Run:
                 f"{where}: {len(s.train_loader)} steps per epoch now, {prog['steps_per_epoch']} "
                 "when the run was stopped; the data or the batch size changed"
             )
-        self.model.load_state_dict({k: v.to(self.ranks.device) for k, v in state["model"].items()})
-        s.optimizer.load_state_dict(state["optimizer"])
+        load_train_state(self.model, s.optimizer, state["model"], state["optimizer"], self.ranks.device)
         if self.ctx.scaler is not None and state.get("scaler"):
             self.ctx.scaler.load_state_dict(state["scaler"])
-        rank = self.ranks.info.rank
+        # On another world size (a sharded head's run) rank r takes saved rank r mod W_saved's streams: the
+        # global batches are the same (docs/scale.md), the augmentation's and the sampling's draws are not.
+        rank = self.ranks.info.rank % len(state["rng"])
         restore_rng(state["rng"][rank])
         s.train_transform.generator.set_state(state["transform_rng"][rank])
         self.ctx.global_step = int(prog["global_step"])
@@ -277,15 +279,15 @@ class Run:
         """Write the model, the resumable state at ``epoch`` (+ ``tally`` mid-epoch) and the run record."""
         s = self.session
         gathered = self.ranks.gather_objects([capture_rng(), s.train_transform.generator.get_state()])
+        model_state, optimizer_state = train_state(self.model, s.optimizer)  # a sharded head's, gathered
         if not self.ranks.main:
             return
         last = self.log.history[-1] if self.log.history else {}
-        self.run_dir.save_model(
-            self.model, {"epoch": len(self.log.history), **{k: last[k] for k in ("loss", "test_accuracy") if k in last}}
-        )
+        meta = {"epoch": len(self.log.history), **{k: last[k] for k in ("loss", "test_accuracy") if k in last}}
+        self.run_dir.save_model(self.model, meta, state=model_state if is_sharded(self.model) else None)
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": s.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
             "rng": [g[0] for g in gathered],
             "transform_rng": [g[1] for g in gathered],

@@ -20,6 +20,7 @@ from ._distributed import Ranks
 from ._feasibility import MarginFeasibilityWarning, TrainingWarning, margin_feasibility
 from ._loop import StepContext
 from ._optim import build_optimizer
+from ._shard_head import wrap_for_training
 
 __all__ = ["Session", "build_session"]
 
@@ -82,6 +83,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         head_options=cfg.head_options,
         neck=cfg.neck,
         pretrained_file=cfg.pretrained_file,
+        shard_head=cfg.shard_head,
+        sample_rate=cfg.sample_rate,
         **cfg.model_options,
     )
     model = model.to(dev).train()
@@ -112,8 +115,9 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     autocast_dtype = _amp_dtype(cfg.amp, dev)
     scaler = torch.amp.GradScaler(dev.type) if autocast_dtype == torch.float16 else None
     steps_per_epoch = len(train_loader)
+    step_model = wrap_for_training(model, ranks.wrap, optimizer)  # DDP; a sharded head stays out of it
     ctx = StepContext(
-        model=ranks.wrap(model), optimizer=optimizer, transform=train_tf, device=dev, base_lr=cfg.base_lr,
+        model=step_model, optimizer=optimizer, transform=train_tf, device=dev, base_lr=cfg.base_lr,
         schedule=cfg.schedule, total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), autocast_dtype=autocast_dtype, scaler=scaler,
         distributed=ranks.distributed, head=model.head, head_warmup=cfg.head_warmup, head_targets=head_targets,

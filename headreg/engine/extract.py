@@ -135,7 +135,13 @@ def _embed_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _label_ranks(head: nn.Module, embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """:func:`label_rank` of every row, computing the head's logits in blocks of at most 64 MiB."""
+    """:func:`label_rank` of every row, computing the head's logits in blocks of at most 64 MiB.
+
+    A class-sharded head ranks from its shards (its ``label_rank``, a collective every rank joins).
+    """
+    sharded_rank = getattr(head, "label_rank", None)
+    if callable(sharded_rank):
+        return sharded_rank(embeddings, labels)
     rows = max(1, (64 * 2**20) // (4 * max(int(num_classes), 1)))
     parts = [
         label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, embeddings.shape[0], rows)

@@ -7,8 +7,9 @@ subclass anything here; the helpers are public so that they can reuse them.
 
 A head describes itself to the rest of headreg through optional class attributes, read
 with the ``head_*`` functions below so that a plain ``nn.Module`` without them gets the
-defaults :class:`Head` declares: ``angular``, ``settings_2d``, ``margin_feasibility`` and
-``warmup_attributes``. Nothing outside ``headreg.heads`` keeps lists of head names.
+defaults :class:`Head` declares: ``angular``, ``settings_2d``, ``margin_feasibility``,
+``warmup_attributes`` and ``shardable`` (with :meth:`Head.shard_refusal`). Nothing outside
+``headreg.heads`` keeps lists of head names.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "head_is_angular",
     "head_settings_2d",
     "head_margin_feasibility",
+    "head_shard_refusal",
 ]
 
 
@@ -228,6 +230,9 @@ def float32_region(x: Tensor) -> Iterator[torch.dtype]:
         yield dtype
 
 
+_NOT_SHARDABLE = "it does not declare itself shardable (shardable = True with partial_logits; docs/scale.md)"
+
+
 class Head(nn.Module):
     """Base class of the built-in heads: stores the sizes and validates inputs.
 
@@ -252,6 +257,14 @@ class Head(nn.Module):
     #: face-recognition defaults such as ``s = 64`` saturate the softmax or a margin cannot be met.
     #: Any option not listed keeps its default; ``{}``: the defaults suit 2-D features.
     settings_2d: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: The classes may be split into contiguous row blocks over the ranks (Partial FC; docs/scale.md): the
+    #: loss is the softmax cross-entropy over logits whose column ``c`` depends on the embedding and on class
+    #: ``c``'s own rows only (weight, bias, centre), with any margin on the target column, and the head
+    #: implements :meth:`partial_logits` (plus :meth:`partial_penalty` for a term beyond the cross-entropy).
+    #: Every parameter and buffer is then either per class (first dimension a multiple of ``num_classes``)
+    #: or a 0-d buffer every rank advances alike. A head whose options break this says why in
+    #: :meth:`shard_refusal`.
+    shardable: ClassVar[bool] = False
 
     @classmethod
     def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
@@ -302,6 +315,35 @@ class Head(nn.Module):
     def inference_logits(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def shard_refusal(self) -> str:
+        """Why this head, with its options, cannot be class-sharded; ``""`` when it can (see ``shardable``)."""
+        if self.shardable:
+            return ""
+        return _NOT_SHARDABLE
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Training logits over some of the head's classes, for the class-sharded loss (``shardable`` heads).
+
+        Args:
+            x: ``(B, D)`` embeddings in the compute dtype (the float32 region is the caller's).
+            labels: ``(B,)`` target column of each row among the returned columns, or ``-1`` where the
+                row's class is not among them (another rank's, or not sampled): no margin in that row.
+            rows: ``(K,)`` sorted indices of the classes to score (sampled negatives, docs/scale.md);
+                None scores all ``C``.
+
+        Returns:
+            ``(B, K)`` (or ``(B, C)``) logits as fed to the cross-entropy, margin on the target columns.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not shardable")  # pragma: no cover
+
+    def partial_penalty(self, x: Tensor, labels: Tensor, *, sharded: bool) -> Tensor | None:
+        """Σ over the rows whose ``labels[b] >= 0`` of the loss term beyond the cross-entropy; None: no such term.
+
+        The sharded loss sums it over the ranks and divides by the global batch. ``sharded``: the batch
+        ``x`` is already every rank's (so nothing is all-reduced in here).
+        """
+        return None
+
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -330,3 +372,14 @@ def head_margin_feasibility(cls: type, options: dict[str, Any], embedding_dim: i
     """
     hook = getattr(cls, "margin_feasibility", None)
     return [] if hook is None else list(hook(options, embedding_dim, num_classes))
+
+
+def head_shard_refusal(head: nn.Module) -> str:
+    """Why ``head`` cannot be class-sharded (its :meth:`Head.shard_refusal`), ``""`` when it can.
+
+    A plugin head that is not a :class:`Head` answers with its own ``shard_refusal`` or ``shardable``.
+    """
+    refusal = getattr(head, "shard_refusal", None)
+    if callable(refusal):
+        return str(refusal())
+    return "" if getattr(type(head), "shardable", False) else _NOT_SHARDABLE

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidValueError
 from .base import Head, HeadOutput, check_bool, check_number, checked_property
+from .functional import linear_rows
 
 
 def _check_lambda_c(name: str, value: float) -> float:
@@ -59,6 +60,9 @@ class CenterLossHead(Head):
     # λ = 0.003 is the paper's face setting; with 2-D features 0.01 gives visibly tighter clusters at the
     # same accuracy, while 0.05 costs accuracy (measured in docs/compare.md, "2-D settings per head").
     settings_2d: ClassVar[Mapping[str, Any]] = {"lambda_c": 0.01, "alpha": 0.5}
+    # Column c is w_c·x + b_c; the centre term of a sample needs its own class's centre only, so the
+    # centres shard with the weights (each rank pulls the samples of its classes; docs/scale.md).
+    shardable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -85,24 +89,36 @@ class CenterLossHead(Head):
             self.register_buffer("centers", centers)
 
     def inference_logits(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return linear_rows(x, self.weight, self.bias)
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        return linear_rows(x, self.weight, self.bias, rows)
+
+    def partial_penalty(self, x: Tensor, labels: Tensor, *, sharded: bool) -> Tensor:
+        """``λ · ½ Σ ‖x_b − c_{y_b}‖²`` over the rows whose class ``labels[b]`` is this head's (``>= 0``).
+
+        In training with the ``"alpha"`` rule it also moves those centres (Eq. 4): all-reduced under
+        ``torch.distributed`` unless ``sharded`` (then ``x`` is already every rank's batch).
+        """
+        here = labels >= 0
+        if not bool(here.all()):
+            keep = here.nonzero().squeeze(1)
+            x, labels = x.index_select(0, keep), labels.index_select(0, keep)
+        diff = x - self.centers.to(x.dtype).index_select(0, labels)  # (B, D)
+        if self.training and self.center_update == "alpha" and self.alpha > 0:
+            self._alpha_update(diff.detach(), labels, reduce=not sharded)
+        return self.lambda_c * 0.5 * diff.pow(2).sum()
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.inference_logits(x)
-        centers = self.centers.to(x.dtype)
-        diff = x - centers.index_select(0, labels)  # (B, D)
-        center_term = 0.5 * diff.pow(2).sum(dim=1).mean()
-        loss = F.cross_entropy(logits, labels) + self.lambda_c * center_term
-        if self.training and self.center_update == "alpha" and self.alpha > 0:
-            self._alpha_update(diff.detach(), labels)
+        logits = self.partial_logits(x, labels)
+        loss = F.cross_entropy(logits, labels) + self.partial_penalty(x, labels, sharded=False) / x.shape[0]
         return HeadOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
-    def _alpha_update(self, diff: Tensor, labels: Tensor) -> None:
+    def _alpha_update(self, diff: Tensor, labels: Tensor, *, reduce: bool) -> None:
         # Eq. 4 over the classes present; `diff` is x − c_y, so Σ(c_j − x_i) = −Σ diff.
         diff = diff.to(self.centers.dtype)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # all_reduce needs the same shape on every rank: sum over all C classes.
             sums = torch.zeros_like(self.centers).index_add_(0, labels, diff)
             counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)

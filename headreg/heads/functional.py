@@ -17,6 +17,8 @@ __all__ = [
     "normalize",
     "target_logit",
     "replace_target",
+    "put_target",
+    "linear_rows",
     "arcface_margin",
     "cosface_margin",
     "combined_margin",
@@ -87,6 +89,28 @@ def replace_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
     The input is not modified: the caller's tensor may be needed by autograd.
     """
     return logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None = None) -> Tensor:
+    """``x Wᵀ + b`` over the classes ``rows`` (all when None): ``(B, D) -> (B, K)``, in ``x``'s dtype."""
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def put_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+    """Set column ``labels[b]`` of row ``b`` to ``target[b]`` in place, for the rows whose label is ``>= 0``.
+
+    For a ``(B, C)`` product that autograd does not need again (``cos * s``): a label ``-1`` marks a row
+    whose target class is not among these columns (another rank's shard, docs/scale.md), which keeps
+    its logits unchanged. ``target`` is read only where the label is ``>= 0``. Returns ``logits``.
+    """
+    here = labels >= 0
+    if bool(here.all()):  # one scatter, as an unsharded head always has
+        return logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
+    rows = here.nonzero().squeeze(1)
+    return logits.index_put_((rows, labels[rows]), target[rows].to(logits.dtype))
 
 
 def _sin_from_cos(cos: Tensor) -> Tensor:

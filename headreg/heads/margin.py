@@ -25,7 +25,7 @@ from .base import (
     check_scale,
     checked_property,
 )
-from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, target_logit
+from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, put_target, target_logit
 
 __all__ = ["AngularMarginHead", "NormFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead"]
 
@@ -49,6 +49,7 @@ class AngularMarginHead(Head):
 
     warmup_attributes: tuple[str, ...] = ("scale",)
     angular: ClassVar[bool] = True
+    shardable: ClassVar[bool] = True  # column c is s·ψ(cos θ_c), from class c's weight row alone
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 64.0, learn_scale: bool = False) -> None:
         super().__init__(in_features, num_classes)
@@ -84,13 +85,22 @@ class AngularMarginHead(Head):
     def inference_logits(self, x: Tensor) -> Tensor:
         return cosine_linear(x, self.weight.to(x.dtype)) * self._scale(x.dtype)
 
-    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        cos = cosine_linear(x, self.weight.to(x.dtype))
+    def shard_refusal(self) -> str:
+        if self.learn_scale:
+            return "learn_scale=True: the gradient of the one learned s would need every rank's logits"
+        return ""
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        weight = self.weight if rows is None else self.weight.index_select(0, rows)
+        cos = cosine_linear(x, weight.to(x.dtype))
         s = self._scale(x.dtype)
-        target = self.margin_target(target_logit(cos, labels))
+        target = self.margin_target(target_logit(cos, labels.clamp_min(0)))
         # One (B, C) product, then the target column overwritten in place: the product's
         # backward does not need its output, so autograd allows it and no copy is made.
-        logits = (cos * s).scatter_(1, labels.unsqueeze(1), (target * s).unsqueeze(1))
+        return put_target(cos * s, labels, target * s)
+
+    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
+        logits = self.partial_logits(x, labels)
         return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
 
 

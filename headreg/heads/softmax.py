@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Head, HeadOutput, check_bool
-from .functional import cosine_linear
+from .functional import cosine_linear, linear_rows
 
 __all__ = ["SoftmaxHead", "ModifiedSoftmaxHead"]
 
@@ -27,6 +27,7 @@ class SoftmaxHead(Head):
     """
 
     paper = "https://en.wikipedia.org/wiki/Softmax_function"
+    shardable: ClassVar[bool] = True  # column c is w_c·x + b_c
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
         super().__init__(in_features, num_classes)
@@ -35,11 +36,13 @@ class SoftmaxHead(Head):
         self.bias = layer.bias
 
     def inference_logits(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return linear_rows(x, self.weight, self.bias)
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        return linear_rows(x, self.weight, self.bias, rows)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.inference_logits(x)
+        logits = self.partial_logits(x, labels)
         return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
 
 
@@ -58,15 +61,19 @@ class ModifiedSoftmaxHead(Head):
 
     paper = "https://arxiv.org/abs/1704.08063"
     angular: ClassVar[bool] = True  # unit-norm weights, no bias: the decision is by angle
+    shardable: ClassVar[bool] = True  # column c is ‖x‖ cos θ_c
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__(in_features, num_classes)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
 
     def inference_logits(self, x: Tensor) -> Tensor:
-        cos = cosine_linear(x, self.weight.to(x.dtype))
-        return cos * x.norm(dim=1, keepdim=True)
+        return self.partial_logits(x, x.new_empty(0))
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        weight = self.weight if rows is None else self.weight.index_select(0, rows)
+        return cosine_linear(x, weight.to(x.dtype)) * x.norm(dim=1, keepdim=True)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.inference_logits(x)
+        logits = self.partial_logits(x, labels)
         return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidValueError
 from .base import Head, HeadOutput, check_number
-from .functional import cosine_linear, sphereface_psi, target_logit
+from .functional import cosine_linear, put_target, sphereface_psi, target_logit
 
 __all__ = ["SphereFaceHead"]
 
@@ -48,6 +48,7 @@ class SphereFaceHead(Head):
     # δ/(m + 1) of the class direction (7.2° for m = 4 and 10 classes in 2-D), so m = 4 and the λ
     # annealing suit 2-D features as they are (settings_2d left empty).
     angular: ClassVar[bool] = True
+    shardable: ClassVar[bool] = True  # column c is ‖x‖ cos θ_c, the target's ψ blend on the target column only
 
     def __init__(
         self,
@@ -85,15 +86,25 @@ class SphereFaceHead(Head):
     def inference_logits(self, x: Tensor) -> Tensor:
         return cosine_linear(x, self.weight.to(x.dtype)) * x.norm(dim=1, keepdim=True)
 
-    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
+    def shard_refusal(self) -> str:
+        if self.focal_gamma:
+            return "focal_gamma > 0: the focal loss is not the softmax cross-entropy the sharded loss computes"
+        return ""
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The training logits (see :meth:`headreg.heads.Head.partial_logits`); advances λ's step in training."""
         lam = self.lambda_
         if self.training:
             self.iteration += 1
         x_norm = x.norm(dim=1, keepdim=True)
-        cos = cosine_linear(x, self.weight.to(x.dtype))
-        cos_t = target_logit(cos, labels)
+        weight = self.weight if rows is None else self.weight.index_select(0, rows)
+        cos = cosine_linear(x, weight.to(x.dtype))
+        cos_t = target_logit(cos, labels.clamp_min(0))
         target = (lam * cos_t + sphereface_psi(cos_t, self.margin)) / (1.0 + lam)
-        logits = (cos * x_norm).scatter_(1, labels.unsqueeze(1), (target * x_norm.squeeze(1)).unsqueeze(1))
+        return put_target(cos * x_norm, labels, target * x_norm.squeeze(1))
+
+    def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
+        logits = self.partial_logits(x, labels)
         if self.focal_gamma == 0:
             loss = F.cross_entropy(logits, labels)
         else:

@@ -118,18 +118,27 @@ def _weights_path(path: str | Path) -> Path:
     return p if p.suffix == ".safetensors" else p / WEIGHTS_NAME
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage; clone so each is its own.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_model(model: HeadModel, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: HeadModel,
+    path: str | Path,
+    metadata: dict[str, Any] | None = None,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model`` as safetensors weights plus its rebuild config.
 
     Args:
         model: a :class:`HeadModel` built by :func:`headreg.create_model` from a backbone name.
         path: a ``.safetensors`` file, or a directory (created) for ``model.safetensors`` + ``config.json``.
         metadata: extra JSON-able information stored beside the config (e.g. training metrics).
+        state: the weights to write instead of ``model.state_dict()`` (a class-sharded head's logical
+            tensors, gathered by the training engine).
 
     Returns:
         The path of the weights file.
@@ -146,7 +155,7 @@ def save_model(model: HeadModel, path: str | Path, metadata: dict[str, Any] | No
             "save its state_dict yourself, or build it from a timm/torchvision name"
         )
     config = {"format": FORMAT, "headreg_version": __version__, **model.config, "metadata": metadata or {}}
-    state = _state_dict(model)
+    state = _state_dict(model if state is None else state)
     try:
         # The digest of the config as a reader will see it (tuples read back as lists).
         config["config_sha256"] = _config_sha256(json.loads(json.dumps(config)))

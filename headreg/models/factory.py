@@ -204,6 +204,8 @@ def create_model(
     head_options: dict[str, Any] | None = None,
     neck: str | None = None,
     neck_dropout: float = 0.0,
+    shard_head: bool = False,
+    sample_rate: float = 1.0,
     **backbone_kwargs: Any,
 ) -> HeadModel:
     """Build backbone → neck → head, e.g. ``create_model("resnet18", head="arcface", num_classes=10)``.
@@ -224,6 +226,11 @@ def create_model(
         neck: ``"linear_bn"`` (default when ``embedding_dim`` is given: linear + batch norm as
             insightface), ``"linear"``, or ``"none"``.
         neck_dropout: dropout before the neck's projection.
+        shard_head: split the head's classes into contiguous row blocks over the ranks of the initialised
+            process group (Partial FC; docs/scale.md). The head must be ``shardable``. The model's
+            config stays the logical (unsharded) one, so its checkpoint loads on any number of processes.
+        sample_rate: with ``shard_head``, the fraction ``r`` in ``(0, 1]`` of each rank's classes scored per
+            training step (the batch's classes, plus uniformly sampled others).
         **backbone_kwargs: passed to the backbone, e.g. ``in_chans=1``; ``None`` values are dropped.
 
     Returns:
@@ -273,11 +280,25 @@ def create_model(
             "('linear_bn' or 'linear') to project"
         )
 
+    if shard_head and head is None:
+        raise InvalidValueError("shard_head=True splits a head's classes over the ranks; give a head")
+    if sample_rate != 1.0 and not shard_head:
+        raise InvalidValueError(
+            f"sample_rate={sample_rate!r} samples the classes of a sharded head; add shard_head=True"
+        )
     head_module = None
     if head is not None:
         from ..registry import create_head
 
-        head_module = create_head(head, width, num_classes, **head_options)
+        if shard_head:
+            from ..heads._sharded import ShardedHead
+
+            def build(n: int) -> nn.Module:
+                return create_head(head, width, n, **head_options)
+
+            head_module = ShardedHead(build, head, width, num_classes, sample_rate=sample_rate)
+        else:
+            head_module = create_head(head, width, num_classes, **head_options)
     config = {
         "backbone": backbone if isinstance(backbone, str) else None,
         "backbone_kwargs": backbone_kwargs,

@@ -1,0 +1,208 @@
+"""Training with a class-sharded head (:class:`~headreg.heads._sharded.ShardedHead`): the step model, the
+optimiser's update of the sampled rows, and world-size-independent state.
+
+- **The step model.** DDP wraps the backbone and the neck only (:class:`ShardedStep`): the head's rows differ
+  per rank and their gradients are already exact, so DDP must never average them.
+- **Sampled rows** (``sample_rate < 1``). Before the optimiser's step, the head's per-class parameters are
+  stepped on the kept rows only, by an optimiser of the same kind over a ``(K, D)`` copy holding those rows'
+  slice of the state, and their gradient is then cleared so the main step skips them: rows not sampled get
+  no update, neither from SGD's momentum and weight decay nor from AdamW's moments and decay (a "lazy"
+  AdamW: a row's moments move only on the steps that sample it; the bias correction counts every step).
+- **State independent of the world size.** A checkpoint and the resumable state hold the logical head (one
+  ``(C, D)`` tensor per parameter, under the unsharded names, and the optimiser's per-row state likewise),
+  gathered on rank 0 one shard after another. Loading slices this rank's rows, so ``--resume`` works on
+  another number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..heads._sharded import ShardedHead, shard_bounds
+
+__all__ = ["ShardedStep", "wrap_for_training", "train_state", "load_train_state", "is_sharded"]
+
+_INNER = "head.inner."
+_HEAD = "head."
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s head is class-sharded."""
+    return isinstance(getattr(model, "head", None), ShardedHead)
+
+
+class _Embedder(nn.Module):
+    """Backbone and neck of a model, without its head: what DDP synchronises."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.neck = model.backbone, model.neck
+        self._embed = model.embed  # a bound method, not a submodule: the head stays out of DDP
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._embed(x)
+
+
+class ShardedStep(nn.Module):
+    """``(images, labels) → HeadOutput`` for a training step: DDP over the embedder, then the sharded head."""
+
+    def __init__(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        super().__init__()
+        self.embedder = wrap(_Embedder(model))
+        self.head = model.head
+
+    def forward(self, x: Tensor, labels: Tensor) -> Any:
+        emb = self.embedder(x)
+        out = self.head(emb, labels)
+        out.embeddings = emb
+        return out
+
+
+def wrap_for_training(
+    model: nn.Module, wrap: Callable[[nn.Module], nn.Module], optimizer: torch.optim.Optimizer
+) -> nn.Module:
+    """The module a step calls: ``wrap(model)`` (DDP), or a :class:`ShardedStep` for a sharded head.
+
+    With a sampling head, also hooks the optimiser so that rows not sampled are not updated.
+    """
+    if not is_sharded(model):
+        return wrap(model)
+    head = model.head
+    if head.sample_rate < 1.0:
+        rows = {id(p) for p in head.inner.parameters()}
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: _step_kept_rows(opt, head, rows))
+    return ShardedStep(model, wrap)
+
+
+@torch.no_grad()
+def _step_kept_rows(optimizer: torch.optim.Optimizer, head: ShardedHead, row_ids: set[int]) -> None:
+    """Step the head's per-class parameters on the last step's kept rows only, then hide them from the step."""
+    kept = head.kept
+    if kept is None:
+        return
+    n_local = head.hi - head.lo
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in row_ids or p.grad is None:
+                continue
+            per = p.shape[0] // n_local
+            idx = (kept.unsqueeze(1) * per + torch.arange(per, device=kept.device)).flatten()
+            sub = p.detach().index_select(0, idx).requires_grad_()
+            sub.grad = p.grad.index_select(0, idx)
+            state = optimizer.state[p]
+            settings = {k: v for k, v in group.items() if k != "params"}
+            tmp = type(optimizer)([{"params": [sub], **settings}])
+            tmp.state[sub] = {k: _rows(v, p, idx) for k, v in state.items()}
+            with torch.enable_grad():
+                tmp.step()
+            p.index_copy_(0, idx, sub.detach())
+            for k, v in tmp.state[sub].items():
+                if isinstance(v, Tensor) and v.ndim and v.shape[0] == idx.numel():
+                    full = state.get(k)
+                    if full is None:
+                        full = state[k] = torch.zeros_like(p)
+                    full.index_copy_(0, idx, v)
+                else:
+                    state[k] = v
+            p.grad = None  # the main step leaves p alone
+
+
+def _rows(v: Any, p: Tensor, idx: Tensor) -> Any:
+    return v.index_select(0, idx) if isinstance(v, Tensor) and v.shape == p.shape else v
+
+
+# ---------------------------------------------------------------------------------------------- state
+def _row_params(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[set[int], list[Tensor]]:
+    params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+    return {id(p) for p in model.head.inner.parameters()}, params
+
+
+def train_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
+    """The model's and the optimiser's state dicts, the head's shards gathered into logical tensors.
+
+    Collective under a sharded head; then the result is on rank 0 and None elsewhere. Without a sharded head,
+    the plain state dicts (on every rank).
+    """
+    opt_state = optimizer.state_dict() if optimizer is not None else None
+    if not is_sharded(model):
+        return model.state_dict(), opt_state
+    head: ShardedHead = model.head
+    main = head.rank == 0
+    model_state: dict[str, Tensor] = {}
+    for key, t in model.state_dict().items():
+        if key.startswith(_INNER):
+            full = _gather_rows(t, head) if t.ndim else t
+            if main:
+                model_state[_HEAD + key[len(_INNER) :]] = full
+        elif main:
+            model_state[key] = t
+    if opt_state is not None:
+        rows, params = _row_params(model, optimizer)
+        for i, p in enumerate(params):
+            if id(p) in rows and i in opt_state["state"]:
+                entry = opt_state["state"][i]
+                for k, v in list(entry.items()):
+                    if isinstance(v, Tensor) and v.shape == p.shape:
+                        entry[k] = _gather_rows(v, head)
+    return (model_state, opt_state) if main else (None, None)
+
+
+def _gather_rows(t: Tensor, head: ShardedHead) -> Tensor | None:
+    """Every rank's rows of ``t`` concatenated on rank 0 (CPU), one shard at a time; None elsewhere."""
+    counts = head.class_counts()
+    per = t.shape[0] // (head.hi - head.lo)
+    device = t.device
+    if head.rank != 0:
+        dist.send(t.detach().contiguous(), dst=0)
+        return None
+    parts = [t.detach().to("cpu").clone()]
+    for r in range(1, head.world_size):
+        buf = torch.empty((counts[r] * per, *t.shape[1:]), dtype=t.dtype, device=device)
+        dist.recv(buf, src=r)
+        parts.append(buf.to("cpu"))
+    return torch.cat(parts)
+
+
+def load_train_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Tensor],
+    opt_state: dict[str, Any],
+    device: torch.device,
+) -> None:
+    """Load logical state dicts (:func:`train_state`'s) into this rank's model and optimiser, slicing its rows."""
+    if not is_sharded(model):
+        model.load_state_dict({k: v.to(device) for k, v in model_state.items()})
+        optimizer.load_state_dict(opt_state)
+        return
+    head: ShardedHead = model.head
+    mine: dict[str, Tensor] = {}
+    for key, t in model_state.items():
+        if key.startswith(_HEAD):
+            mine[_INNER + key[len(_HEAD) :]] = _slice_rows(t, head) if t.ndim else t
+        else:
+            mine[key] = t
+    model.load_state_dict({k: v.to(device) for k, v in mine.items()})
+    rows, params = _row_params(model, optimizer)
+    for i, p in enumerate(params):
+        if id(p) in rows and i in opt_state["state"]:
+            entry = opt_state["state"][i]
+            logical = (p.shape[0] // (head.hi - head.lo)) * head.num_classes
+            for k, v in list(entry.items()):
+                if isinstance(v, Tensor) and v.ndim and v.shape[0] == logical and v.shape[1:] == p.shape[1:]:
+                    entry[k] = _slice_rows(v, head)
+    optimizer.load_state_dict(opt_state)
+
+
+def _slice_rows(t: Tensor, head: ShardedHead) -> Tensor:
+    """This rank's rows of a logical per-class tensor."""
+    per = t.shape[0] // head.num_classes
+    lo, hi = shard_bounds(head.num_classes, head.world_size, head.rank)
+    return t[lo * per : hi * per].clone()
