@@ -189,7 +189,8 @@ class ShardedHead(nn.Module):
             rows, col = self._sample(cls)
             logits = self.inner.partial_logits(x, col, rows)
             loss = sharded_cross_entropy(logits, col)
-            penalty = self.inner.partial_penalty(x, cls, sharded=True)
+            extra = getattr(self.inner, "partial_penalty", None)  # optional for plugin heads
+            penalty = extra(x, cls, sharded=True) if callable(extra) else None
             if penalty is not None:
                 loss = loss + _SumOverRanks.apply(penalty) / x.shape[0]
         lo = sum(sizes[: self.rank])

@@ -16,6 +16,7 @@ from headreg import HeadOutput
 from headreg.errors import InvalidValueError
 from headreg.heads import check_embeddings, check_labels, cosface_margin_feasibility, float32_region
 from headreg.heads.base import MAX_SCALE
+from headreg.heads.functional import put_target
 from torch import Tensor, nn
 
 __all__ = ["AdaFaceHead"]
@@ -138,8 +139,33 @@ class AdaFaceHead(nn.Module):
         self.register_buffer("norm_mean", torch.tensor(20.0))
         self.register_buffer("norm_std", torch.tensor(100.0))
 
-    def _cosine(self, x: Tensor) -> Tensor:
-        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight.to(x.dtype), dim=1))
+    # Class-sharded training (headreg train --shard-head): the margin moves the target column only, so each
+    # rank scores its own classes with partial_logits; the norm statistics then see the global batch.
+    shardable = True
+
+    def _cosine(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        weight = self.weight if rows is None else self.weight.index_select(0, rows)
+        return F.linear(F.normalize(x, dim=1), F.normalize(weight.to(x.dtype), dim=1))
+
+    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Training logits over the classes ``rows`` (all when None); ``labels[b] = -1``: no target here.
+
+        The interface of :meth:`headreg.heads.Head.partial_logits`; updates the norm statistics in training.
+        """
+        cos = self._cosine(x, rows)
+        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(_NORM_MIN, _NORM_MAX)
+        if self.training:
+            self._update_statistics(norms)
+        mean, std = self.norm_mean.to(x.dtype), self.norm_std.to(x.dtype)
+        z_hat = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)  # (B,), no gradient
+        g_angle = -self.margin * z_hat
+        g_add = self.margin * z_hat + self.margin
+        cos_y = cos.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+        delta = torch.finfo(x.dtype).eps
+        theta = torch.acos(cos_y.clamp(-1.0 + delta, 1.0 - delta))
+        target = torch.cos((theta + g_angle).clamp(self.eps, math.pi - self.eps)) - g_add
+        # put_target writes into the product `cos * s`, leaving `cos` as autograd saved it.
+        return put_target(cos * self.scale, labels, target * self.scale)
 
     @torch.no_grad()
     def _update_statistics(self, norms: Tensor) -> None:
@@ -170,24 +196,9 @@ class AdaFaceHead(nn.Module):
             check_labels(labels, embeddings.shape[0], self.num_classes)
         with float32_region(embeddings) as dtype:
             x = embeddings.to(dtype)
-            cos = self._cosine(x)
             if labels is None:
-                return cos * self.scale
-
-            norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(_NORM_MIN, _NORM_MAX)
-            if self.training:
-                self._update_statistics(norms)
-            mean, std = self.norm_mean.to(dtype), self.norm_std.to(dtype)
-            z_hat = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)  # (B,), no gradient
-            g_angle = -self.margin * z_hat
-            g_add = self.margin * z_hat + self.margin
-
-            cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
-            delta = torch.finfo(dtype).eps
-            theta = torch.acos(cos_y.clamp(-1.0 + delta, 1.0 - delta))
-            target = torch.cos((theta + g_angle).clamp(self.eps, math.pi - self.eps)) - g_add
-            # scatter returns a new tensor: `cos` is left as autograd saved it.
-            logits = cos.scatter(1, labels.unsqueeze(1), target.unsqueeze(1)) * self.scale
+                return self._cosine(x) * self.scale
+            logits = self.partial_logits(x, labels)
             return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
 
     def extra_repr(self) -> str:

@@ -77,6 +77,13 @@ class CurricularFaceHead(Head):
     def inference_logits(self, x: Tensor) -> Tensor:
         return cosine_linear(x, self.weight.to(x.dtype)) * self.scale
 
+    def shard_refusal(self) -> str:
+        return (
+            "its hard negatives are modulated by their own row's target cosine cos(θ_y + m) and by t, the running "
+            "mean of every target cosine, both held by the rank that owns the target class, so no rank could "
+            "score its classes alone"
+        )
+
     @torch.no_grad()
     def _update_t(self, cos_target: Tensor) -> None:
         mean = cos_target.mean()

@@ -1,0 +1,234 @@
+"""The class-sharded head (Partial FC) against the whole head in one process, on 2 and 3 gloo processes.
+
+Each worker holds a block of C = 7 classes (uneven: 4 + 3, 3 + 2 + 2) and its part of a global batch; the
+loss, the embeddings' gradient and each rank's rows of the weight gradient must equal the unsharded head's
+(float64, every registered head that declares itself shardable, plugins included). Also: a bad label on one
+rank is an error on every rank (no hang), and sampling keeps the batch's classes, scores the softmax over
+the kept classes only and leaves the other rows untouched by SGD and AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import headreg
+from headreg.errors import InvalidInputError, InvalidValueError
+from headreg.heads._sharded import ShardedHead, shard_bounds
+from headreg.heads.base import head_shard_refusal
+from headreg.metrics.classification import label_rank
+from headreg.registry import create_head, list_heads
+
+C, D, B = 7, 5, 12
+
+
+def _shardable_heads() -> list[str]:
+    return [n for n in list_heads() if not head_shard_refusal(create_head(n, D, C))]
+
+
+def _sharded(name: str, sample_rate: float = 1.0) -> ShardedHead:
+    torch.manual_seed(1)  # the same initial rows as the whole head built after the same seed
+    return ShardedHead(lambda n: create_head(name, D, n), name, D, C, sample_rate=sample_rate).double()
+
+
+def _whole(name: str) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return create_head(name, D, C).double()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(B, D, dtype=torch.float64, generator=g) * 3, torch.randint(0, C, (B,), generator=g)
+
+
+def _references() -> dict[str, dict[str, object]]:
+    """The whole heads' results, computed before the process group exists (so nothing is all-reduced)."""
+    x, y = _batch()
+    refs = {}
+    for name in _shardable_heads():
+        whole = _whole(name)
+        xw = x.clone().requires_grad_()
+        out = whole(xw, y)
+        out.loss.backward()
+        whole.eval()
+        with torch.no_grad():
+            logits = whole(x)
+        refs[name] = {
+            "loss": out.loss.detach(), "x_grad": xw.grad, "logits": logits, "label_rank": label_rank(logits, y),
+            "grads": {n: p.grad for n, p in whole.named_parameters()}, "buffers": dict(whole.named_buffers()),
+        }  # fmt: skip
+    return refs
+
+
+def _check_exact(rank: int, world: int, refs: dict[str, dict[str, object]]) -> None:
+    x, y = _batch()
+    part = slice(rank * B // world, (rank + 1) * B // world)
+    for name, ref in refs.items():
+        sharded = _sharded(name)
+        xs = x[part].clone().requires_grad_()
+        out = sharded(xs, y[part])
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, ref["loss"], msg=f"{name}: loss")
+        # The gathered rows' gradient is W times the true one: DDP averages the backbone's over the ranks.
+        torch.testing.assert_close(xs.grad / world, ref["x_grad"][part], msg=f"{name}: embeddings' gradient")
+        for kind, mine in (("grads", {n: p.grad for n, p in sharded.inner.named_parameters()}),
+                           ("buffers", dict(sharded.inner.named_buffers()))):  # fmt: skip
+            for key, t in mine.items():  # weights' gradients; centres, norm statistics, step counters
+                full = ref[kind][key]
+                if t.ndim:
+                    per = full.shape[0] // C
+                    full = full[sharded.lo * per : sharded.hi * per]
+                torch.testing.assert_close(t, full, msg=f"{name} {kind} {key}")
+        sharded.eval()
+        torch.testing.assert_close(sharded(x[part]), ref["logits"][part], msg=f"{name}: inference logits")
+        assert torch.equal(sharded.label_rank(x[part], y[part], block=2), ref["label_rank"][part]), name
+
+
+def _check_bad_label(rank: int, world: int) -> None:
+    x, y = _batch()
+    part = slice(rank * B // world, (rank + 1) * B // world)
+    labels = y[part].clone()
+    if rank == 1:
+        labels[0] = C  # one rank only
+    sharded = _sharded("arcface")
+    with pytest.raises(InvalidInputError) as info:
+        sharded(x[part], labels)
+    assert "rank 1" in str(info.value)
+    if rank == 1:
+        assert f"labels must lie in [0, {C})" in str(info.value)
+
+
+def _check_sampling(rank: int, world: int) -> None:
+    from headreg.engine._shard_head import wrap_for_training
+
+    x, y = _batch()
+    part = slice(rank * B // world, (rank + 1) * B // world)
+    for opt_name in ("sgd", "adamw"):
+        torch.manual_seed(11 + rank)
+        sharded = _sharded("cosface", sample_rate=0.5).train()
+        torch.manual_seed(11 + rank)
+        p = sharded.inner.weight
+        opt = (
+            torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.1)
+            if opt_name == "sgd"
+            else torch.optim.AdamW([p], lr=0.1, weight_decay=0.1)
+        )
+        model = torch.nn.Module()
+        model.head, model.backbone, model.neck, model.embed = sharded, None, None, None
+        wrap_for_training(model, lambda m: m, opt)
+        history = []
+        for _step in range(3):
+            before = p.detach().clone()
+            state_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else {}
+            out = sharded(x[part], y[part])
+            kept = sharded.kept
+            local = y - sharded.lo
+            positives = torch.unique(local[(local >= 0) & (local < sharded.hi - sharded.lo)])
+            assert set(positives.tolist()) <= set(kept.tolist())  # every class of the global batch is kept
+            assert kept.numel() == max(math.ceil(0.5 * (sharded.hi - sharded.lo)), positives.numel())
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            dropped = torch.ones(p.shape[0], dtype=torch.bool)
+            dropped[kept] = False
+            assert torch.equal(p.detach()[dropped], before[dropped]), opt_name  # no update at all
+            for k, v in state_before.items():
+                if v.shape == p.shape:
+                    assert torch.equal(opt.state[p][k][dropped], v[dropped]), (opt_name, k)
+            assert not torch.equal(p.detach()[kept], before[kept])
+            history.append(kept.clone())
+            # The loss is the softmax over the kept classes of every rank only.
+            kept_all = [torch.empty(0)] * world
+            dist.all_gather_object(kept_all, (kept + sharded.lo).tolist())
+            cols = torch.tensor(sorted(c for ks in kept_all for c in ks))
+            whole = _whole("cosface")
+            with torch.no_grad():
+                whole.weight.copy_(_gather_weight(before, world))
+                logits = whole.partial_logits(x, torch.searchsorted(cols, y), cols)
+            ref = torch.nn.functional.cross_entropy(logits, torch.searchsorted(cols, y))
+            torch.testing.assert_close(out.loss.detach(), ref)
+        # Seeded: the same seed draws the same classes.
+        again = _sharded("cosface", sample_rate=0.5).train()
+        torch.manual_seed(11 + rank)
+        for kept in history:
+            again(x[part], y[part])
+            assert torch.equal(again.kept, kept)
+
+
+def _gather_weight(w: torch.Tensor, world: int) -> torch.Tensor:
+    parts = [None] * world
+    dist.all_gather_object(parts, w)
+    return torch.cat(parts)
+
+
+def _worker(rank: int, world: int, init: str, failures: mp.Queue) -> None:
+    refs = _references()
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        _check_exact(rank, world, refs)
+        _check_bad_label(rank, world)
+        _check_sampling(rank, world)
+    except BaseException:
+        failures.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_head_on_gloo(tmp_path, world):
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, f"file://{tmp_path / 'store'}", failures)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not alive, "a rank hung"
+    assert not errors and all(p.exitcode == 0 for p in procs), "\n".join(errors)
+
+
+# ---------------------------------------------------------------------------------------------- one process
+def test_shard_bounds_are_contiguous_and_uneven():
+    assert [shard_bounds(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [shard_bounds(4, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_world_of_one_equals_the_whole_head():
+    x, y = _batch()
+    for name in _shardable_heads():
+        whole, sharded = _whole(name), _sharded(name)
+        torch.testing.assert_close(sharded(x, y).loss, whole(x, y).loss, msg=name)
+
+
+def test_a_head_that_cannot_shard_says_why():
+    with pytest.raises(InvalidValueError, match=r"head 'normface' cannot be class-sharded.*learn_scale"):
+        headreg.create_model("lenetpp", "normface", num_classes=4, head_options={"learn_scale": True}, shard_head=True)
+    with pytest.raises(InvalidValueError, match=r"head 'sphereface' cannot be class-sharded.*focal"):
+        headreg.create_model("lenetpp", "sphereface", num_classes=4, head_options={"focal_gamma": 2.0}, shard_head=True)
+    if "curricularface" in list_heads():
+        with pytest.raises(InvalidValueError, match=r"head 'curricularface' cannot be class-sharded.*target cosine"):
+            headreg.create_model("lenetpp", "curricularface", num_classes=4, shard_head=True)
+    with pytest.raises(InvalidValueError, match="sample_rate=0.5 .* add shard_head=True"):
+        headreg.create_model("lenetpp", "arcface", num_classes=4, sample_rate=0.5)
+    with pytest.raises(InvalidValueError, match="sample_rate must be"):
+        headreg.create_model("lenetpp", "arcface", num_classes=4, shard_head=True, sample_rate=0.0)
+
+
+def test_every_builtin_head_declares_itself_shardable():
+    builtin = ["softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined", "center"]
+    for name in builtin:
+        assert name in _shardable_heads(), name
