@@ -156,7 +156,11 @@ class EvalOptions:
     "--amp/--no-amp", default=None, help="bf16 autocast + channels_last (default: on CUDA only; --amp: on CPU too)."
 )
 @engine_option("--metrics", help_text=_metrics_help)
-@engine_option("--recall-k", defaults=_evaluate_defaults, help="k of recall@k.")
+@engine_option(
+    "--recall-k",
+    help="k of recall@k.",
+    default_text=lambda: "1,2,4,8; cub200/cars196 1,2,4,8, sop 1,10,100,1000, inshop 1,10,20,30,40,50",
+)
 @engine_option("--knn", type=LazyChoice(_knn_backends), defaults=_evaluate_defaults, help="k-NN backend.")
 @click.option(
     "--tta",
