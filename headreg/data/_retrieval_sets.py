@@ -189,7 +189,7 @@ def _read_cars(home: Path, split: str) -> ImageListDataset:
         annos = content["annotations"]
         paths = [str(p) for p in annos["relative_im_path"].ravel()]
         ids = [int(c) for c in annos["class"].ravel()]
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, OSError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
         raise DataFileError(
             f"{mat}: not Stanford Cars' annotation file ({type(exc).__name__}: {exc}); expected a MATLAB file "
             "with an 'annotations' struct array holding 'relative_im_path' and 'class'"
