@@ -170,3 +170,22 @@ def test_per_category_equals_oml_definition():
         {key.split("/", 1)[1]: v for key, v in ours.items() if key.startswith("shoes/")},
         pml_reference(q[qcat == "shoes"], ql[qcat == "shoes"], g, gl, ks=ks),
     )
+
+
+def test_nmi_ami_equal_pml_given_the_same_clustering():
+    # PML clusters with faiss k-means, headreg with its own (seeded k-means++): the clusterings differ by design.
+    # Given headreg's clustering as PML's documented `kmeans_func`, PML's NMI and AMI must be headreg's.
+    from headreg.metrics.clustering import kmeans
+
+    gen = torch.Generator().manual_seed(5)
+    y = torch.arange(25).repeat_interleave(12)
+    x = torch.randn(25, 10, generator=gen)[y] + 1.4 * torch.randn(300, 10, generator=gen)
+    ours, _ = evaluate_embeddings(x, y, metrics="clustering")
+
+    def headreg_kmeans(query, num_clusters):
+        return kmeans(torch.nn.functional.normalize(query, dim=1), num_clusters, seed=0)[0]
+
+    calc = ac_mod.AccuracyCalculator(include=("NMI", "AMI"), kmeans_func=headreg_kmeans, device=torch.device("cpu"))
+    ref = calc.get_accuracy(x, y)
+    assert ours["num_clusters"] == 25
+    assert_close(ours, {"nmi": ref["NMI"], "ami": ref["AMI"]})

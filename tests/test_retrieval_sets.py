@@ -81,6 +81,19 @@ def test_name_colon_dir_and_not_found(root: Path, tmp_path: Path) -> None:
         create_dataset("csv", "test")
 
 
+def test_inshop_as_distributed_eval_and_img_folders(tmp_path: Path) -> None:
+    # DeepFashion ships Eval/list_eval_partition.txt and Img/img.zip: inshop:DIR on that folder reads it as is.
+    home = write_inshop(tmp_path)
+    bench = tmp_path / "In-shop Clothes Retrieval Benchmark"
+    (bench / "Eval").mkdir(parents=True)
+    (bench / "Img").mkdir()
+    (home / "list_eval_partition.txt").rename(bench / "Eval" / "list_eval_partition.txt")
+    (home / "img").rename(bench / "Img" / "img")
+    ds = create_dataset(f"inshop:{bench}", "test")
+    assert len(ds) == 13 and ds.paths[0].startswith(str(bench / "Img" / "img"))
+    assert ds[0][0].shape == (3, 32, 32)
+
+
 def test_file_errors_name_the_file_and_line(root: Path, tmp_path: Path) -> None:
     home = write_cub(tmp_path / "a")
     (home / "images.txt").write_text((home / "images.txt").read_text() + "99\n")

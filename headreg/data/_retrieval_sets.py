@@ -47,7 +47,7 @@ RETRIEVAL_SETS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ),
     "inshop": (
         "list_eval_partition.txt",
-        ("inshop", "inshop/Eval", "."),
+        ("inshop", "inshop/Eval", "Eval", "."),
         "DeepFashion In-shop Clothes Retrieval: Eval/list_eval_partition.txt and Img/img.zip (extracted: img/)",
     ),
 }
