@@ -69,6 +69,21 @@ def test_roles_and_categories(root: Path) -> None:
     assert train.classes == ["0", "1", "2"] and train.is_query is None
 
 
+def test_csv_without_split_or_roles(root: Path, tmp_path: Path) -> None:
+    # A plain label,path list (a spreadsheet's byte-order mark included): every row in both splits, classes
+    # seen in training (so no unseen-class protocol), leave-one-out; an empty category counts as "none".
+    images = root / "oml" / "images"
+    lines = [
+        "label,path,category",
+        *(f"{lab},{images}/{lab}_{k}.png,{'x' if lab else ''}" for lab in (0, 1) for k in (0, 1)),
+    ]
+    path = tmp_path / "plain.csv"
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    train, test = create_dataset(f"csv:{path}", "train"), create_dataset(f"csv:{path}", "test")
+    assert train.paths == test.paths and len(test) == 4 and test.is_query is None
+    assert not test.unseen_classes and test.categories == ["none", "none", "x", "x"]
+
+
 def test_name_colon_dir_and_not_found(root: Path, tmp_path: Path) -> None:
     a = create_dataset(f"cub200:{root}", "test")
     b = create_dataset(f"cub200:{root / 'CUB_200_2011'}", "test")

@@ -266,7 +266,7 @@ def _read_csv(path: Path, split: str) -> ImageListDataset:
     ``is_gallery``, ``category``. Relative paths are taken from the CSV's folder."""
     if not path.is_file():
         raise DatasetNotFoundError(f"dataset 'csv:{path}': no such file; expected a CSV with columns label,path")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("label", "path") if c not in columns]
@@ -284,18 +284,19 @@ def _read_csv(path: Path, split: str) -> ImageListDataset:
     rows, query, gallery, categories = [], [], [], []
     label_sets: dict[bool, set[str]] = {True: set(), False: set()}
     for number, row in records:
-        label, rel = (row.get("label") or "").strip(), (row.get("path") or "").strip()
+        label, rel = (row.get("label") or "").strip(), (row.get("path") or "").strip()  # None: a short row
         if not label or not rel:
             raise DataFileError(f"{path}:{number}: label and path must not be empty")
-        is_train = not has["split"] or row["split"].strip().lower() == "train"
+        row_split = (row.get("split") or "").strip().lower()
+        is_train = not has["split"] or row_split == "train"
         label_sets[is_train].add(label)
-        if has["split"] and row["split"].strip().lower() not in wanted:
+        if has["split"] and row_split not in wanted:
             continue
         p = Path(rel).expanduser()
         rows.append((str(p if p.is_absolute() else path.parent / p), label))
-        query.append(_flag(row["is_query"], path, number, "is_query") if has["is_query"] else True)
-        gallery.append(_flag(row["is_gallery"], path, number, "is_gallery") if has["is_gallery"] else True)
-        categories.append((row.get("category") or "").strip())
+        query.append(_flag(row["is_query"] or "", path, number, "is_query") if has["is_query"] else True)
+        gallery.append(_flag(row["is_gallery"] or "", path, number, "is_gallery") if has["is_gallery"] else True)
+        categories.append((row.get("category") or "").strip() or "none")
     roles = (has["is_query"] or has["is_gallery"]) and split == "test"  # roles only mean something in evaluation
     numeric = all(lab.lstrip("-").isdigit() for _, lab in rows)
     return _build(

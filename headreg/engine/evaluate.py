@@ -208,6 +208,8 @@ def evaluate_embeddings(
             "metrics 'classification' needs head predictions: evaluate a model with a head (not an embeddings file "
             "or a head-less model), or leave it out of --metrics"
         )
+    if categories is not None and len(categories) != n:
+        raise InvalidInputError(f"categories must name one category per row ({n}), got {len(categories)}")
     if label_rank is not None and label_rank.shape != (n,):
         raise InvalidInputError(f"label_rank must have shape ({n},), got {tuple(label_rank.shape)}")
     dev = resolve_device(device, embeddings)
