@@ -219,3 +219,16 @@ def test_train_cub200_reports_retrieval_on_unseen_classes(root: Path, tmp_path: 
     )  # fmt: skip
     for key in ("recall_at_1", "recall_at_2", "mean_average_precision_at_r"):
         assert out["metrics"][key] == pytest.approx(final["metrics"][key], abs=1e-6)
+
+
+def test_eval_limit_keeps_roles_and_categories_of_the_rows_drawn(root: Path) -> None:
+    sop = _eval("--dataset", "sop", "--data-dir", str(root), "--metrics", "retrieval", "--limit", "11")
+    m = sop["metrics"]
+    assert sop["info"]["num_samples"] == 11 == m["bicycle/num_queries"] + m["chair/num_queries"]
+    full = create_dataset("inshop", "test", data_dir=root)
+    inshop = _eval("--dataset", "inshop", "--data-dir", str(root), "--metrics", "retrieval", "--limit", "9")
+    from headreg.data.loader import ShardSampler
+
+    drawn = ShardSampler(len(full), shuffle=False, limit=9).indices()  # the subset eval's loader draws
+    assert inshop["info"]["num_queries"] == int(full.is_query[drawn].sum())
+    assert inshop["info"]["num_gallery"] == int(full.is_gallery[drawn].sum())
