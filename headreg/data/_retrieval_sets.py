@@ -73,7 +73,8 @@ def read_retrieval_set(key: str, split: str, folder: Path | None, data_root: Pat
     marker, homes, origin = RETRIEVAL_SETS[key]
     tried = [folder.expanduser().resolve()] if folder is not None else [(data_root / h).resolve() for h in homes]
     if folder is not None:
-        tried += [tried[0] / h for h in homes]
+        tried += [(tried[0] / h).resolve() for h in homes]
+    tried = list(dict.fromkeys(tried))  # "." repeats the folder itself
     home = next((p for p in tried if (p / marker).is_file()), None)
     if home is None:
         source = "the folder given" if folder is not None else f"data dir {data_root}, {where}"
