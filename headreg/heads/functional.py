@@ -1,6 +1,8 @@
 """The margin pipeline as pure functions: normalise → cosine → margin → scale → loss.
 
-Built-in heads are a few lines over these; plugin heads may use them too.
+Built-in heads are a few lines over these; plugin heads may use them too. The last three steps
+fused, holding one ``(B, C)`` buffer and shardable by class, are :func:`fused_margin_cross_entropy`
+(``heads/_fused.py``).
 All angles are in radians.
 """
 
@@ -12,7 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._fused import FusedLoss, fused_margin_cross_entropy
+
 __all__ = [
+    "FusedLoss",
+    "fused_margin_cross_entropy",
     "cosine_linear",
     "normalize",
     "target_logit",

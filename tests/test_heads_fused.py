@@ -1,0 +1,252 @@
+"""The fused margin cross-entropy (heads/_fused.py) against the unfused pipeline, in float64.
+
+Loss, label rank and gradients (embeddings, class weights, bias, a learned or per-row scale) equal the
+straightforward ``cosine → replace target → scale → F.cross_entropy`` to float64 rounding; gradcheck on
+tiny shapes; class-sharded over 2 and 3 gloo processes (uneven blocks, Partial FC's row sampling) it
+gives the single process's loss and gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headreg.heads.functional import (
+    arcface_margin,
+    combined_margin,
+    cosface_margin,
+    fused_margin_cross_entropy,
+    normalize,
+    sphereface_psi,
+)
+
+B, D, C = 9, 6, 13
+
+MARGINS = {
+    "none": None,
+    "arcface": lambda u: arcface_margin(u, 0.5),
+    "arcface_easy": lambda u: arcface_margin(u, 0.5, easy_margin=True),
+    "cosface": lambda u: cosface_margin(u, 0.35),
+    "combined": lambda u: combined_margin(u, 1.2, 0.3, 0.2),
+    "sphereface": lambda u: (5.0 * u + sphereface_psi(u, 4)) / 6.0,
+}
+
+
+def reference(x, weight, labels, psi, scale, bias=None, normalize_weight=True):
+    """The straightforward pipeline, written here independently: every (B, C) step kept."""
+    if normalize_weight:
+        u = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
+    else:
+        u = x @ weight.t() + (0 if bias is None else bias)
+    s = scale.unsqueeze(1) if isinstance(scale, torch.Tensor) and scale.dim() == 1 else scale
+    logits = u * s
+    if psi is not None:
+        u_y = u[torch.arange(len(labels)), labels]
+        onehot = F.one_hot(labels, weight.shape[0]).bool()
+        target = psi(u_y).unsqueeze(1) * s
+        logits = torch.where(onehot, target, logits)
+    plain = (u * s).detach()
+    rank = (plain > plain[torch.arange(len(labels)), labels].unsqueeze(1)).sum(1)
+    return F.cross_entropy(logits, labels), rank
+
+
+def _data(seed=0, c=C):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = (torch.randn(c, D, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    y = torch.randint(0, c, (B,), generator=g)
+    y[0] = y[1]  # a class twice in the batch: the target corrections add up
+    return x, w, y
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("scale_kind", ["float", "learned", "row"])
+def test_equals_unfused_pipeline_float64(margin, scale_kind):
+    x, w, y = _data()
+    psi = MARGINS[margin]
+    learned = torch.tensor(7.5, dtype=torch.float64, requires_grad=True)
+
+    def scale():
+        return {"float": 7.5, "learned": learned, "row": x.norm(dim=1)}[scale_kind]
+
+    inputs = [x, w] + ([learned] if scale_kind == "learned" else [])
+    ref_loss, ref_rank = reference(x, w, y, psi, scale())
+    ref_grads = torch.autograd.grad(ref_loss, inputs)
+    out = fused_margin_cross_entropy(normalize(x), w, y, psi, scale())
+    grads = torch.autograd.grad(out.loss, inputs)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(out.label_rank, ref_rank)
+
+
+def test_linear_head_with_bias_equals_linear_cross_entropy():
+    x, w, y = _data(1)
+    b = torch.randn(C, dtype=torch.float64).requires_grad_(True)
+    ref = F.cross_entropy(F.linear(x, w, b), y)
+    ref_grads = torch.autograd.grad(ref, [x, w, b])
+    out = fused_margin_cross_entropy(x, w, y, bias=b, normalize_weight=False)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out.loss, [x, w, b]), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(out.label_rank, reference(x, w, y, None, 1.0, b, False)[1])
+
+
+@pytest.mark.parametrize("margin", ["arcface", "combined", "sphereface", "none"])
+def test_gradcheck(margin):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, 2, 2])
+    psi = MARGINS[margin]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: fused_margin_cross_entropy(normalize(a), b, y, psi, c).loss, (x, w, s)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b: fused_margin_cross_entropy(normalize(a), b, y, psi, a.norm(dim=1)).loss, (x, w)
+    )
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: fused_margin_cross_entropy(a, b, y, bias=c, normalize_weight=False).loss, (x, w, bias)
+    )
+
+
+def test_backward_twice_with_retain_graph():
+    """Backward reads the buffer without changing it, so a retained graph gives the same gradient again."""
+    x, w, y = _data(2)
+    loss = fused_margin_cross_entropy(normalize(x), w, y, MARGINS["arcface"], 10.0).loss
+    first = torch.autograd.grad(loss, [x, w], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, w])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_float32_close_to_unfused():
+    x, w, y = _data(4)
+    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    ref, _ = reference(x32, w32, y, MARGINS["arcface"], 64.0)
+    ref_grads = torch.autograd.grad(ref, [x32, w32])
+    out = fused_margin_cross_entropy(normalize(x32), w32, y, MARGINS["arcface"], 64.0)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out.loss, [x32, w32]), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_index_keeps_a_subset_of_rows():
+    """Partial FC's sampling: the softmax over the kept rows only, labels mapped to their positions."""
+    x, w, y = _data(5)
+    keep = torch.unique(torch.cat([y, torch.tensor([3, 7, 12])]))
+    remap = torch.searchsorted(keep, y)
+    ref, _ = reference(x, w[keep], remap, MARGINS["cosface"], 5.0)
+    ref_grads = torch.autograd.grad(ref, [x, w])
+    out = fused_margin_cross_entropy(normalize(x), w, y, MARGINS["cosface"], 5.0, index=keep)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out.loss, [x, w]), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_labels_outside_the_block_add_no_target():
+    """Without a group, a block that holds none of the labels is the softmax's denominator part only."""
+    x, w, y = _data(6)
+    out = fused_margin_cross_entropy(normalize(x), w, y, MARGINS["arcface"], 5.0, class_offset=C)
+    u = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
+    torch.testing.assert_close(out.loss, torch.logsumexp(5.0 * u, 1).mean(), rtol=1e-12, atol=1e-12)
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    """One rank: its uneven block of the classes, the whole batch, unsampled then sampled."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+    x, w, y = _sharded_problem()
+    bounds = [0, 4, 11, 17] if world == 3 else [0, 7, 17]  # uneven blocks
+    lo, hi = bounds[rank], bounds[rank + 1]
+    mine = y[(y >= lo) & (y < hi)] - lo  # Partial FC keeps every class in the batch, plus negatives
+    sampled = torch.unique(torch.cat([mine, torch.tensor([hi - lo - 1])]))
+    res = {}
+    for name, index in (("full", None), ("sampled", sampled)):
+        xs = x.detach().clone().requires_grad_(True)
+        ws = w.detach()[lo:hi].clone().requires_grad_(True)
+        out = fused_margin_cross_entropy(
+            normalize(xs), ws, y, MARGINS["arcface"], 8.0, class_offset=lo, index=index, group=dist.group.WORLD
+        )
+        out.loss.backward()
+        res[name] = {
+            "loss": out.loss.item(),
+            "rank": out.label_rank.tolist(),
+            "grad_x": xs.grad.tolist(),
+            "grad_w": ws.grad.tolist(),
+            "lo": lo,
+            "hi": hi,
+            "kept": [] if index is None else (index + lo).tolist(),
+        }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def _sharded_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(17, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    return x, w, torch.randint(0, 17, (10,), generator=g)
+
+
+def _run_ranks(tmp_path: Path, world: int) -> list[dict]:
+    # Forked from this process, torch already imported: a fresh interpreter per rank costs seconds each.
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "store"), str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_over_gloo_equals_one_process(tmp_path, world):
+    results = _run_ranks(tmp_path, world)
+    x, w, y = _sharded_problem()
+    psi = MARGINS["arcface"]
+    ref, rank = reference(x, w, y, psi, 8.0)
+    ref.backward()
+    for r in results:
+        got = r["full"]
+        assert got["loss"] == pytest.approx(ref.item(), rel=1e-12)
+        assert got["rank"] == rank.tolist()
+        torch.testing.assert_close(
+            torch.tensor(got["grad_w"], dtype=torch.float64), w.grad[got["lo"] : got["hi"]], rtol=1e-10, atol=1e-12
+        )
+    # x's gradient is each rank's share: their sum is the whole (the all-gather's backward sums them).
+    torch.testing.assert_close(
+        sum(torch.tensor(r["full"]["grad_x"], dtype=torch.float64) for r in results), x.grad, rtol=1e-10, atol=1e-12
+    )
+    # Partial FC's sampling: each rank keeps its batch classes and one more; the loss is the softmax over
+    # the union of kept rows, and the rows not kept get a zero gradient.
+    kept = torch.tensor(sorted(c for r in results for c in r["sampled"]["kept"]))
+    xk = x.detach().clone().requires_grad_(True)
+    wk = w.detach().clone().requires_grad_(True)
+    ref_k, rank_k = reference(xk, wk[kept], torch.searchsorted(kept, y), psi, 8.0)
+    ref_k.backward()
+    for r in results:
+        got = r["sampled"]
+        assert got["loss"] == pytest.approx(ref_k.item(), rel=1e-12)
+        assert got["rank"] == rank_k.tolist()
+        torch.testing.assert_close(
+            torch.tensor(got["grad_w"], dtype=torch.float64), wk.grad[got["lo"] : got["hi"]], rtol=1e-10, atol=1e-12
+        )
+    torch.testing.assert_close(
+        sum(torch.tensor(r["sampled"]["grad_x"], dtype=torch.float64) for r in results), xk.grad, rtol=1e-10, atol=1e-12
+    )
