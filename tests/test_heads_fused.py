@@ -9,6 +9,7 @@ gives the single process's loss and gradients.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import headreg
+from headreg.errors import HeadregError
 from headreg.heads.functional import (
+    FusedTerms,
     arcface_margin,
     combined_margin,
     cosface_margin,
@@ -24,6 +28,7 @@ from headreg.heads.functional import (
     normalize,
     sphereface_psi,
 )
+from headreg.metrics.classification import label_rank
 
 B, D, C = 9, 6, 13
 
@@ -52,7 +57,38 @@ def reference(x, weight, labels, psi, scale, bias=None, normalize_weight=True):
         logits = torch.where(onehot, target, logits)
     plain = (u * s).detach()
     rank = (plain > plain[torch.arange(len(labels)), labels].unsqueeze(1)).sum(1)
-    return F.cross_entropy(logits, labels), rank
+    return F.cross_entropy(logits, labels), rank, logits
+
+
+def _arc(u, m):
+    theta = torch.acos(u.clamp(-1, 1))
+    return torch.where(theta + m <= math.pi, torch.cos(theta + m), u - m * math.sin(m))
+
+
+def _sphere_psi(u, m):
+    theta = torch.acos(u.clamp(-1, 1))
+    k = torch.floor(m * theta.detach() / math.pi).clamp(0, m - 1)
+    return (-1.0) ** k * torch.cos(m * theta) - 2 * k
+
+
+# name, options, (x, head) -> (psi, scale) of the reference; None: the linear softmax.
+HEADS = {
+    "softmax": ({}, None),
+    "modified_softmax": ({}, lambda x, h: (None, x.norm(dim=1))),
+    "normface": ({}, lambda x, h: (None, 16.0)),
+    "normface_learned": ({"learn_scale": True, "scale": 12.0}, lambda x, h: (None, h.log_scale.exp())),
+    "arcface": ({}, lambda x, h: (lambda u: _arc(u, 0.5), 64.0)),
+    "cosface": ({}, lambda x, h: (lambda u: u - 0.35, 64.0)),
+    "combined": ({}, lambda x, h: (lambda u: _arc(u, 0.3) - 0.2, 64.0)),
+    "combined_m1": (
+        {"m1": 1.3, "m2": 0.2, "m3": 0.1},
+        lambda x, h: (lambda u: torch.cos(1.3 * torch.acos(u) + 0.2) - 0.1, 64.0),
+    ),
+    "sphereface": (
+        {"base": 3.0, "lambda_min": 0.5},
+        lambda x, h: (lambda u: (3 * u + _sphere_psi(u, 4)) / 4, x.norm(dim=1)),
+    ),
+}
 
 
 def _data(seed=0, c=C):
@@ -75,7 +111,7 @@ def test_equals_unfused_pipeline_float64(margin, scale_kind):
         return {"float": 7.5, "learned": learned, "row": x.norm(dim=1)}[scale_kind]
 
     inputs = [x, w] + ([learned] if scale_kind == "learned" else [])
-    ref_loss, ref_rank = reference(x, w, y, psi, scale())
+    ref_loss, ref_rank, _ = reference(x, w, y, psi, scale())
     ref_grads = torch.autograd.grad(ref_loss, inputs)
     out = fused_margin_cross_entropy(normalize(x), w, y, psi, scale())
     grads = torch.autograd.grad(out.loss, inputs)
@@ -95,6 +131,53 @@ def test_linear_head_with_bias_equals_linear_cross_entropy():
     for got, want in zip(torch.autograd.grad(out.loss, [x, w, b]), ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert torch.equal(out.label_rank, reference(x, w, y, None, 1.0, b, False)[1])
+
+
+@pytest.mark.parametrize("case", list(HEADS))
+def test_every_head_on_the_margin_path_equals_its_unfused_formula(case):
+    """Each built-in head's training loss, gradients, label rank and (rebuilt) logits against the formula."""
+    name, options = case.split("_")[0] if case.startswith(("normface_", "combined_")) else case, HEADS[case][0]
+    x, w, y = _data(7)
+    x.detach_().mul_(0.3).requires_grad_(True)  # away from cos = ±1, where the clamps differ
+    head = headreg.create_head(name, D, C, **options).double().train()
+    with torch.no_grad():
+        head.weight.copy_(w)
+    params = [p for p in head.parameters() if p.requires_grad]
+    terms = HEADS[case][1]
+    if terms is None:
+        ref_loss, ref_rank, ref_logits = reference(x, head.weight, y, None, 1.0, head.bias, False)
+    else:
+        psi, scale = terms(x, head)
+        ref_loss, ref_rank, ref_logits = reference(x, head.weight, y, psi, scale)
+    ref_grads = torch.autograd.grad(ref_loss, [x, *params])
+    out = head(x, y)
+    assert isinstance(head.fused_terms(x.detach()), FusedTerms) or name == "center"
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out.loss, [x, *params]), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert torch.equal(out.label_rank, ref_rank)
+    with torch.no_grad():
+        assert torch.equal(out.label_rank, label_rank(head.eval()(x), y))
+    torch.testing.assert_close(out.logits, ref_logits.detach(), rtol=1e-12, atol=1e-12)
+    assert not out.logits.requires_grad
+
+
+def test_logits_read_after_the_step_are_refused():
+    head = headreg.create_head("arcface", D, C)
+    x, _, y = _data(8)
+    out = head(x.detach().float(), y)
+    out.loss.backward()
+    torch.optim.SGD(head.parameters(), lr=0.1).step()
+    with pytest.raises(HeadregError, match="after the head's weights changed"):
+        out.logits  # noqa: B018
+
+
+def test_sphereface_focal_loss_stays_unfused():
+    head = headreg.create_head("sphereface", D, C, focal_gamma=2.0)
+    x, _, y = _data(9)
+    assert head.fused_terms(x.float()) is None
+    out = head(x.float(), y)
+    assert out.label_rank is None and out.logits.shape == (B, C)
 
 
 @pytest.mark.parametrize("margin", ["arcface", "combined", "sphereface", "none"])
@@ -130,7 +213,7 @@ def test_backward_twice_with_retain_graph():
 def test_float32_close_to_unfused():
     x, w, y = _data(4)
     x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
-    ref, _ = reference(x32, w32, y, MARGINS["arcface"], 64.0)
+    ref, _, _ = reference(x32, w32, y, MARGINS["arcface"], 64.0)
     ref_grads = torch.autograd.grad(ref, [x32, w32])
     out = fused_margin_cross_entropy(normalize(x32), w32, y, MARGINS["arcface"], 64.0)
     assert out.loss.dtype == torch.float32
@@ -144,7 +227,7 @@ def test_index_keeps_a_subset_of_rows():
     x, w, y = _data(5)
     keep = torch.unique(torch.cat([y, torch.tensor([3, 7, 12])]))
     remap = torch.searchsorted(keep, y)
-    ref, _ = reference(x, w[keep], remap, MARGINS["cosface"], 5.0)
+    ref, _, _ = reference(x, w[keep], remap, MARGINS["cosface"], 5.0)
     ref_grads = torch.autograd.grad(ref, [x, w])
     out = fused_margin_cross_entropy(normalize(x), w, y, MARGINS["cosface"], 5.0, index=keep)
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
@@ -220,7 +303,7 @@ def test_sharded_over_gloo_equals_one_process(tmp_path, world):
     results = _run_ranks(tmp_path, world)
     x, w, y = _sharded_problem()
     psi = MARGINS["arcface"]
-    ref, rank = reference(x, w, y, psi, 8.0)
+    ref, rank, _ = reference(x, w, y, psi, 8.0)
     ref.backward()
     for r in results:
         got = r["full"]
@@ -238,7 +321,7 @@ def test_sharded_over_gloo_equals_one_process(tmp_path, world):
     kept = torch.tensor(sorted(c for r in results for c in r["sampled"]["kept"]))
     xk = x.detach().clone().requires_grad_(True)
     wk = w.detach().clone().requires_grad_(True)
-    ref_k, rank_k = reference(xk, wk[kept], torch.searchsorted(kept, y), psi, 8.0)
+    ref_k, rank_k, _ = reference(xk, wk[kept], torch.searchsorted(kept, y), psi, 8.0)
     ref_k.backward()
     for r in results:
         got = r["sampled"]

@@ -29,12 +29,13 @@ contributes no target column on that rank.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["FusedLoss", "fused_margin_cross_entropy"]
+__all__ = ["FusedLoss", "FusedTerms", "fused_margin_cross_entropy"]
 
 #: Rows per chunk of the label-rank comparison, as elements: bounds its boolean temporary to 4 MiB.
 _RANK_CHUNK = 1 << 22
@@ -55,6 +56,28 @@ class FusedLoss(NamedTuple):
     loss: Tensor
     label_rank: Tensor | None
     target: Tensor
+
+
+@dataclass(frozen=True)
+class FusedTerms:
+    """What a head on the margin path feeds :func:`fused_margin_cross_entropy`, besides its weights.
+
+    A head returns these from ``fused_terms(x)`` (see :class:`~headreg.heads.base.Head`); whoever holds
+    the class weights (the head itself, or a class-sharded wrapper holding one block of them) calls
+    ``fused_margin_cross_entropy(t.embeddings, weight, labels, t.margin_target, t.scale,
+    normalize_weight=t.normalize_weight, bias=...)``.
+
+    Attributes:
+        embeddings: ``(B, D)`` rows dotted with the class weights: normalised for a cosine head.
+        scale: ``s``: a float, a 0-d tensor (learned) or a ``(B,)`` tensor (per row, e.g. ``‖x‖``).
+        margin_target: ``ψ`` on the ``(B,)`` target values, row by row; None: no margin.
+        normalize_weight: cosine head (True) or linear head (False).
+    """
+
+    embeddings: Tensor
+    scale: float | Tensor
+    margin_target: Callable[[Tensor], Tensor] | None
+    normalize_weight: bool = True
 
 
 def _all_reduce(t: Tensor, group: Any, op: str) -> None:

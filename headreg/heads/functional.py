@@ -14,11 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._fused import FusedLoss, fused_margin_cross_entropy
+from ..errors import HeadregError
+from ._fused import FusedLoss, FusedTerms, fused_margin_cross_entropy
+from .base import HeadOutput
 
 __all__ = [
     "FusedLoss",
+    "FusedTerms",
     "fused_margin_cross_entropy",
+    "fused_output",
+    "margin_logits",
     "cosine_linear",
     "normalize",
     "target_logit",
@@ -80,6 +85,57 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-12) -> Tensor:
         ``(B, C)`` cosines in ``[-1, 1]`` (up to rounding).
     """
     return _CosineLinear.apply(normalize(x, eps), weight, eps)
+
+
+def margin_logits(
+    terms: FusedTerms, weight: Tensor, labels: Tensor, target: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """The ``(B, C)`` logits the fused loss saw: ``s·u`` with column ``labels[b]`` set to ``target[b]``.
+
+    ``target`` is :class:`FusedLoss`'s; without a margin the column is left as it is.
+    """
+    x = terms.embeddings
+    u = _CosineLinear.apply(x, weight, 1e-12) if terms.normalize_weight else F.linear(x, weight, bias)
+    s = terms.scale
+    logits = u * (s.unsqueeze(1) if isinstance(s, Tensor) and s.dim() == 1 else s)
+    if terms.margin_target is not None:
+        logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
+    return logits
+
+
+def fused_output(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> HeadOutput:
+    """A head's training output through :func:`fused_margin_cross_entropy`: the loss and each label's rank.
+
+    The margin logits are not kept (that is the point): ``HeadOutput.logits`` rebuilds them, detached, on
+    first access, from the weights as they were in this forward pass.
+    """
+    res = fused_margin_cross_entropy(
+        terms.embeddings,
+        weight,
+        labels,
+        terms.margin_target,
+        terms.scale,
+        bias=bias,
+        normalize_weight=terms.normalize_weight,
+    )
+    version = weight._version
+    frozen = FusedTerms(
+        terms.embeddings.detach(),
+        terms.scale.detach() if isinstance(terms.scale, Tensor) else terms.scale,
+        terms.margin_target,
+        terms.normalize_weight,
+    )
+
+    def logits() -> Tensor:
+        if weight._version != version:
+            raise HeadregError(
+                "HeadOutput.logits were read after the head's weights changed (optimizer.step()): read them "
+                "before the step, or call the head again"
+            )
+        with torch.no_grad():
+            return margin_logits(frozen, weight, labels, res.target, None if bias is None else bias)
+
+    return HeadOutput(loss=res.loss, label_rank=res.label_rank, logits_fn=logits)
 
 
 def target_logit(logits: Tensor, labels: Tensor) -> Tensor:
