@@ -52,6 +52,20 @@ def make_step(method: str, B: int, D: int, C: int) -> Callable[[], None]:
             x.grad = w.grad = None
 
         return step
+    if method == "unfused_arcface":
+        # headreg's pipeline before the fusion: cosine matrix kept for backward, logits, softmax.
+        from headreg.heads.functional import arcface_margin, cosine_linear, target_logit
+
+        w = (torch.randn(C, D, generator=g) * 0.01).requires_grad_(True)
+
+        def step() -> None:
+            cos = cosine_linear(x, w)
+            target = arcface_margin(target_logit(cos, y), 0.5)
+            logits = (cos * 64.0).scatter_(1, y[:, None], (target * 64.0)[:, None])
+            F.cross_entropy(logits, y).backward()
+            x.grad = w.grad = None
+
+        return step
     if method == "naive_arcface":
         w = (torch.randn(C, D, generator=g) * 0.01).requires_grad_(True)
         s, m = 64.0, 0.5
@@ -156,10 +170,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-pml", action="store_true", help="skip pytorch-metric-learning")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    methods = ["floor", "naive_arcface", *HEADS]
+    methods = ["floor", "naive_arcface", "unfused_arcface", *HEADS]
     if not args.no_pml:
         try:
             import pytorch_metric_learning  # noqa: F401
@@ -167,6 +182,12 @@ def main() -> None:
             methods += list(PML)
         except ImportError:
             print("pytorch-metric-learning not installed: skipping its losses")
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = sorted(set(wanted) - set(methods))
+        if unknown:
+            parser.error(f"unknown methods {unknown}; choose from {methods}")
+        methods = ["floor", *[m for m in wanted if m != "floor"]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}, D={args.dim}")
     results = []
     for C in [int(c) for c in args.classes.split(",")]:

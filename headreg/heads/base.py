@@ -56,8 +56,9 @@ class HeadOutput:
     Attributes:
         loss: Scalar loss, averaged over the batch.
         logits: ``(B, C)`` logits as fed to the loss, margin applied to the target column. A head on the
-            fused path (``fused_terms``) does not keep them: they are rebuilt, detached, on first access
-            from ``logits_fn``, and reading them after the weights changed (``optimizer.step()``) is an error.
+            fused path (``fused_terms``) does not keep them: they are rebuilt on first access by
+            ``logits_fn`` (with autograd, as before), and reading them after the weights changed
+            (``optimizer.step()``) is an error.
         embeddings: ``(B, D)`` embeddings the head was given; the model fills this in.
         label_rank: ``(B,)`` int64 rank of each label under the margin-free logits of this forward pass
             (0 = top-1 hit, ties counting as hits), when the head computes it on the way; else None.

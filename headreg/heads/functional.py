@@ -87,27 +87,29 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-12) -> Tensor:
     return _CosineLinear.apply(normalize(x, eps), weight, eps)
 
 
-def margin_logits(
-    terms: FusedTerms, weight: Tensor, labels: Tensor, target: Tensor, bias: Tensor | None = None
-) -> Tensor:
-    """The ``(B, C)`` logits the fused loss saw: ``s·u`` with column ``labels[b]`` set to ``target[b]``.
+def margin_logits(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The ``(B, C)`` logits of the unfused pipeline: ``s·u`` with column ``labels[b]`` set to ``s·ψ(u_y)``.
 
-    ``target`` is :class:`FusedLoss`'s; without a margin the column is left as it is.
+    What :func:`fused_margin_cross_entropy` computes the loss of, kept as a tensor (with autograd).
     """
     x = terms.embeddings
     u = _CosineLinear.apply(x, weight, 1e-12) if terms.normalize_weight else F.linear(x, weight, bias)
     s = terms.scale
-    logits = u * (s.unsqueeze(1) if isinstance(s, Tensor) and s.dim() == 1 else s)
-    if terms.margin_target is not None:
-        logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
-    return logits
+    row = isinstance(s, Tensor) and s.dim() == 1
+    logits = u * (s.unsqueeze(1) if row else s)
+    if terms.margin_target is None:
+        return logits
+    target = terms.margin_target(target_logit(u, labels)) * s
+    # The product's backward does not need its output, so the target column is overwritten in place.
+    return logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
 
 
 def fused_output(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> HeadOutput:
     """A head's training output through :func:`fused_margin_cross_entropy`: the loss and each label's rank.
 
-    The margin logits are not kept (that is the point): ``HeadOutput.logits`` rebuilds them, detached, on
-    first access, from the weights as they were in this forward pass.
+    The margin logits are not kept (that is the point): ``HeadOutput.logits`` rebuilds them on first
+    access with :func:`margin_logits` (differentiable, as the unfused pipeline's), from the weights as
+    they were in this forward pass; read after the weights changed, they are refused.
     """
     res = fused_margin_cross_entropy(
         terms.embeddings,
@@ -118,22 +120,15 @@ def fused_output(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor
         bias=bias,
         normalize_weight=terms.normalize_weight,
     )
-    version = weight._version
-    frozen = FusedTerms(
-        terms.embeddings.detach(),
-        terms.scale.detach() if isinstance(terms.scale, Tensor) else terms.scale,
-        terms.margin_target,
-        terms.normalize_weight,
-    )
+    versions = [t._version for t in (weight, bias) if t is not None]
 
     def logits() -> Tensor:
-        if weight._version != version:
+        if [t._version for t in (weight, bias) if t is not None] != versions:
             raise HeadregError(
                 "HeadOutput.logits were read after the head's weights changed (optimizer.step()): read them "
                 "before the step, or call the head again"
             )
-        with torch.no_grad():
-            return margin_logits(frozen, weight, labels, res.target, None if bias is None else bias)
+        return margin_logits(terms, weight, labels, bias)
 
     return HeadOutput(loss=res.loss, label_rank=res.label_rank, logits_fn=logits)
 
