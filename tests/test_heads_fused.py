@@ -113,12 +113,13 @@ def test_equals_unfused_pipeline_float64(margin, scale_kind):
     inputs = [x, w] + ([learned] if scale_kind == "learned" else [])
     ref_loss, ref_rank, _ = reference(x, w, y, psi, scale())
     ref_grads = torch.autograd.grad(ref_loss, inputs)
-    out = fused_margin_cross_entropy(normalize(x), w, y, psi, scale())
+    out = fused_margin_cross_entropy(normalize(x), w, y, psi, scale(), with_rank=True)
     grads = torch.autograd.grad(out.loss, inputs)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-12, atol=1e-12)
     for got, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     assert torch.equal(out.label_rank, ref_rank)
+    assert torch.equal(out.top1, ref_rank == 0)
 
 
 def test_linear_head_with_bias_equals_linear_cross_entropy():
@@ -126,11 +127,23 @@ def test_linear_head_with_bias_equals_linear_cross_entropy():
     b = torch.randn(C, dtype=torch.float64).requires_grad_(True)
     ref = F.cross_entropy(F.linear(x, w, b), y)
     ref_grads = torch.autograd.grad(ref, [x, w, b])
-    out = fused_margin_cross_entropy(x, w, y, bias=b, normalize_weight=False)
+    out = fused_margin_cross_entropy(x, w, y, bias=b, normalize_weight=False, with_rank=True)
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.loss, [x, w, b]), ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert torch.equal(out.label_rank, reference(x, w, y, None, 1.0, b, False)[1])
+    rank = reference(x, w, y, None, 1.0, b, False)[1]
+    assert torch.equal(out.label_rank, rank) and torch.equal(out.top1, rank == 0)
+
+
+def test_top1_counts_ties_as_hits():
+    """A class whose weight equals the label's ties with it: still a top-1 hit, as label_rank counts it."""
+    x, w, y = _data(10)
+    with torch.no_grad():
+        w[(y[3] + 1) % C] = w[y[3]]
+        x[3] = w[y[3]]  # the label (and its twin) first
+    out = fused_margin_cross_entropy(normalize(x), w, y, MARGINS["arcface"], 10.0, with_rank=True)
+    assert out.top1[3] and out.label_rank[3] == 0
+    assert torch.equal(out.top1, reference(x, w, y, None, 10.0)[1] == 0)
 
 
 @pytest.mark.parametrize("case", list(HEADS))
@@ -158,9 +171,9 @@ def test_every_head_on_the_margin_path_equals_its_unfused_formula(case):
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-12, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.loss, [x, *params]), ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    assert torch.equal(out.label_rank, ref_rank)
+    assert torch.equal(out.top1, ref_rank == 0)
     with torch.no_grad():
-        assert torch.equal(out.label_rank, label_rank(head.eval()(x), y))
+        assert torch.equal(out.top1, label_rank(head.eval()(x), y) == 0)
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-12, atol=1e-12)
 
 
@@ -179,7 +192,7 @@ def test_sphereface_focal_loss_stays_unfused():
     x, _, y = _data(9)
     assert head.fused_terms(x.float()) is None
     out = head(x.float(), y)
-    assert out.label_rank is None and out.logits.shape == (B, C)
+    assert out.top1 is None and out.logits.shape == (B, C)
 
 
 @pytest.mark.parametrize("margin", ["arcface", "combined", "sphereface", "none"])
@@ -237,14 +250,6 @@ def test_index_keeps_a_subset_of_rows():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_labels_outside_the_block_add_no_target():
-    """Without a group, a block that holds none of the labels is the softmax's denominator part only."""
-    x, w, y = _data(6)
-    out = fused_margin_cross_entropy(normalize(x), w, y, MARGINS["arcface"], 5.0, class_offset=C)
-    u = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
-    torch.testing.assert_close(out.loss, torch.logsumexp(5.0 * u, 1).mean(), rtol=1e-12, atol=1e-12)
-
-
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     """One rank: its uneven block of the classes, the whole batch, unsampled then sampled."""
     import torch.distributed as dist
@@ -256,16 +261,28 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     mine = y[(y >= lo) & (y < hi)] - lo  # Partial FC keeps every class in the batch, plus negatives
     sampled = torch.unique(torch.cat([mine, torch.tensor([hi - lo - 1])]))
     res = {}
-    for name, index in (("full", None), ("sampled", sampled)):
+    empty = [0, 17, 17] if world == 2 else [0, 9, 9, 17]  # the last rank, or the middle one, holds no class
+    for name, index in (("full", None), ("sampled", sampled), ("empty", None)):
+        if name == "empty":
+            lo, hi = empty[rank], empty[rank + 1]
         xs = x.detach().clone().requires_grad_(True)
         ws = w.detach()[lo:hi].clone().requires_grad_(True)
         out = fused_margin_cross_entropy(
-            normalize(xs), ws, y, MARGINS["arcface"], 8.0, class_offset=lo, index=index, group=dist.group.WORLD
+            normalize(xs),
+            ws,
+            y,
+            MARGINS["arcface"],
+            8.0,
+            class_offset=lo,
+            index=index,
+            group=dist.group.WORLD,
+            with_rank=True,
         )
         out.loss.backward()
         res[name] = {
             "loss": out.loss.item(),
             "rank": out.label_rank.tolist(),
+            "top1": out.top1.tolist(),
             "grad_x": xs.grad.tolist(),
             "grad_w": ws.grad.tolist(),
             "lo": lo,
@@ -307,17 +324,17 @@ def test_sharded_over_gloo_equals_one_process(tmp_path, world):
     psi = MARGINS["arcface"]
     ref, rank, _ = reference(x, w, y, psi, 8.0)
     ref.backward()
-    for r in results:
-        got = r["full"]
-        assert got["loss"] == pytest.approx(ref.item(), rel=1e-12)
-        assert got["rank"] == rank.tolist()
-        torch.testing.assert_close(
-            torch.tensor(got["grad_w"], dtype=torch.float64), w.grad[got["lo"] : got["hi"]], rtol=1e-10, atol=1e-12
-        )
-    # x's gradient is each rank's share: their sum is the whole (the all-gather's backward sums them).
-    torch.testing.assert_close(
-        sum(torch.tensor(r["full"]["grad_x"], dtype=torch.float64) for r in results), x.grad, rtol=1e-10, atol=1e-12
-    )
+    # "empty": one rank holds no class at all (its block is (0, D)) and must still take part.
+    for case in ("full", "empty"):
+        for r in results:
+            got = r[case]
+            assert got["loss"] == pytest.approx(ref.item(), rel=1e-12)
+            assert got["rank"] == rank.tolist() and got["top1"] == (rank == 0).tolist()
+            grad_w = torch.tensor(got["grad_w"], dtype=torch.float64).reshape(-1, 6)
+            torch.testing.assert_close(grad_w, w.grad[got["lo"] : got["hi"]], rtol=1e-10, atol=1e-12)
+        # x's gradient is each rank's share: their sum is the whole (the all-gather's backward sums them).
+        grad_x = sum(torch.tensor(r[case]["grad_x"], dtype=torch.float64) for r in results)
+        torch.testing.assert_close(grad_x, x.grad, rtol=1e-10, atol=1e-12)
     # Partial FC's sampling: each rank keeps its batch classes and one more; the loss is the softmax over
     # the union of kept rows, and the rows not kept get a zero gradient.
     kept = torch.tensor(sorted(c for r in results for c in r["sampled"]["kept"]))
@@ -328,7 +345,7 @@ def test_sharded_over_gloo_equals_one_process(tmp_path, world):
     for r in results:
         got = r["sampled"]
         assert got["loss"] == pytest.approx(ref_k.item(), rel=1e-12)
-        assert got["rank"] == rank_k.tolist()
+        assert got["rank"] == rank_k.tolist() and got["top1"] == (rank_k == 0).tolist()
         torch.testing.assert_close(
             torch.tensor(got["grad_w"], dtype=torch.float64), wk.grad[got["lo"] : got["hi"]], rtol=1e-10, atol=1e-12
         )

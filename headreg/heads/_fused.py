@@ -20,8 +20,8 @@ The target column differs from the rest by a ``(B,)`` correction, applied with a
 folded into ``(B, D)`` operands, so the buffer needs no normalising pass.
 
 Class sharding (Partial FC, An et al. 2021): each rank holds a contiguous block of class rows
-starting at ``class_offset``; the row maximum, the sum of exponentials, the target logit and the
-label rank are all-reduced over ``group`` (``(B,)`` vectors, never the ``(B, C)`` matrix), so
+starting at ``class_offset``; the row maximum and the target logit (one MAX), then the sum of
+exponentials (one SUM) are all-reduced over ``group`` (``(B,)`` vectors, never the ``(B, C)`` matrix), so
 every rank gets the exact loss of the softmax over all classes. A label outside the block
 contributes no target column on that rank.
 """
@@ -47,15 +47,17 @@ class FusedLoss(NamedTuple):
     Attributes:
         loss: scalar mean cross-entropy over the batch (the same value on every rank of ``group``).
         label_rank: ``(B,)`` int64 number of classes whose margin-free logit ``s_b·u[b, c]`` is strictly
-            above the label's (over all ranks of ``group``): 0 is a top-1 hit, ties count as hits, as
-            ``metrics.classification.label_rank``. None when not asked for.
-        target: ``(B,)`` detached target logits ``s_b·ψ(u[b, y_b])`` (over all ranks of ``group``), so the
-            margin logits can be rebuilt without keeping them.
+            above the label's (over all ranks of ``group``), as ``metrics.classification.label_rank``; None
+            unless ``with_rank`` (it costs a compare pass over the buffer).
+        target: ``(B,)`` detached target logits ``s_b·ψ(u[b, y_b])`` (over all ranks of ``group``).
+        top1: ``(B,)`` bool, no margin-free logit strictly above the label's (``label_rank == 0``, ties
+            counting as hits), from the row maximum the loss needs anyway.
     """
 
     loss: Tensor
     label_rank: Tensor | None
     target: Tensor
+    top1: Tensor
 
 
 @dataclass(frozen=True)
@@ -123,16 +125,17 @@ class _FusedMarginCE(torch.autograd.Function):
         eps: float,
         group: Any,
         with_rank: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        classes = x.shape[0], weight.shape[0]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        classes = weight.shape[0]
         inv = torch.linalg.vector_norm(weight, dim=1).clamp_min(eps).reciprocal() if normalize_weight else None
         buf = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
         col = local.unsqueeze(1)
+        zeros = torch.zeros_like(owned, dtype=x.dtype)
         # u at the label, read before scaling: the same rounding as the cosine matrix's own column.
-        u_t = buf.gather(1, col).squeeze(1) if classes else torch.zeros_like(owned, dtype=x.dtype)
-        if inv is not None:
-            u_t = u_t * inv[local] if classes else u_t
-        u_t = torch.where(owned, u_t, torch.zeros_like(u_t))  # rows labelled elsewhere: a safe 0 for ψ
+        u_t = buf.gather(1, col).squeeze(1) if classes else zeros
+        if inv is not None and classes:
+            u_t = u_t * inv[local]
+        u_t = torch.where(owned, u_t, zeros)  # rows labelled elsewhere: a safe 0 for ψ
         # The margin-free logits s·u, in place: one pass with the column factors folded together.
         row_scale = scale is not None and scale.dim() == 1
         col_factor: Tensor | float | None = inv
@@ -144,23 +147,28 @@ class _FusedMarginCE(torch.autograd.Function):
             buf.mul_(col_factor)
         if row_scale:
             buf.mul_(scale.unsqueeze(1))
-        s = scale if scale is not None else torch.full_like(u_t, scale_value)
-        s = s.expand_as(u_t)
-        free_t = buf.gather(1, col).squeeze(1) if classes else torch.zeros_like(u_t)
-        free_t = torch.where(owned, free_t, torch.zeros_like(free_t))
+        s = (scale if scale is not None else torch.full_like(u_t, scale_value)).expand_as(u_t)
         psi, dpsi = _target_terms(margin_target, u_t)
-        target = free_t if margin_target is None else torch.where(owned, s * psi, torch.zeros_like(psi))
-        if group is not None:
-            both = torch.stack([free_t, target])
-            _all_reduce(both, group, "sum")
-            free_t, target = both[0], both[1]
+        here = buf.gather(1, col).squeeze(1) if classes else zeros  # the margin-free target logit
+        ninf = torch.full_like(here, float("-inf"))
+        free_t = torch.where(owned, here, ninf)
+        target = free_t if margin_target is None else torch.where(owned, s * psi, ninf)
+        # The row maximum without the target column (which leaves the loss exact and gives the top-1 test:
+        # no other logit strictly above the label's), then with the target logit: one pass over the buffer.
+        if classes:
+            buf.scatter_(1, col, torch.where(owned, ninf, here).unsqueeze(1))
+            top_other = buf.amax(1)
+        else:
+            top_other = ninf.clone()
+        if group is not None:  # one MAX over the ranks: the (−inf off-shard) target logits come along
+            both = torch.stack([top_other, free_t, target])
+            _all_reduce(both, group, "max")
+            top_other, free_t, target = both[0], both[1], both[2]
+        top1 = free_t >= top_other
         rank = _count_above(buf, free_t) if with_rank else torch.zeros(0, dtype=torch.long, device=x.device)
-        if margin_target is not None and classes:
-            here = buf.gather(1, col).squeeze(1)
+        top = torch.maximum(top_other, target)
+        if classes:
             buf.scatter_(1, col, torch.where(owned, target, here).unsqueeze(1))
-        top = buf.amax(1) if classes else torch.full_like(u_t, float("-inf"))
-        if group is not None:
-            _all_reduce(top, group, "max")
         buf.sub_(top.unsqueeze(1)).exp_()
         z = buf.sum(1)
         if group is not None:
@@ -176,9 +184,8 @@ class _FusedMarginCE(torch.autograd.Function):
         loss = (z.log() + top - target).mean()
         ctx.save_for_backward(x, weight, inv, buf, z, p_t, u_t, psi, dpsi, local, owned, scale)
         ctx.scale_value = scale_value
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(rank, target)
-        return loss, rank, target
+        ctx.mark_non_differentiable(rank, target, top1)
+        return loss, rank, target, top1
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
@@ -229,7 +236,7 @@ def fused_margin_cross_entropy(
     class_offset: int = 0,
     index: Tensor | None = None,
     group: Any = None,
-    with_rank: bool = True,
+    with_rank: bool = False,
     eps: float = 1e-12,
 ) -> FusedLoss:
     """Mean cross-entropy of ``s·u`` with the target column replaced by ``s·ψ(u_y)``, in one ``(B, C)`` buffer.
@@ -260,11 +267,12 @@ def fused_margin_cross_entropy(
             sharded. ``x`` and ``labels`` must then be the same (all-gathered) batch on every rank; the
             gradient of ``x`` returned here covers this rank's classes only, so the all-gather's
             backward must sum it over the ranks (reduce-scatter), as Partial FC's does.
-        with_rank: also return each label's rank under the margin-free logits (one compare pass).
+        with_rank: also return each label's full rank under the margin-free logits (one compare pass over
+            the buffer); ``top1`` comes free either way.
         eps: floor of the weight norms.
 
     Returns:
-        :class:`FusedLoss` ``(loss, label_rank, target)``.
+        :class:`FusedLoss` ``(loss, label_rank, target, top1)``.
 
     Memory: one ``(B, C_local)`` buffer of ``x``'s dtype from forward to backward (plus a 4 MiB boolean
     chunk for the rank); backward adds only ``(B, D)`` and ``(C_local, D)`` products (the gradients).
@@ -288,7 +296,7 @@ def fused_margin_cross_entropy(
         local = torch.where(owned, rel, torch.zeros_like(rel))
     scale_t = scale if isinstance(scale, Tensor) else None
     scale_value = 1.0 if scale_t is not None else float(scale)
-    loss, rank, target = _FusedMarginCE.apply(
+    loss, rank, target, top1 = _FusedMarginCE.apply(
         x, weight, bias, scale_t, scale_value, local, owned, margin_target, normalize_weight, eps, group, with_rank
     )
-    return FusedLoss(loss, rank if with_rank else None, target)
+    return FusedLoss(loss, rank if with_rank else None, target, top1)

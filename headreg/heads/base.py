@@ -60,15 +60,15 @@ class HeadOutput:
             ``logits_fn`` (with autograd, as before), and reading them after the weights changed
             (``optimizer.step()``) is an error.
         embeddings: ``(B, D)`` embeddings the head was given; the model fills this in.
-        label_rank: ``(B,)`` int64 rank of each label under the margin-free logits of this forward pass
-            (0 = top-1 hit, ties counting as hits), when the head computes it on the way; else None.
+        top1: ``(B,)`` bool, the label ranks first under the margin-free logits of this forward pass (no
+            logit strictly above it, ties counting as hits), when the head finds it on the way; else None.
         logits_fn: builds ``logits`` when they were not kept.
     """
 
     loss: Tensor
     logits: Tensor | None = field(default=None, repr=False, compare=False)
     embeddings: Tensor | None = None
-    label_rank: Tensor | None = None
+    top1: Tensor | None = None
     logits_fn: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
 
 

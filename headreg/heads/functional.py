@@ -105,7 +105,7 @@ def margin_logits(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tenso
 
 
 def fused_output(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> HeadOutput:
-    """A head's training output through :func:`fused_margin_cross_entropy`: the loss and each label's rank.
+    """A head's training output through :func:`fused_margin_cross_entropy`: the loss and the top-1 hits.
 
     The margin logits are not kept (that is the point): ``HeadOutput.logits`` rebuilds them on first
     access with :func:`margin_logits` (differentiable, as the unfused pipeline's), from the weights as
@@ -130,7 +130,7 @@ def fused_output(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor
             )
         return margin_logits(terms, weight, labels, bias)
 
-    return HeadOutput(loss=res.loss, label_rank=res.label_rank, logits_fn=logits)
+    return HeadOutput(loss=res.loss, top1=res.top1, logits_fn=logits)
 
 
 def target_logit(logits: Tensor, labels: Tensor) -> Tensor:
