@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ import torch.nn.functional as F
 
 import headreg
 from headreg.errors import HeadregError
+from headreg.heads import head_fused_terms
 from headreg.heads.functional import (
     FusedTerms,
     arcface_margin,
     combined_margin,
     cosface_margin,
     fused_margin_cross_entropy,
+    margin_logits,
     normalize,
     sphereface_psi,
 )
@@ -352,3 +355,23 @@ def test_sharded_over_gloo_equals_one_process(tmp_path, world):
     torch.testing.assert_close(
         sum(torch.tensor(r["sampled"]["grad_x"], dtype=torch.float64) for r in results), xk.grad, rtol=1e-10, atol=1e-12
     )
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    REGISTERED = headreg.list_heads()
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_a_head_offering_fused_terms_computes_their_cross_entropy(name):
+    """Any registered head (plugins too) that declares fused_terms trains on exactly that loss."""
+    head = headreg.create_head(name, D, C).double().eval()  # eval: no statistics move between the calls
+    x, _, y = _data(11)
+    terms = head_fused_terms(head, x)
+    on_path = {"softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined", "adaface"}
+    assert (terms is not None) == (name in on_path), name
+    if terms is None:
+        return
+    bias = getattr(head, "bias", None)
+    expected = F.cross_entropy(margin_logits(terms, head.weight, y, bias), y)
+    torch.testing.assert_close(head(x, y).loss, expected, rtol=1e-12, atol=1e-12)
