@@ -28,6 +28,7 @@ contributes no target column on that rank.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -92,6 +93,13 @@ def _count_above(buf: Tensor, target: Tensor) -> Tensor:
     """``(buf > target[:, None]).sum(1)`` in row chunks, so the boolean temporary stays small."""
     rows = max(1, _RANK_CHUNK // max(buf.shape[1], 1))
     return torch.cat([(buf[i : i + rows] > target[i : i + rows, None]).sum(1) for i in range(0, buf.shape[0], rows)])
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off: the products, the margin and the softmax run in the inputs' own dtype."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _target_terms(margin_target: Callable[[Tensor], Tensor] | None, u_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,6 +197,11 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        with _no_autocast(grad_loss):
+            return _FusedMarginCE._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_loss: Tensor) -> tuple[Any, ...]:
         x, weight, inv, buf, z, p_t, u_t, psi, dpsi, local, owned, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         zero = torch.zeros_like(p_t)
@@ -215,12 +228,15 @@ class _FusedMarginCE(torch.autograd.Function):
             if need_w:
                 grad_w = torch.mm(buf.t(), x * factor.unsqueeze(1))
                 c = corr * s if inv_y is None else corr * s * inv_y
-                grad_w.index_add_(0, local, x * c.unsqueeze(1))
+                if weight.shape[0]:  # an empty block has no row to correct (and index 0 would be out of range)
+                    grad_w.index_add_(0, local, x * c.unsqueeze(1))
                 if inv is not None:  # keep the component tangent to w_c: the logits ignore ‖w_c‖
                     radial = torch.einsum("cd,cd->c", grad_w, weight).mul_(inv * inv)
                     grad_w.addcmul_(weight, radial.unsqueeze(1), value=-1.0)
             if need_b:
-                grad_b = torch.mv(buf.t(), factor).index_add_(0, local, corr * s)
+                grad_b = torch.mv(buf.t(), factor)
+                if weight.shape[0]:
+                    grad_b.index_add_(0, local, corr * s)
         return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None, None
 
 
@@ -244,6 +260,9 @@ def fused_margin_cross_entropy(
     ``u[b, c] = x_b·w_c / ‖w_c‖`` (the cosine when ``x`` is normalised), or ``x_b·w_c + bias_c`` with
     ``normalize_weight=False``. Equal to ``F.cross_entropy(replace_target(s·u, y, s·ψ(u_y)), y)`` up to
     rounding, with its gradients with respect to ``x``, ``weight``, ``bias`` and a tensor ``scale``.
+
+    Runs with autocast off, in the dtype of ``x`` (float32, or float64 for checks); ``weight``, ``bias`` and a
+    tensor ``scale`` must have that dtype.
 
     Args:
         x: ``(B, D)`` embeddings, already normalised for a cosine head (``heads.functional.normalize``).
@@ -296,7 +315,8 @@ def fused_margin_cross_entropy(
         local = torch.where(owned, rel, torch.zeros_like(rel))
     scale_t = scale if isinstance(scale, Tensor) else None
     scale_value = 1.0 if scale_t is not None else float(scale)
-    loss, rank, target, top1 = _FusedMarginCE.apply(
-        x, weight, bias, scale_t, scale_value, local, owned, margin_target, normalize_weight, eps, group, with_rank
-    )
+    with _no_autocast(x):
+        loss, rank, target, top1 = _FusedMarginCE.apply(
+            x, weight, bias, scale_t, scale_value, local, owned, margin_target, normalize_weight, eps, group, with_rank
+        )
     return FusedLoss(loss, rank if with_rank else None, target, top1)
