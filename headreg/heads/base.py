@@ -18,7 +18,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidValueError
+from ._fused import FusedTerms
 
 __all__ = [
     "HeadOutput",
@@ -42,6 +43,7 @@ __all__ = [
     "HeadOptionWarning",
     "float32_region",
     "head_is_angular",
+    "head_fused_terms",
     "head_settings_2d",
     "head_margin_feasibility",
 ]
@@ -53,13 +55,36 @@ class HeadOutput:
 
     Attributes:
         loss: Scalar loss, averaged over the batch.
-        logits: ``(B, C)`` logits as fed to the loss, margin applied to the target column.
+        logits: ``(B, C)`` logits as fed to the loss, margin applied to the target column. A head on the
+            fused path (``fused_terms``) does not keep them: they are rebuilt on first access by
+            ``logits_fn`` (with autograd, as before), and reading them after the weights changed
+            (``optimizer.step()``) is an error.
         embeddings: ``(B, D)`` embeddings the head was given; the model fills this in.
+        top1: ``(B,)`` bool, the label ranks first under the margin-free logits of this forward pass (no
+            logit strictly above it, ties counting as hits), when the head finds it on the way; else None.
+        logits_fn: builds ``logits`` when they were not kept.
     """
 
     loss: Tensor
-    logits: Tensor
+    logits: Tensor | None = field(default=None, repr=False, compare=False)
     embeddings: Tensor | None = None
+    top1: Tensor | None = None
+    logits_fn: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
+
+
+def _get_logits(self: HeadOutput) -> Tensor | None:
+    value = self.__dict__.get("_logits")
+    if value is None and self.logits_fn is not None:
+        value = self.__dict__["_logits"] = self.logits_fn()
+    return value
+
+
+def _set_logits(self: HeadOutput, value: Tensor | None) -> None:
+    self.__dict__["_logits"] = value
+
+
+# A property over the dataclass field: HeadOutput(loss, logits) still works, and unkept logits are built on demand.
+HeadOutput.logits = property(_get_logits, _set_logits, doc="The margin logits, kept or rebuilt on demand.")  # type: ignore[assignment,method-assign]
 
 
 def check_embeddings(embeddings: Tensor, in_features: int) -> None:
@@ -299,6 +324,17 @@ class Head(nn.Module):
                 return self.inference_logits(x)
             return self.training_output(x, labels)
 
+    def fused_terms(self, x: Tensor) -> FusedTerms | None:
+        """The terms of the fused margin cross-entropy for these ``(B, D)`` embeddings, or None (the default).
+
+        A head whose training loss is "cosine (or linear) matrix → per-target transform → scale →
+        cross-entropy" returns :class:`~headreg.heads.functional.FusedTerms`, so that whoever holds the
+        class weights (the head, or a class-sharded wrapper) computes the loss with
+        :func:`~headreg.heads.functional.fused_margin_cross_entropy` in one ``(B, C)`` buffer. Called once
+        per training step with labels (a head may advance a schedule here, as SphereFace's λ).
+        """
+        return None
+
     def inference_logits(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -312,6 +348,12 @@ class Head(nn.Module):
 def head_is_angular(cls: type) -> bool:
     """Whether a head class declares itself angular (``angular``; :class:`Head`'s default when it does not)."""
     return bool(getattr(cls, "angular", Head.angular))
+
+
+def head_fused_terms(head: nn.Module, x: Tensor) -> FusedTerms | None:
+    """A head's :meth:`Head.fused_terms` for ``x`` (None when it has no such method: not on the margin path)."""
+    hook = getattr(head, "fused_terms", None)
+    return None if hook is None else hook(x)
 
 
 def head_settings_2d(cls: type) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidValueError
 from .base import Head, HeadOutput, check_bool, check_number, checked_property
+from .functional import FusedTerms, fused_output
 
 
 def _check_lambda_c(name: str, value: float) -> float:
@@ -89,14 +90,18 @@ class CenterLossHead(Head):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.inference_logits(x)
         centers = self.centers.to(x.dtype)
         diff = x - centers.index_select(0, labels)  # (B, D)
         center_term = 0.5 * diff.pow(2).sum(dim=1).mean()
-        loss = F.cross_entropy(logits, labels) + self.lambda_c * center_term
+        # The softmax part through the fused cross-entropy (linear logits, one (B, C) buffer). No
+        # fused_terms: the loss is more than that cross-entropy, so a class-sharded wrapper must not take it.
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        terms = FusedTerms(x, 1.0, None, normalize_weight=False)
+        out = fused_output(terms, self.weight.to(x.dtype), labels, bias)
+        out.loss = out.loss + self.lambda_c * center_term
         if self.training and self.center_update == "alpha" and self.alpha > 0:
             self._alpha_update(diff.detach(), labels)
-        return HeadOutput(loss=loss, logits=logits)
+        return out
 
     @torch.no_grad()
     def _alpha_update(self, diff: Tensor, labels: Tensor) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Head, HeadOutput, check_bool
-from .functional import cosine_linear
+from .functional import FusedTerms, cosine_linear, fused_output, normalize
 
 __all__ = ["SoftmaxHead", "ModifiedSoftmaxHead"]
 
@@ -38,9 +38,13 @@ class SoftmaxHead(Head):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """The linear logits as they are: no normalisation, no margin, scale 1 (the bias stays the head's)."""
+        return FusedTerms(x, 1.0, None, normalize_weight=False)
+
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.inference_logits(x)
-        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return fused_output(self.fused_terms(x), self.weight.to(x.dtype), labels, bias)
 
 
 class ModifiedSoftmaxHead(Head):
@@ -67,6 +71,9 @@ class ModifiedSoftmaxHead(Head):
         cos = cosine_linear(x, self.weight.to(x.dtype))
         return cos * x.norm(dim=1, keepdim=True)
 
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """``x̂`` with the per-row scale ``‖x‖`` (differentiable), no margin."""
+        return FusedTerms(normalize(x), x.norm(dim=1), None)
+
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.inference_logits(x)
-        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+        return fused_output(self.fused_terms(x), self.weight.to(x.dtype), labels)

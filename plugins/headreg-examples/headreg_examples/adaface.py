@@ -16,6 +16,7 @@ from headreg import HeadOutput
 from headreg.errors import InvalidValueError
 from headreg.heads import check_embeddings, check_labels, cosface_margin_feasibility, float32_region
 from headreg.heads.base import MAX_SCALE
+from headreg.heads.functional import FusedTerms, fused_output
 from torch import Tensor, nn
 
 __all__ = ["AdaFaceHead"]
@@ -154,6 +155,28 @@ class AdaFaceHead(nn.Module):
             new_std = torch.where(torch.isfinite(std), a * std + (1 - a) * self.norm_std.to(std.dtype), self.norm_std)
             self.norm_std.copy_(new_std)
 
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """The fused loss's terms (``headreg.heads.functional``): ``x̂``, ``s`` and the row-wise target.
+
+        The target of row ``i`` depends on its own ``ẑ_i`` (a constant here), so it is a per-row
+        transform of the target cosine, which is what the fused loss asks of a head. Called once per
+        training step: in training mode it updates the norm statistics first.
+        """
+        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(_NORM_MIN, _NORM_MAX)
+        if self.training:
+            self._update_statistics(norms)
+        mean, std = self.norm_mean.to(x.dtype), self.norm_std.to(x.dtype)
+        z_hat = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)  # (B,), no gradient
+        g_angle = -self.margin * z_hat
+        g_add = self.margin * z_hat + self.margin
+        delta, eps = torch.finfo(x.dtype).eps, self.eps
+
+        def target(cos_y: Tensor) -> Tensor:
+            theta = torch.acos(cos_y.clamp(-1.0 + delta, 1.0 - delta))
+            return torch.cos((theta + g_angle).clamp(eps, math.pi - eps)) - g_add
+
+        return FusedTerms(F.normalize(x, dim=1), self.scale, target)
+
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> HeadOutput | Tensor:
         """Margin-free logits (no labels), or loss and AdaFace logits (with labels).
 
@@ -163,32 +186,18 @@ class AdaFaceHead(nn.Module):
 
         Returns:
             ``(B, C)`` logits ``s · cos θ`` without labels, else ``HeadOutput(loss, logits)``
-            with the margin on the target column and ``loss`` the mean cross-entropy.
+            with the margin on the target column and ``loss`` the mean cross-entropy, computed by
+            headreg's fused margin cross-entropy (one ``(B, C)`` buffer; the logits are rebuilt
+            only if read).
         """
         check_embeddings(embeddings, self.in_features)
         if labels is not None:
             check_labels(labels, embeddings.shape[0], self.num_classes)
         with float32_region(embeddings) as dtype:
             x = embeddings.to(dtype)
-            cos = self._cosine(x)
             if labels is None:
-                return cos * self.scale
-
-            norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(_NORM_MIN, _NORM_MAX)
-            if self.training:
-                self._update_statistics(norms)
-            mean, std = self.norm_mean.to(dtype), self.norm_std.to(dtype)
-            z_hat = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)  # (B,), no gradient
-            g_angle = -self.margin * z_hat
-            g_add = self.margin * z_hat + self.margin
-
-            cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
-            delta = torch.finfo(dtype).eps
-            theta = torch.acos(cos_y.clamp(-1.0 + delta, 1.0 - delta))
-            target = torch.cos((theta + g_angle).clamp(self.eps, math.pi - self.eps)) - g_add
-            # scatter returns a new tensor: `cos` is left as autograd saved it.
-            logits = cos.scatter(1, labels.unsqueeze(1), target.unsqueeze(1)) * self.scale
-            return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+                return self._cosine(x) * self.scale
+            return fused_output(self.fused_terms(x), self.weight.to(dtype), labels)
 
     def extra_repr(self) -> str:
         return (
