@@ -11,6 +11,8 @@ sample a leave-one-out query against all others), times:
   headreg  headreg.metrics.retrieval_metrics (P@1, R-precision, MAP@R), torch backend
            (thresholded exact k-NN, see headreg/metrics/_knn.py)
   pml      pytorch-metric-learning AccuracyCalculator(k="max_bin_count") with its default faiss k-NN
+  faiss    faiss-cpu IndexFlatIP: add the gallery, search the top max_bin_count (+1 for the query
+           itself in leave-one-out) of every query; the search alone, no metric: a peer's floor
   default  the whole default `headreg eval --embeddings FILE --json` (retrieval, verification,
            clustering), a separate process timed end to end: interpreter start, imports, loading
            the file, checks, every family. Its peak RSS is the process's whole RSS (ru_maxrss).
@@ -19,7 +21,9 @@ sample a leave-one-out query against all others), times:
 
 `--default-metrics` adds floor, default and families to the methods. `--class-sizes 2:12` makes
 classes of 2 to 12 samples (uniform), as many as `--classes`, and N their total (the SOP shape:
-`--classes 11316 --sop-n 60502` gives N = 60,502).
+`--classes 11316 --sizes 60502` gives N = 60,502). `--query-gallery Q,G` times the query/gallery
+protocol instead of leave-one-out: Q query and G gallery samples drawn from the same classes (the
+In-shop shape: `--query-gallery 14218,12612 --classes 3985`); N is then Q + G.
 
 Each method runs in its own subprocess; peak extra memory is the largest RSS growth over
 the RSS after the data is built, sampled every 2 ms from /proc/self/statm by a thread.
@@ -30,6 +34,10 @@ Prints a markdown table and headreg's time per stage.
     PYTHONPATH=. python benchmarks/bench_eval.py --sizes 100000 --default-metrics --threads 1
     PYTHONPATH=. python benchmarks/bench_eval.py --sizes 60502 --classes 11316 --class-sizes 2:12 --default-metrics
     PYTHONPATH=. python benchmarks/bench_eval.py --sizes 1000000 --methods verification
+    PYTHONPATH=. python benchmarks/bench_eval.py --sizes 60502 --dim 512 --classes 11316 --class-sizes 2:12 \
+        --methods floor,headreg,pml,faiss --threads 1 --repeats 3
+    PYTHONPATH=. python benchmarks/bench_eval.py --query-gallery 14218,12612 --dim 512 --classes 3985 \
+        --methods floor,headreg,pml,faiss --threads 1 --repeats 3
 """
 
 from __future__ import annotations
@@ -113,6 +121,8 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     x, y = make_data(args.n, args.dim, args.classes, args.noise, sizes=args.class_sizes)
+    q = args.num_queries  # 0: leave-one-out over all of x
+    qx, qy, gx, gy = (x[:q], y[:q], x[q:], y[q:]) if q else (x, y, x, y)
     if args.method == "default":
         print(json.dumps(_default_cli(args, x, y)))
         return
@@ -129,12 +139,20 @@ def child(args: argparse.Namespace) -> None:
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             if args.method == "floor":
-                chunk, tile = plan_chunks(args.n)
+                chunk, tile = plan_chunks(gx.shape[0])
                 chunk = args.chunk_size or chunk
                 buf = torch.empty(chunk, tile)
-                for s in range(0, args.n, chunk):
-                    for _ in similarity_tiles(x[s : s + chunk], x, tile, buf):
+                for s in range(0, qx.shape[0], chunk):
+                    for _ in similarity_tiles(qx[s : s + chunk], gx, tile, buf):
                         pass
+            elif args.method == "faiss":
+                import faiss
+
+                faiss.omp_set_num_threads(args.threads or torch.get_num_threads())
+                k = int(torch.bincount(gy).max()) + (0 if q else 1)  # + the query itself in leave-one-out
+                index = faiss.IndexFlatIP(args.dim)
+                index.add(gx.numpy())
+                index.search(qx.numpy(), k)
             elif args.method == "mm_rows":
                 chunk = max(8, (32 * 2**20) // (4 * args.n))
                 buf = torch.empty(chunk, args.n)
@@ -150,7 +168,10 @@ def child(args: argparse.Namespace) -> None:
 
                 result = verification_metrics(x, y)
             elif args.method == "headreg":
-                out = retrieval_metrics(x, y, recall_k=(1,), knn_k=1, chunk_size=args.chunk_size, stats=stats)
+                gallery = (gx, gy) if q else (None, None)
+                out = retrieval_metrics(
+                    qx, qy, *gallery, recall_k=(1,), knn_k=1, chunk_size=args.chunk_size, stats=stats
+                )
                 result = {k: out[k] for k in ("precision_at_1", "r_precision", "mean_average_precision_at_r")}
             else:
                 calc = AccuracyCalculator(
@@ -158,7 +179,7 @@ def child(args: argparse.Namespace) -> None:
                     k="max_bin_count",
                     device=torch.device("cpu"),
                 )
-                result = calc.get_accuracy(x, y)
+                result = calc.get_accuracy(qx, qy, gx, gy, ref_includes_query=False) if q else calc.get_accuracy(x, y)
             times.append(time.perf_counter() - t0)
         extra = max(extra, mem.extra_mib)
     print(json.dumps({"time": min(times), "result": result, "stats": stats, "extra_mib": extra}))
@@ -198,10 +219,12 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--default-metrics", action="store_true", help="time the whole default headreg eval")
     p.add_argument("--class-sizes", default=None, help="LO:HI samples per class (N must fit)")
+    p.add_argument("--query-gallery", default=None, help="Q,G: time query/gallery (Q queries, G gallery)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--num-queries", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.default_metrics and args.methods == ",".join(METHODS):
         args.methods = ",".join(DEFAULT_METHODS)
@@ -217,13 +240,19 @@ def main() -> None:
         f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         flush=True,
     )
-    rows = []
-    for n in [int(s) for s in args.sizes.split(",")]:
+    rows, num_queries = [], 0
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.query_gallery:
+        num_queries, num_gallery = (int(v) for v in args.query_gallery.split(","))
+        if args.default_metrics or args.class_sizes:
+            raise SystemExit("--query-gallery times retrieval only; drop --default-metrics / --class-sizes")
+        sizes = [num_queries + num_gallery]
+    for n in sizes:
         res = {}
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--child", method, "--n", str(n), "--dim", str(args.dim)]
             cmd += ["--classes", str(args.classes), "--noise", str(args.noise), "--repeats", str(args.repeats)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), "--num-queries", str(num_queries)]
             if args.class_sizes:
                 cmd += ["--class-sizes", args.class_sizes]
             if args.chunk_size:
@@ -238,10 +267,10 @@ def main() -> None:
         rows.append((n, res))
     print()
     print(
-        "| N | method | time (s) | x floor | x mm_rows | speed-up vs PML | peak extra RSS (MiB) | P@1 "
-        "| R-precision | MAP@R |"
+        "| N | method | time (s) | x floor | x mm_rows | speed-up vs PML | x faiss search | peak extra RSS (MiB) "
+        "| P@1 | R-precision | MAP@R |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, res in rows:
         floor = res.get("floor", {}).get("time")
         for method, r in res.items():
@@ -251,15 +280,16 @@ def main() -> None:
             speed = (
                 f"{res['pml']['time'] / r['time']:.2f}" if "pml" in res and method not in ("floor", "mm_rows") else "-"
             )
+            faiss_time = res.get("faiss", {}).get("time")
+            ratio_faiss = f"{r['time'] / faiss_time:.2f}" if faiss_time else "-"
             m = r["result"]
             vals = [
                 f"{m[k]:.6f}" if k in m else "-"
                 for k in ("precision_at_1", "r_precision", "mean_average_precision_at_r")
             ]
             print(
-                f"| {n} | {method} | {r['time']:.2f} | {ratio} | {ratio_rows} | {speed} | {r['extra_mib']:.0f} | "
-                + " | ".join(vals)
-                + " |"
+                f"| {n} | {method} | {r['time']:.2f} | {ratio} | {ratio_rows} | {speed} | {ratio_faiss} "
+                f"| {r['extra_mib']:.0f} | " + " | ".join(vals) + " |"
             )
     print()
     for n, res in rows:

@@ -14,8 +14,8 @@ import statistics
 import time
 
 import torch
-
 from bench_eval import make_data  # noqa: I001 - a sibling script
+
 from headreg.metrics.clustering import clustering_metrics
 
 

@@ -302,6 +302,7 @@ TRAIN_CONFIG: Mapping[str, Field] = {
     "limit": Field("int", nullable=True, check=at_least(1)),
     "test_limit": Field("int", nullable=True, check=at_least(1)),
     "augment": Field("bool"),
+    "input_size": Field("int", nullable=True, check=at_least(1)),
     "data_dir": Field("str", nullable=True),
     "eval_metrics": Field("list", items=Field("str")),
     "eval_limit": Field("int", nullable=True, check=at_least(1)),

@@ -78,7 +78,8 @@ def test_choices_are_the_engine_constants():
     assert _choices(compare_cmd, "preset") == tuple(headreg.compare.PRESETS)
     texts = _help(eval_cmd, "eval")
     assert ",".join(headreg.engine.evaluate.ALL_METRICS) in texts["metrics"]
-    assert "[default: 256; x>=1]" in texts["batch_size"] and "[default: 1,2,4,8]" in texts["recall_k"]
+    assert "[default: 256; x>=1]" in texts["batch_size"]
+    assert "[default: 1,2,4,8; sop 1,10,100,1000, inshop 1,10,20,30,40,50]" in texts["recall_k"]
     assert "[default: torch]" in texts["knn"]
     texts = _help(compare_cmd, "compare")
     assert ",".join(headreg.compare.DEFAULT_HEADS) in texts["heads"].replace(" ", "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import traceback
+from typing import Any
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ import torch.multiprocessing as mp
 
 import headreg
 from headreg.errors import InvalidInputError, InvalidValueError
-from headreg.heads._sharded import ShardedHead, shard_bounds
-from headreg.heads.base import head_shard_refusal
+from headreg.heads._sharded import ShardedHead, head_shard_refusal, shard_bounds
+from headreg.heads.functional import margin_logits
 from headreg.metrics.classification import label_rank
 from headreg.registry import create_head, list_heads
 
@@ -146,11 +147,11 @@ def _check_sampling(rank: int, world: int) -> None:
             kept_all = [torch.empty(0)] * world
             dist.all_gather_object(kept_all, (kept + sharded.lo).tolist())
             cols = torch.tensor(sorted(c for ks in kept_all for c in ks))
-            whole = _whole("cosface")
+            whole, pos = _whole("cosface"), torch.searchsorted(cols, y)
             with torch.no_grad():
                 whole.weight.copy_(_gather_weight(before, world))
-                logits = whole.partial_logits(x, torch.searchsorted(cols, y), cols)
-            ref = torch.nn.functional.cross_entropy(logits, torch.searchsorted(cols, y))
+                logits = margin_logits(whole.fused_terms(x), whole.weight[cols], pos)
+            ref = torch.nn.functional.cross_entropy(logits, pos)
             torch.testing.assert_close(out.loss.detach(), ref)
         # Seeded: the same seed draws the same classes.
         again = _sharded("cosface", sample_rate=0.5).train()
@@ -166,13 +167,14 @@ def _gather_weight(w: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank: int, world: int, init: str, failures: mp.Queue) -> None:
+def _worker(rank: int, world: int, init: str, failures: Any) -> None:
     refs = _references()
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         _check_exact(rank, world, refs)
         _check_bad_label(rank, world)
         _check_sampling(rank, world)
+        failures.put("ok")
     except BaseException:
         failures.put(f"rank {rank}: {traceback.format_exc()}")
         raise
@@ -194,11 +196,13 @@ def test_sharded_head_on_gloo(tmp_path, world):
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
-    errors = []
+    reports = []
     while not failures.empty():
-        errors.append(failures.get())
+        reports.append(failures.get())
     assert not alive, "a rank hung"
-    assert not errors and all(p.exitcode == 0 for p in procs), "\n".join(errors)
+    errors = [r for r in reports if r != "ok"]
+    # Every rank reports its checks passed (an exit code alone would also count a crash in gloo's teardown).
+    assert not errors and reports.count("ok") == world, "\n".join(errors) or f"exit codes {[p.exitcode for p in procs]}"
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -219,6 +223,9 @@ def test_a_head_that_cannot_shard_says_why():
         headreg.create_model("lenetpp", "normface", num_classes=4, head_options={"learn_scale": True}, shard_head=True)
     with pytest.raises(InvalidValueError, match=r"head 'sphereface' cannot be class-sharded.*focal"):
         headreg.create_model("lenetpp", "sphereface", num_classes=4, head_options={"focal_gamma": 2.0}, shard_head=True)
+    if "subcenter_arcface" in list_heads():
+        with pytest.raises(InvalidValueError, match=r"cannot be class-sharded.*sub-centres"):
+            headreg.create_model("lenetpp", "subcenter_arcface", num_classes=4, shard_head=True)
     if "curricularface" in list_heads():
         with pytest.raises(InvalidValueError, match=r"head 'curricularface' cannot be class-sharded.*target cosine"):
             headreg.create_model("lenetpp", "curricularface", num_classes=4, shard_head=True)

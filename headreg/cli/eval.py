@@ -58,6 +58,18 @@ def _tta_modes() -> tuple[str, ...]:
     return TTA_MODES
 
 
+def _recall_k_default() -> str:
+    """The engine's k, then each retrieval benchmark's own where it differs."""
+    from ..data._retrieval_sets import RECALL_K
+    from ..engine._roles import DEFAULT_RECALL_K
+
+    def ks(k: tuple[int, ...]) -> str:
+        return ",".join(map(str, k))
+
+    own = [f"{name} {ks(k)}" for name, k in RECALL_K.items() if k != DEFAULT_RECALL_K]
+    return f"{ks(DEFAULT_RECALL_K)}; {', '.join(own)}"
+
+
 def _metrics_help() -> str:
     from ..engine.evaluate import ALL_METRICS
 
@@ -156,7 +168,7 @@ class EvalOptions:
     "--amp/--no-amp", default=None, help="bf16 autocast + channels_last (default: on CUDA only; --amp: on CPU too)."
 )
 @engine_option("--metrics", help_text=_metrics_help)
-@engine_option("--recall-k", defaults=_evaluate_defaults, help="k of recall@k.")
+@engine_option("--recall-k", help="k of recall@k.", default_text=lambda: _recall_k_default())
 @engine_option("--knn", type=LazyChoice(_knn_backends), defaults=_evaluate_defaults, help="k-NN backend.")
 @click.option(
     "--tta",

@@ -176,6 +176,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 @config_option("--seed", type=int)
 @config_option("--limit", type=int, help="Train on a seeded random subset of N samples.")
 @config_option("--test-limit", type=int, help="Evaluate on a seeded random subset of N test samples.")
+@config_option(
+    "--input-size", type=int, help="Model input side in pixels (default: the backbone's; 224 for cub200...)."
+)
 @config_option("--data-dir", type=click.Path(file_okay=False), help="Dataset root.", default_text=data_dir_default)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
@@ -241,7 +244,11 @@ def train_cmd(
     if as_json:
         click.echo(json.dumps({"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}))
     else:
-        click.echo(f"done: {result.run_dir} (test accuracy {result.test_accuracy:.4f})")
+        last = result.history[-1] if result.history else {}
+        if result.test_accuracy is None and "test_recall_at_1" in last:  # unseen test classes: retrieval
+            click.echo(f"done: {result.run_dir} (test Recall@1 {last['test_recall_at_1']:.4f} on unseen classes)")
+        else:
+            click.echo(f"done: {result.run_dir} (test accuracy {result.test_accuracy:.4f})")
 
 
 def _required_fields() -> list[str]:

@@ -7,7 +7,9 @@ index operation; :class:`BatchTransform` converts and normalises those batches o
 
 from headreg.data._datasets import (
     DATA_DIR_ENV,
+    ImageFilesDataset,
     ImageFolderDataset,
+    ImageListDataset,
     TensorImageDataset,
     create_dataset,
     is_pairs_dataset,
@@ -22,7 +24,9 @@ __all__ = [
     "DATA_DIR_ENV",
     "BatchLoader",
     "BatchTransform",
+    "ImageFilesDataset",
     "ImageFolderDataset",
+    "ImageListDataset",
     "ShardSampler",
     "TensorImageDataset",
     "create_dataset",

@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
+from headreg.data._files import ImageFilesDataset, ImageListDataset
 from headreg.data._tensor import TensorImageDataset
-from headreg.errors import DataFileError, DatasetNotFoundError, InvalidValueError, UnknownDatasetError, did_you_mean
+from headreg.errors import DatasetNotFoundError, InvalidValueError, UnknownDatasetError, did_you_mean
 
 __all__ = [
     "DATA_DIR_ENV",
     "DEFAULT_DATA_DIR",
+    "ImageFilesDataset",
     "ImageFolderDataset",
+    "ImageListDataset",
     "TensorImageDataset",
     "create_dataset",
     "is_pairs_dataset",
@@ -60,24 +62,7 @@ def _data_dir_source(data_dir: str | Path | None) -> str:
     return f"the default; {DATA_DIR_ENV} is not set"
 
 
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    """What reading one image can raise, for a corrupt, truncated, vanished or hostile file.
-
-    OSError (PIL's UnidentifiedImageError, a truncated file, a vanished one); for malformed files PIL also
-    raises SyntaxError, ValueError, EOFError, and DecompressionBombError for a decompression bomb.
-    """
-    errors: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError)
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - torchvision's loader needs PIL anyway
-        return errors
-    return (*errors, Image.DecompressionBombError)
-
-
-_DECODE_ERRORS = _decode_errors()
-
-
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(ImageFilesDataset):
     """A torchvision ``ImageFolder`` (``root/<class>/<image>``) decoded per sample, with headreg's attributes.
 
     ``transform`` is a per-sample callable (PIL image -> tensor); :func:`headreg.data.resolve_transform` sets it
@@ -89,9 +74,6 @@ class ImageFolderDataset(Dataset):
         channels: 3 (images are converted to RGB on load).
         image_size: ``None``: images in a folder have no single native size.
     """
-
-    channels = 3
-    image_size = None
 
     def __init__(self, root: Path, *, name: str, transform: Callable[[Any], Any] | None = None) -> None:
         from torchvision.datasets import ImageFolder
@@ -106,36 +88,16 @@ class ImageFolderDataset(Dataset):
         self.root = root
         self.name = name
         self.classes = list(self._folder.classes)
-        self.num_classes = len(self.classes)
         self.targets = torch.tensor(self._folder.targets, dtype=torch.long)
         self.transform = transform
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.targets
 
     @property
     def samples(self) -> list[tuple[str, int]]:
         """``(path, class index)`` pairs, as ImageFolder's."""
         return self._folder.samples
 
-    def __len__(self) -> int:
-        return len(self._folder.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, target = self._folder.samples[index]
-        try:
-            image = self._folder.loader(path)
-        except _DECODE_ERRORS as exc:  # PIL's errors name no file, or only in a DataLoader worker's traceback
-            raise DataFileError(
-                f"dataset '{self.name}': cannot read the image {path} ({type(exc).__name__}: {exc}); "
-                "is it corrupt or truncated? Replace or remove it"
-            ) from None
-        if self.transform is not None:
-            return self.transform(image), target
-        from torchvision.transforms.functional import pil_to_tensor
-
-        return pil_to_tensor(image), target
+    def _load(self, path: str) -> Any:
+        return self._folder.loader(path)
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset(root={str(self.root)!r}, samples={len(self)}, classes={self.num_classes})"
@@ -152,6 +114,9 @@ _PREFIXED = ("imagefolder",)
 #: Names that take a path and give a pairs protocol (:mod:`headreg.data._pairs`), with the form of their argument.
 _PAIRS = {"bin": ("file", "bin:PATH/lfw.bin"), "lfw": ("folder", "lfw:DIR"), "pairs": ("file", "pairs:LIST.csv")}
 _OTHER = ("fake",)
+#: The metric-learning retrieval benchmarks (:mod:`headreg.data._retrieval_sets`): a name under the data dir, or
+#: ``NAME:DIR`` for a folder elsewhere; ``csv`` always takes its file.
+_RETRIEVAL = ("cub200", "cars196", "sop", "inshop")
 
 
 def is_pairs_dataset(name: str) -> bool:
@@ -160,8 +125,9 @@ def is_pairs_dataset(name: str) -> bool:
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw`` and ``pairs`` take a path."""
-    return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS])
+    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw``, ``pairs`` and ``csv`` take a path,
+    ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
+    return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS, *_RETRIEVAL, "csv"])
 
 
 def create_dataset(
@@ -171,7 +137,7 @@ def create_dataset(
     data_dir: str | Path | None = None,
     download: bool = False,
     **kwargs: Any,
-) -> TensorImageDataset | ImageFolderDataset:
+) -> TensorImageDataset | ImageFilesDataset:
     """Create a named dataset.
 
     Args:
@@ -180,7 +146,10 @@ def create_dataset(
             ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
             validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
             the same for every split), ``lfw:DIR`` (LFW's ``DIR/pairs.txt`` over ``DIR/lfw/``, likewise),
-            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise) or ``fake`` (seeded synthetic
+            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), the retrieval benchmarks ``cub200``,
+            ``cars196``, ``sop``, ``inshop`` in their native layouts under the data dir (``NAME:DIR``: in DIR) and
+            ``csv:PATH`` (open-metric-learning's CSV), each an :class:`ImageListDataset` of the split's unseen
+            classes (docs/protocols.md), or ``fake`` (seeded synthetic
             images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
             ``channels``, ``seed``).
         split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
@@ -189,7 +158,8 @@ def create_dataset(
         **kwargs: Options of the ``fake`` dataset; other datasets take none.
 
     Returns:
-        A :class:`TensorImageDataset` for the in-memory datasets, an :class:`ImageFolderDataset` for folders.
+        A :class:`TensorImageDataset` for the in-memory datasets, an :class:`ImageFolderDataset` for folders, an
+        :class:`ImageListDataset` for the retrieval benchmarks.
 
     Raises:
         UnknownDatasetError: ``name`` is not a known dataset.
@@ -211,6 +181,15 @@ def create_dataset(
         _check_split(name, split)
         _reject_options(name, kwargs)
         return _create_pairs(key, Path(arg).expanduser(), name)
+    if key == "csv" and not arg:
+        raise InvalidValueError(f"dataset '{name}' needs a file: use 'csv:PATH' (columns label,path[,split,...])")
+    if key in _RETRIEVAL or key == "csv":
+        _check_split(name, split)
+        _reject_options(name, kwargs)
+        from headreg.data._retrieval_sets import read_retrieval_set
+
+        folder = Path(arg) if arg else None
+        return read_retrieval_set(key, split, folder, resolve_data_dir(data_dir), _data_dir_source(data_dir))
     if key in _TORCHVISION and not arg:
         _check_split(name, split)
         _reject_options(name, kwargs)
@@ -222,7 +201,8 @@ def create_dataset(
         return create_fake(split, **kwargs)
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
-        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv')"
+        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv', "
+        "csv as 'csv:PATH')"
     )
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headreg.data._datasets import ImageFolderDataset, TensorImageDataset
+from headreg.data._files import ImageFilesDataset, ImageListDataset
+from headreg.data._tensor import TensorImageDataset
 from headreg.errors import InvalidInputError, InvalidValueError
 
 __all__ = ["BatchTransform", "resolve_transform"]
@@ -206,10 +207,14 @@ def resolve_transform(
     Training adds a random translation of 1/8 of the image side and, where it is label-preserving (not digits),
     horizontal flips.
 
-    For an :class:`~headreg.data.ImageFolderDataset` images are decoded per sample in DataLoader workers, so
+    For an :class:`~headreg.data.ImageFolderDataset` (any :class:`~headreg.data.ImageFilesDataset`) images are
+    decoded per sample in DataLoader workers, so
     timm's ``create_transform(**data_config, is_training=train)`` is installed as ``dataset.transform`` (with a
     grey conversion first when the model takes 1 channel) and the returned batch transform passes the
-    already-normalised float batches through. Either way the loop does ``model(transform(images.to(device)))``.
+    already-normalised float batches through. A retrieval benchmark (:class:`~headreg.data.ImageListDataset`) uses
+    its protocol's transform: resize to 256 and centre-crop 224 (``input_size`` sets the crop, the resize keeps
+    the 0.875 ratio), the backbone's mean and std; training takes a random-resized crop and a flip.
+    Either way the loop does ``model(transform(images.to(device)))``.
 
     Args:
         data_config: ``timm.data.resolve_data_config(model=model)``: ``input_size`` ``(C, H, W)``, ``mean``,
@@ -247,8 +252,15 @@ def resolve_transform(
             hflip=0.5 if (train and augment and dataset.hflip) else 0.0,
             seed=seed,
         )
-    elif isinstance(dataset, ImageFolderDataset):
-        dataset.transform = _sample_transform(data_config, in_chans, size, train=train and augment)
+    elif isinstance(dataset, ImageFilesDataset):
+        config = dict(data_config)
+        if isinstance(dataset, ImageListDataset):
+            # A retrieval benchmark's protocol: resize 256 -> centre crop 224 whatever the backbone's own
+            # crop, and random-resized-crop + flip (no colour jitter) to train.
+            config["crop_pct"] = dataset.crop_pct
+            config["color_jitter"] = None
+            size = size if size is not None else (dataset.input_size, dataset.input_size)
+        dataset.transform = _sample_transform(config, in_chans, size, train=train and augment)
         transform = BatchTransform(mean, std, in_chans=in_chans, size=None)
     else:
         raise InvalidValueError(f"dataset must come from headreg.data.create_dataset, got {type(dataset).__name__}")
@@ -261,7 +273,7 @@ def _sample_transform(
     from timm.data import create_transform
     from torchvision import transforms as T
 
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "color_jitter")
     config = {k: data_config[k] for k in keys if k in data_config}
     if size is not None:
         config["input_size"] = (in_chans, *size)

@@ -49,6 +49,7 @@ class TrainConfig:
         limit: train on a seeded random subset of this many samples.
         test_limit: evaluate on a seeded random subset of this many test samples.
         augment: random translation (and flips where label-preserving) while training.
+        input_size: the model's input side in pixels, overriding the backbone's (or a retrieval benchmark's 224).
         data_dir: dataset root (else ``HEADREG_DATA_DIR``).
         eval_metrics: metric families of the final evaluation (see ``headreg eval --metrics``); empty skips it.
         eval_limit: compute those metrics on a seeded random subset of this many test embeddings
@@ -85,6 +86,7 @@ class TrainConfig:
     limit: int | None = None
     test_limit: int | None = None
     augment: bool = True
+    input_size: int | None = None
     data_dir: str | None = None
     eval_metrics: tuple[str, ...] = ("retrieval", "clustering")
     eval_limit: int | None = None
@@ -97,7 +99,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("limit", "test_limit", "eval_limit", "embedding_dim", "num_classes"):
+        for name in ("limit", "test_limit", "eval_limit", "embedding_dim", "num_classes", "input_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidValueError(f"{name} must be a positive integer or None, got {v!r}")
@@ -199,4 +201,4 @@ class TrainResult:
     def test_accuracy(self) -> float | None:
         if self.eval:
             return self.eval.get("test_accuracy")
-        return self.history[-1]["test_accuracy"] if self.history else None
+        return self.history[-1].get("test_accuracy") if self.history else None  # None: unseen test classes

@@ -77,6 +77,7 @@ class EpochLog:
         lr: float,
         step_time: float,
         eval_time: float,
+        retrieval: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record finished epoch ``epoch`` (0-based) from its sums over all ranks; returns the record.
 
@@ -87,6 +88,8 @@ class EpochLog:
             lr: the learning rate of the last step (of the first parameter group).
             step_time: seconds spent in training steps (the slowest rank's).
             eval_time: seconds of the test evaluation.
+            retrieval: the test split's retrieval metrics when its classes are unseen in training: recorded as
+                ``test_<metric>`` instead of ``test_accuracy``, which has no meaning there.
 
         Raises:
             HeadregError: the mean loss is NaN or infinite.
@@ -99,17 +102,23 @@ class EpochLog:
             "loss": loss_sum / max(seen, 1.0),
             "train_accuracy": tr_correct / max(seen, 1.0),
             "test_accuracy": te_correct / max(te_count, 1.0),
+            **{f"test_{k}": v for k, v in (retrieval or {}).items() if isinstance(v, float)},
             "lr": lr,
             "time": step_time,
             "eval_time": eval_time,
             "images_per_s": seen / max(step_time, 1e-9),
         }
+        if retrieval is not None:
+            del record["test_accuracy"]
+            test = f"test R@1 {retrieval['recall_at_1']:.4f}  MAP@R {retrieval['mean_average_precision_at_r']:.4f}"
+        else:
+            test = f"test acc {record['test_accuracy']:.4f}"
         self.history.append(record)
         if self.main:
             self.run_dir.append_metrics(record)
         self.say(
             f"epoch {epoch + 1}/{self.epochs}: loss {record['loss']:.4f}  train acc {record['train_accuracy']:.4f}"
-            f"  test acc {record['test_accuracy']:.4f}  {step_time:.1f}s  {record['images_per_s']:.0f} img/s"
+            f"  {test}  {step_time:.1f}s  {record['images_per_s']:.0f} img/s"
         )
         return record
 

@@ -84,7 +84,9 @@ class EpochTally:
     Attributes:
         loss_sum: Σ batch loss × batch size.
         correct: training samples whose label ranks first under the head's margin-free logits
-            (:func:`~headreg.metrics.classification.label_rank`, ties counting as hits, as at test time).
+            (:func:`~headreg.metrics.classification.label_rank`, ties counting as hits, as at test time):
+            the step's own forward pass when the head reports ``HeadOutput.top1`` (the fused heads),
+            else the head called again on the step's embeddings after the optimiser step.
         seen: samples processed.
         batches: steps done in this epoch (resume skips this many).
         seconds: training time spent in this epoch so far.
@@ -216,13 +218,16 @@ def run_epoch(
             ctx.optimizer.step()
         n = labels.shape[0]
         tally.loss_sum += loss.detach().double() * n
-        with torch.no_grad():  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
-            sharded_rank = getattr(ctx.head, "label_rank", None)  # a sharded head ranks from its shards
-            if callable(sharded_rank) and out.embeddings is not None:
-                tally.correct += (sharded_rank(out.embeddings.detach(), labels) == 0).sum()
-            else:
-                logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
-                tally.correct += (label_rank(logits, labels) == 0).sum()
+        if out.top1 is not None:  # found by the head in its forward pass (the fused heads): free
+            tally.correct += out.top1.sum()
+        else:
+            with torch.no_grad():  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
+                sharded_rank = getattr(ctx.head, "label_rank", None)  # a sampled sharded head ranks from its shards
+                if callable(sharded_rank) and out.embeddings is not None:
+                    tally.correct += (sharded_rank(out.embeddings.detach(), labels) == 0).sum()
+                else:
+                    logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
+                    tally.correct += (label_rank(logits, labels) == 0).sum()
         tally.seen += n
         tally.batches += 1
         ctx.global_step += 1

@@ -5,7 +5,9 @@ both through :func:`run_training`. The pieces it puts together live in their own
 directory (:mod:`._rundir`), the distributed set-up (:mod:`._distributed`), the set-up of data, model and
 optimiser (:mod:`._setup`), the step loop (:mod:`._loop`) and epoch logging (:mod:`._epochlog`). The test
 evaluation is headreg's one inference pass, :func:`headreg.engine.extract.extract_embeddings`, so the
-``test_accuracy`` of a run is the ``top1_accuracy`` that ``headreg eval`` reports for its checkpoint.
+``test_accuracy`` of a run is the ``top1_accuracy`` that ``headreg eval`` reports for its checkpoint. A test split
+of classes the head never saw (``unseen_classes``: the retrieval benchmarks, ``cub200``...) has no top-1 accuracy;
+each epoch then records the retrieval metrics ``headreg eval`` reports for it, as ``test_recall_at_1``...
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ._distributed import Ranks
 from ._epochlog import EpochLog
 from ._jsonsafe import json_safe
 from ._loop import EpochTally, StopFlag, run_epoch
+from ._roles import dataset_recall_k, dataset_roles
 from ._rundir import RunDir
 from ._setup import Session, build_session
 from ._shard_head import is_sharded, load_train_state, train_state
@@ -224,6 +227,10 @@ class Run:
         t0 = time.perf_counter()
         ext = self._test_pass()
         assert ext.label_rank is not None  # a training model always has a head with classes
+        retrieval = None
+        if self.unseen:
+            whole = gather_extraction(ext)  # a collective: every rank, before rank 0 computes
+            retrieval = run_on_main(lambda: self._evaluate(whole, ("retrieval",), per_category=False)[0])
         test_correct = (ext.label_rank == 0).sum().double()
         test_count = torch.tensor(float(ext.images), dtype=torch.float64, device=test_correct.device)
         dev = self.ranks.device
@@ -233,9 +240,33 @@ class Run:
         self.ranks.max_(seconds)
         self.log.record(
             e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
-            step_time=float(seconds.item()), eval_time=time.perf_counter() - t0,
+            step_time=float(seconds.item()), eval_time=time.perf_counter() - t0, retrieval=retrieval,
         )  # fmt: skip
         return ext
+
+    @property
+    def unseen(self) -> bool:
+        """Whether the test split's classes are unseen in training (retrieval, not accuracy, measures them)."""
+        return bool(getattr(self.session.test_loader.dataset, "unseen_classes", False))
+
+    def _evaluate(
+        self, whole: Extraction, metrics: tuple[str, ...], *, per_category: bool = True, limit: int | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """``headreg eval``'s metrics of a gathered test pass: the dataset's query/gallery roles and Recall@K k."""
+        from .evaluate import evaluate_embeddings
+
+        ds = self.session.test_loader.dataset
+        emb, labels = whole.embeddings.cpu(), whole.labels.cpu()
+        is_query, is_gallery, categories = dataset_roles(ds, None if whole.indices is None else whole.indices.cpu())
+        if limit is not None and limit < labels.numel():
+            pick = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(self.config.seed))[:limit]
+            emb, labels = emb[pick], labels[pick]
+            is_query, is_gallery = (None if m is None else m[pick] for m in (is_query, is_gallery))
+            categories = None if categories is None else [categories[i] for i in pick.tolist()]
+        return evaluate_embeddings(
+            emb, labels, is_query=is_query, is_gallery=is_gallery, metrics=metrics, recall_k=dataset_recall_k(ds),
+            categories=categories if per_category else None,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ the end
     def _final_eval(self, last: Extraction | None) -> tuple[dict[str, Any], Tensor, Tensor]:
@@ -247,8 +278,10 @@ class Run:
         result: dict[str, Any] = {}
         if self.ranks.main:
             cfg = self.config
-            metrics, notes = self._metrics(emb, labels)
-            acc = self.log.history[-1]["test_accuracy"] if self.log.history else None
+            metrics, notes = (
+                self._evaluate(whole, cfg.eval_metrics, limit=cfg.eval_limit) if cfg.eval_metrics else ({}, [])
+            )
+            acc = self.log.history[-1].get("test_accuracy") if self.log.history else None
             result = {
                 "dataset": cfg.dataset,
                 "split": "test",
@@ -259,20 +292,10 @@ class Run:
                 "warnings": notes,
             }
             self.run_dir.write_eval(result)
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            self.log.say(f"final test evaluation: accuracy {acc:.4f}, {shown}")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
+            head = "unseen classes" if acc is None else f"accuracy {acc:.4f}"
+            self.log.say(f"final test evaluation: {head}, {shown}")
         return result, emb, labels
-
-    def _metrics(self, emb: Tensor, labels: Tensor) -> tuple[dict[str, Any], list[str]]:
-        from .evaluate import evaluate_embeddings
-
-        cfg = self.config
-        if not cfg.eval_metrics:
-            return {}, []
-        if cfg.eval_limit is not None and cfg.eval_limit < labels.numel():
-            pick = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_limit]
-            emb, labels = emb[pick], labels[pick]
-        return evaluate_embeddings(emb, labels, metrics=cfg.eval_metrics)
 
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, epoch: int, tally: EpochTally | None, status: str) -> None:

@@ -6,6 +6,7 @@ same objects; :meth:`headreg.engine._runner.Run.restore` then loads a resumed ru
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         InvalidValueError: labels outside the head's classes, a batch larger than the training set, a head
             attribute the head cannot warm up.
     """
-    from ..data import create_dataset, create_loader, is_pairs_dataset, resolve_transform
+    from ..data import TensorImageDataset, create_dataset, create_loader, is_pairs_dataset, resolve_transform
     from ..models import create_model
 
     if is_pairs_dataset(cfg.dataset):
@@ -90,9 +91,11 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     model = model.to(dev).train()
     per_rank_batch = cfg.batch_size // ranks.info.world_size
     on_device = dev if dev.type != "cpu" else None
+    # Image files (imagefolder, the retrieval benchmarks) are decoded in DataLoader workers, never held decoded.
+    workers = 0 if isinstance(train_ds, TensorImageDataset) else min(8, os.cpu_count() or 1)
     train_loader = create_loader(
         train_ds, batch_size=per_rank_batch, shuffle=True, seed=cfg.seed, drop_last=True, limit=cfg.limit,
-        device=on_device,
+        device=on_device, num_workers=workers,
     )  # fmt: skip
     if len(train_loader) == 0:
         n = len(train_ds) if cfg.limit is None else min(cfg.limit, len(train_ds))
@@ -102,12 +105,15 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         )
     test_loader = create_loader(
         test_ds, batch_size=max(256, per_rank_batch), shuffle=False, seed=cfg.seed, limit=cfg.test_limit,
-        device=on_device,
+        device=on_device, num_workers=workers,
     )  # fmt: skip
     data_cfg = dict(model.pretrained_cfg)
     rank = ranks.info.rank
-    train_tf = resolve_transform(data_cfg, train_ds, train=True, augment=cfg.augment, seed=cfg.seed + rank)
-    test_tf = resolve_transform(data_cfg, test_ds, train=False)
+    size = cfg.input_size
+    train_tf = resolve_transform(
+        data_cfg, train_ds, train=True, input_size=size, augment=cfg.augment, seed=cfg.seed + rank
+    )
+    test_tf = resolve_transform(data_cfg, test_ds, train=False, input_size=size)
     optimizer = build_optimizer(
         model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale
     )
@@ -133,7 +139,8 @@ def _check_classes(cfg: TrainConfig, train_ds: Any, test_ds: Any) -> int:
     have = int(train_ds.num_classes)
     n = cfg.num_classes if cfg.num_classes is not None else have
     top_train = int(train_ds.targets.max())
-    top_test = int(test_ds.targets.max())
+    # Unseen test classes (the retrieval benchmarks) are numbered on their own: never the head's classes.
+    top_test = -1 if getattr(test_ds, "unseen_classes", False) else int(test_ds.targets.max())
     if top_train >= n or top_test >= n:
         split, top = ("train", top_train) if top_train >= n else ("test", top_test)
         raise InvalidValueError(

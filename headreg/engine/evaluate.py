@@ -28,6 +28,7 @@ from headreg._checks import (
     resolve_device,
 )
 from headreg.engine._jsonsafe import json_safe
+from headreg.engine._roles import dataset_recall_k, dataset_roles
 from headreg.engine.extract import Extraction, extract_dataset, extraction_info, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._knn import KNN_BACKENDS
@@ -160,6 +161,7 @@ def evaluate_embeddings(
     knn: str = "torch",
     device: torch.device | str | None = None,
     progress: bool = False,
+    categories: Sequence[str] | None = None,
 ) -> tuple[dict[str, float | int], list[str]]:
     """Metrics of a set of embeddings (single process; :func:`evaluate_model` handles ranks).
 
@@ -176,6 +178,8 @@ def evaluate_embeddings(
         knn: ``"torch"`` (exact, chunked) or ``"faiss"``.
         device: Where to compute; None keeps the embeddings' device.
         progress: A progress bar over the retrieval chunks.
+        categories: ``N`` category names: retrieval metrics also per category of the queries, keys
+            ``"{category}/{metric}"`` (:func:`headreg.metrics.retrieval.per_category`).
 
     Returns:
         ``(metrics, warnings)``.
@@ -204,6 +208,8 @@ def evaluate_embeddings(
             "metrics 'classification' needs head predictions: evaluate a model with a head (not an embeddings file "
             "or a head-less model), or leave it out of --metrics"
         )
+    if categories is not None and len(categories) != n:
+        raise InvalidInputError(f"categories must name one category per row ({n}), got {len(categories)}")
     if label_rank is not None and label_rank.shape != (n,):
         raise InvalidInputError(f"label_rank must have shape ({n},), got {tuple(label_rank.shape)}")
     dev = resolve_device(device, embeddings)
@@ -236,6 +242,10 @@ def evaluate_embeddings(
         query_mask = None if loo else qm.to(embeddings.device)
         gallery_mask = None if loo else gm.to(embeddings.device)
         out.update(compute_checked(embeddings, labels, query_mask, gallery_mask, embedding_names, options, dev))
+        if categories is not None and "retrieval" in names:
+            from headreg.metrics.retrieval import per_category
+
+            out.update(per_category(embeddings, labels, query_mask, gallery_mask, list(categories), dev, options))
     if "classification" in names and label_rank is not None:
         out.update(classification_accuracy(label_rank[qm.to(label_rank.device)]))
     return out, warnings
@@ -260,7 +270,7 @@ def evaluate_model(
     input_size: int | tuple[int, ...] | None = None,
     amp: bool | None = None,
     metrics: Sequence[str] | str | None = None,
-    recall_k: Sequence[int] = (1, 2, 4, 8),
+    recall_k: Sequence[int] | None = None,
     knn: str = "torch",
     tta: str | None = None,
     progress: bool | None = None,
@@ -278,7 +288,8 @@ def evaluate_model(
         input_size: Override the model's input size.
         amp: None: bf16 + channels_last on CUDA only; True: also on CPU; False: float32 everywhere.
         metrics: See :func:`evaluate_embeddings`.
-        recall_k: See :func:`evaluate_embeddings`.
+        recall_k: See :func:`evaluate_embeddings`; None: the dataset's own (a retrieval benchmark's papers' k),
+            else 1, 2, 4, 8.
         knn: See :func:`evaluate_embeddings`.
         tta: Test-time augmentation, one of :data:`~headreg.engine.extract.TTA_MODES`; None: ``none``, or
             ``flip-sum`` for a pairs dataset (``bin:PATH``), which runs the pairs protocol
@@ -315,10 +326,14 @@ def evaluate_model(
         desc = "extract" if gallery is None else f"extract {name}"
         part = extract_dataset(model, ds, progress=_tqdm_flag(show), desc=desc, **common)  # type: ignore[arg-type]
         parts.append(gather_extraction(part))
+    categories = None
     if len(parts) == 1:
+        # A dataset may carry query/gallery roles (In-shop, a CSV) and categories: of the rows extracted.
         ext = parts[0]
-        embeddings, labels, is_query, is_gallery = ext.embeddings, ext.labels, None, None
-        label_rank = ext.label_rank
+        embeddings, labels, label_rank = ext.embeddings, ext.labels, ext.label_rank
+        is_query, is_gallery, categories = dataset_roles(query, ext.indices)
+        if getattr(query, "unseen_classes", False):
+            label_rank = None  # classes no head was trained on: top-k accuracy has no meaning
     else:
         q, g = parts
         embeddings, labels, is_query, is_gallery = combine_query_gallery(q.embeddings, q.labels, g.embeddings, g.labels)
@@ -334,9 +349,10 @@ def evaluate_model(
             is_gallery=is_gallery,
             label_rank=label_rank,
             metrics=metrics,
-            recall_k=recall_k,
+            recall_k=dataset_recall_k(query, recall_k),
             knn=knn,
             progress=bool(_tqdm_flag(show)),
+            categories=categories,
         )
 
     values, warnings = broadcast_from_main(compute)
@@ -349,7 +365,7 @@ def evaluate_model(
             "they count as misses in top-k accuracy",
         ]
     run_info = {
-        "protocol": "leave-one-out" if gallery is None else "query/gallery",
+        "protocol": "leave-one-out" if is_query is None else "query/gallery",
         "num_samples": int(embeddings.shape[0]),
         "num_queries": int(embeddings.shape[0] if is_query is None else is_query.sum()),
         "num_gallery": int(embeddings.shape[0] if is_gallery is None else is_gallery.sum()),

@@ -2,10 +2,10 @@
 
 An, Zhu et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCVW 2021, and Partial
 FC v2 in insightface's ``arcface_torch``. Every rank all-gathers the embeddings and the labels of the global
-batch, scores them against its own classes with the head's :meth:`~headreg.heads.Head.partial_logits`
-(margin on the target column where the target is one of its classes), and the softmax cross-entropy over
-all ``C`` classes is assembled from three ``(B,)`` all-reduces: the row maximum, the sum of exponentials
-and the target logit. No rank ever holds a ``(B, C)`` matrix, a ``(C, D)`` weight or its gradient.
+batch and feeds the head's :meth:`~headreg.heads.Head.fused_terms` with its own block of class rows to
+:func:`~headreg.heads.functional.fused_margin_cross_entropy` (``class_offset``, ``group``): the softmax
+cross-entropy over all ``C`` classes from ``(B,)`` all-reduces of the row maximum, the target logit and the
+sum of exponentials. No rank ever holds a ``(B, C)`` matrix, a ``(C, D)`` weight or its gradient.
 
 With ``sample_rate = r < 1`` each rank keeps, per step, the classes of its block present in the global batch
 plus uniformly drawn others up to ``⌈r · C_local⌉`` (drawn from torch's generator, so seeded by the run's
@@ -23,9 +23,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidValueError
-from .base import HeadOutput, check_embeddings, check_labels, check_number, float32_region, head_shard_refusal
+from ._fused import fused_margin_cross_entropy
+from .base import NOT_SHARDABLE, HeadOutput, check_embeddings, check_labels, check_number, float32_region
 
-__all__ = ["ShardedHead", "shard_bounds", "sharded_cross_entropy"]
+__all__ = ["ShardedHead", "head_shard_refusal", "shard_bounds"]
 
 
 def _group_size() -> int:
@@ -104,27 +105,6 @@ def _gather_padded(x: Tensor, sizes: list[int]) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
-def sharded_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean softmax cross-entropy over the columns of every rank, from this rank's ``(B, K_r)`` block.
-
-    ``log Σ_c e^{z_c} − z_y`` with the row maximum, the sum of exponentials and the target logit each
-    all-reduced as a ``(B,)`` vector; never the ``(B, C)`` matrix.
-
-    Args:
-        logits: ``(B, K_r)`` this rank's logits of the (same) global batch.
-        target: ``(B,)`` the target's column in ``logits``, ``-1`` where it is another rank's.
-    """
-    with torch.no_grad():
-        row_max = logits.max(dim=1).values
-        _all_reduce(row_max, dist.ReduceOp.MAX)
-    shifted = logits - row_max.unsqueeze(1)
-    sum_exp = _SumOverRanks.apply(shifted.exp().sum(dim=1))
-    here = target >= 0
-    mine = shifted.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
-    target_logit = _SumOverRanks.apply(torch.where(here, mine, torch.zeros_like(mine)))
-    return (sum_exp.log() - target_logit).mean()
-
-
 class ShardedHead(nn.Module):
     """A registered head over this rank's block of classes, with the loss over all of them.
 
@@ -186,15 +166,24 @@ class ShardedHead(nn.Module):
             x = x.to(dtype)
             cls = y - self.lo
             cls = torch.where((cls >= 0) & (cls < self.hi - self.lo), cls, torch.full_like(cls, -1))
-            rows, col = self._sample(cls)
-            logits = self.inner.partial_logits(x, col, rows)
-            loss = sharded_cross_entropy(logits, col)
-            extra = getattr(self.inner, "partial_penalty", None)  # optional for plugin heads
+            rows = self._sample(cls)
+            hook = getattr(self.inner, "shard_terms", None) or self.inner.fused_terms  # plugin heads: fused_terms
+            terms = hook(x)
+            bias = getattr(self.inner, "bias", None) if not terms.normalize_weight else None
+            res = fused_margin_cross_entropy(
+                terms.embeddings, self.inner.weight.to(dtype), y, terms.margin_target, terms.scale,
+                bias=None if bias is None else bias.to(dtype), normalize_weight=terms.normalize_weight,
+                class_offset=self.lo, index=rows, group=dist.group.WORLD if self.world_size > 1 else None,
+            )  # fmt: skip
+            loss = res.loss
+            extra = getattr(self.inner, "partial_penalty", None)  # a term beyond the cross-entropy (centres)
             penalty = extra(x, cls, sharded=True) if callable(extra) else None
             if penalty is not None:
                 loss = loss + _SumOverRanks.apply(penalty) / x.shape[0]
         lo = sum(sizes[: self.rank])
-        return HeadOutput(loss=loss, logits=logits[lo : lo + sizes[self.rank]])
+        # top1 over the kept classes only when sampling: then the loop ranks with label_rank instead.
+        top1 = res.top1[lo : lo + sizes[self.rank]] if rows is None else None
+        return HeadOutput(loss=loss, top1=top1)
 
     def class_counts(self) -> list[int]:
         """Classes held by each rank, in rank order."""
@@ -259,12 +248,12 @@ class ShardedHead(nn.Module):
             raise InvalidInputError(f"rank {bad[0]} was given an invalid batch for the sharded head {self.name!r}")
         return [int(p[1]) for p in parts]
 
-    def _sample(self, cls: Tensor) -> tuple[Tensor | None, Tensor]:
-        """The kept classes (None: all) and each row's target column among them (``-1``: not here)."""
+    def _sample(self, cls: Tensor) -> Tensor | None:
+        """This step's kept classes of the block, sorted (None: all); ``cls`` is each row's, ``-1`` if not here."""
         n_local = self.hi - self.lo
         if self.sample_rate >= 1.0 or not self.training:
             self.kept = None
-            return None, cls
+            return None
         positive = torch.unique(cls[cls >= 0])
         keep = max(math.ceil(self.sample_rate * n_local), 1)
         if keep > positive.numel():
@@ -273,10 +262,8 @@ class ShardedHead(nn.Module):
             rows = torch.topk(score, keep).indices.sort().values
         else:
             rows = positive
-        col = torch.searchsorted(rows, cls.clamp_min(0))
-        col = torch.where(cls >= 0, col, torch.full_like(col, -1))
         self.kept = rows
-        return rows, col
+        return rows
 
     def extra_repr(self) -> str:
         return (
@@ -318,3 +305,14 @@ def _unsharded_state(head: nn.Module, n_local: int) -> str:
                     "could compute its gradient or update"
                 )
     return ""
+
+
+def head_shard_refusal(head: nn.Module) -> str:
+    """Why ``head`` cannot be class-sharded (its :meth:`Head.shard_refusal`), ``""`` when it can.
+
+    A plugin head that is not a :class:`Head` answers with its own ``shard_refusal`` or ``shardable``.
+    """
+    refusal = getattr(head, "shard_refusal", None)
+    if callable(refusal):
+        return str(refusal())
+    return "" if getattr(type(head), "shardable", False) else NOT_SHARDABLE

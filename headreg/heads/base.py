@@ -19,7 +19,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidValueError
+from ._fused import FusedTerms
 
 __all__ = [
     "HeadOutput",
@@ -43,9 +44,9 @@ __all__ = [
     "HeadOptionWarning",
     "float32_region",
     "head_is_angular",
+    "head_fused_terms",
     "head_settings_2d",
     "head_margin_feasibility",
-    "head_shard_refusal",
 ]
 
 
@@ -55,13 +56,36 @@ class HeadOutput:
 
     Attributes:
         loss: Scalar loss, averaged over the batch.
-        logits: ``(B, C)`` logits as fed to the loss, margin applied to the target column.
+        logits: ``(B, C)`` logits as fed to the loss, margin applied to the target column. A head on the
+            fused path (``fused_terms``) does not keep them: they are rebuilt on first access by
+            ``logits_fn`` (with autograd, as before), and reading them after the weights changed
+            (``optimizer.step()``) is an error.
         embeddings: ``(B, D)`` embeddings the head was given; the model fills this in.
+        top1: ``(B,)`` bool, the label ranks first under the margin-free logits of this forward pass (no
+            logit strictly above it, ties counting as hits), when the head finds it on the way; else None.
+        logits_fn: builds ``logits`` when they were not kept.
     """
 
     loss: Tensor
-    logits: Tensor
+    logits: Tensor | None = field(default=None, repr=False, compare=False)
     embeddings: Tensor | None = None
+    top1: Tensor | None = None
+    logits_fn: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
+
+
+def _get_logits(self: HeadOutput) -> Tensor | None:
+    value = self.__dict__.get("_logits")
+    if value is None and self.logits_fn is not None:
+        value = self.__dict__["_logits"] = self.logits_fn()
+    return value
+
+
+def _set_logits(self: HeadOutput, value: Tensor | None) -> None:
+    self.__dict__["_logits"] = value
+
+
+# A property over the dataclass field: HeadOutput(loss, logits) still works, and unkept logits are built on demand.
+HeadOutput.logits = property(_get_logits, _set_logits, doc="The margin logits, kept or rebuilt on demand.")  # type: ignore[assignment,method-assign]
 
 
 def check_embeddings(embeddings: Tensor, in_features: int) -> None:
@@ -230,7 +254,8 @@ def float32_region(x: Tensor) -> Iterator[torch.dtype]:
         yield dtype
 
 
-_NOT_SHARDABLE = "it does not declare itself shardable (shardable = True with partial_logits; docs/scale.md)"
+#: Why a head that says nothing about sharding is not sharded.
+NOT_SHARDABLE = "it does not declare itself shardable (shardable = True with fused_terms; docs/scale.md)"
 
 
 class Head(nn.Module):
@@ -257,13 +282,10 @@ class Head(nn.Module):
     #: face-recognition defaults such as ``s = 64`` saturate the softmax or a margin cannot be met.
     #: Any option not listed keeps its default; ``{}``: the defaults suit 2-D features.
     settings_2d: ClassVar[Mapping[str, Any]] = MappingProxyType({})
-    #: The classes may be split into contiguous row blocks over the ranks (Partial FC; docs/scale.md): the
-    #: loss is the softmax cross-entropy over logits whose column ``c`` depends on the embedding and on class
-    #: ``c``'s own rows only (weight, bias, centre), with any margin on the target column, and the head
-    #: implements :meth:`partial_logits` (plus :meth:`partial_penalty` for a term beyond the cross-entropy).
-    #: Every parameter and buffer is then either per class (first dimension a multiple of ``num_classes``)
-    #: or a 0-d buffer every rank advances alike. A head whose options break this says why in
-    #: :meth:`shard_refusal`.
+    #: The classes may be split into contiguous row blocks over the ranks (Partial FC; docs/scale.md): the loss
+    #: is the cross-entropy whose column ``c`` needs class ``c``'s own rows only (weight, bias, centre), margin on
+    #: the target column, given by :meth:`shard_terms`; every parameter and buffer is per class (first dimension
+    #: a multiple of ``num_classes``) or a 0-d buffer every rank advances alike. Else :meth:`shard_refusal` says why.
     shardable: ClassVar[bool] = False
 
     @classmethod
@@ -312,37 +334,32 @@ class Head(nn.Module):
                 return self.inference_logits(x)
             return self.training_output(x, labels)
 
+    def fused_terms(self, x: Tensor) -> FusedTerms | None:
+        """The terms of the fused margin cross-entropy for these ``(B, D)`` embeddings, or None (the default).
+
+        A head whose training loss is "cosine (or linear) matrix → per-target transform → scale →
+        cross-entropy" returns :class:`~headreg.heads.functional.FusedTerms`, so that whoever holds the
+        class weights (the head, or a class-sharded wrapper) computes the loss with
+        :func:`~headreg.heads.functional.fused_margin_cross_entropy` in one ``(B, C)`` buffer. Called once
+        per training step with labels (a head may advance a schedule here, as SphereFace's λ).
+        """
+        return None
+
     def inference_logits(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def shard_refusal(self) -> str:
         """Why this head, with its options, cannot be class-sharded; ``""`` when it can (see ``shardable``)."""
-        if self.shardable:
-            return ""
-        return _NOT_SHARDABLE
+        return "" if self.shardable else NOT_SHARDABLE
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Training logits over some of the head's classes, for the class-sharded loss (``shardable`` heads).
+    def shard_terms(self, x: Tensor) -> FusedTerms | None:
+        """The cross-entropy part of the loss for the class-sharded wrapper (``shardable`` heads).
 
-        Args:
-            x: ``(B, D)`` embeddings in the compute dtype (the float32 region is the caller's).
-            labels: ``(B,)`` target column of each row among the returned columns, or ``-1`` where the
-                row's class is not among them (another rank's, or not sampled): no margin in that row.
-            rows: ``(K,)`` sorted indices of the classes to score (sampled negatives, docs/scale.md);
-                None scores all ``C``.
-
-        Returns:
-            ``(B, K)`` (or ``(B, C)``) logits as fed to the cross-entropy, margin on the target columns.
+        :meth:`fused_terms` unless the loss is more than that cross-entropy: center loss returns its softmax
+        part here and the rest from ``partial_penalty(x, labels, sharded=)`` (``Σ`` over the rows whose class
+        ``labels[b] >= 0`` is this block's; the wrapper sums it over the ranks and divides by the batch).
         """
-        raise NotImplementedError(f"{type(self).__name__} is not shardable")  # pragma: no cover
-
-    def partial_penalty(self, x: Tensor, labels: Tensor, *, sharded: bool) -> Tensor | None:
-        """Σ over the rows whose ``labels[b] >= 0`` of the loss term beyond the cross-entropy; None: no such term.
-
-        The sharded loss sums it over the ranks and divides by the global batch. ``sharded``: the batch
-        ``x`` is already every rank's (so nothing is all-reduced in here).
-        """
-        return None
+        return self.fused_terms(x)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -354,6 +371,12 @@ class Head(nn.Module):
 def head_is_angular(cls: type) -> bool:
     """Whether a head class declares itself angular (``angular``; :class:`Head`'s default when it does not)."""
     return bool(getattr(cls, "angular", Head.angular))
+
+
+def head_fused_terms(head: nn.Module, x: Tensor) -> FusedTerms | None:
+    """A head's :meth:`Head.fused_terms` for ``x`` (None when it has no such method: not on the margin path)."""
+    hook = getattr(head, "fused_terms", None)
+    return None if hook is None else hook(x)
 
 
 def head_settings_2d(cls: type) -> dict[str, Any]:
@@ -372,14 +395,3 @@ def head_margin_feasibility(cls: type, options: dict[str, Any], embedding_dim: i
     """
     hook = getattr(cls, "margin_feasibility", None)
     return [] if hook is None else list(hook(options, embedding_dim, num_classes))
-
-
-def head_shard_refusal(head: nn.Module) -> str:
-    """Why ``head`` cannot be class-sharded (its :meth:`Head.shard_refusal`), ``""`` when it can.
-
-    A plugin head that is not a :class:`Head` answers with its own ``shard_refusal`` or ``shardable``.
-    """
-    refusal = getattr(head, "shard_refusal", None)
-    if callable(refusal):
-        return str(refusal())
-    return "" if getattr(type(head), "shardable", False) else _NOT_SHARDABLE

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidValueError
 from .base import Head, HeadOutput, check_bool, check_number, checked_property
-from .functional import linear_rows
+from .functional import FusedTerms, fused_output
 
 
 def _check_lambda_c(name: str, value: float) -> float:
@@ -89,10 +89,15 @@ class CenterLossHead(Head):
             self.register_buffer("centers", centers)
 
     def inference_logits(self, x: Tensor) -> Tensor:
-        return linear_rows(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        return linear_rows(x, self.weight, self.bias, rows)
+    def shard_terms(self, x: Tensor) -> FusedTerms:
+        """The softmax part for the class-sharded wrapper: linear logits, no margin, scale 1 (bias: the head's).
+
+        Not ``fused_terms``: the loss is more than this cross-entropy (:meth:`partial_penalty` adds the rest).
+        """
+        return FusedTerms(x, 1.0, None, normalize_weight=False)
 
     def partial_penalty(self, x: Tensor, labels: Tensor, *, sharded: bool) -> Tensor:
         """``λ · ½ Σ ‖x_b − c_{y_b}‖²`` over the rows whose class ``labels[b]`` is this head's (``>= 0``).
@@ -110,9 +115,11 @@ class CenterLossHead(Head):
         return self.lambda_c * 0.5 * diff.pow(2).sum()
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.partial_logits(x, labels)
-        loss = F.cross_entropy(logits, labels) + self.partial_penalty(x, labels, sharded=False) / x.shape[0]
-        return HeadOutput(loss=loss, logits=logits)
+        # The softmax part through the fused cross-entropy (linear logits, one (B, C) buffer).
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = fused_output(self.shard_terms(x), self.weight.to(x.dtype), labels, bias)
+        out.loss = out.loss + self.partial_penalty(x, labels, sharded=False) / x.shape[0]
+        return out
 
     @torch.no_grad()
     def _alpha_update(self, diff: Tensor, labels: Tensor, *, reduce: bool) -> None:

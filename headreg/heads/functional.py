@@ -1,6 +1,8 @@
 """The margin pipeline as pure functions: normalise → cosine → margin → scale → loss.
 
-Built-in heads are a few lines over these; plugin heads may use them too.
+Built-in heads are a few lines over these; plugin heads may use them too. The last three steps
+fused, holding one ``(B, C)`` buffer and shardable by class, are :func:`fused_margin_cross_entropy`
+(``heads/_fused.py``).
 All angles are in radians.
 """
 
@@ -12,13 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import HeadregError
+from ._fused import FusedLoss, FusedTerms, fused_margin_cross_entropy
+from .base import HeadOutput
+
 __all__ = [
+    "FusedLoss",
+    "FusedTerms",
+    "fused_margin_cross_entropy",
+    "fused_output",
+    "margin_logits",
     "cosine_linear",
     "normalize",
     "target_logit",
     "replace_target",
-    "put_target",
-    "linear_rows",
     "arcface_margin",
     "cosface_margin",
     "combined_margin",
@@ -78,6 +87,52 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-12) -> Tensor:
     return _CosineLinear.apply(normalize(x, eps), weight, eps)
 
 
+def margin_logits(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The ``(B, C)`` logits of the unfused pipeline: ``s·u`` with column ``labels[b]`` set to ``s·ψ(u_y)``.
+
+    What :func:`fused_margin_cross_entropy` computes the loss of, kept as a tensor (with autograd).
+    """
+    x = terms.embeddings
+    u = _CosineLinear.apply(x, weight, 1e-12) if terms.normalize_weight else F.linear(x, weight, bias)
+    s = terms.scale
+    row = isinstance(s, Tensor) and s.dim() == 1
+    logits = u * (s.unsqueeze(1) if row else s)
+    if terms.margin_target is None:
+        return logits
+    target = terms.margin_target(target_logit(u, labels)) * s
+    # The product's backward does not need its output, so the target column is overwritten in place.
+    return logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
+
+
+def fused_output(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> HeadOutput:
+    """A head's training output through :func:`fused_margin_cross_entropy`: the loss and the top-1 hits.
+
+    The margin logits are not kept (that is the point): ``HeadOutput.logits`` rebuilds them on first
+    access with :func:`margin_logits` (differentiable, as the unfused pipeline's), from the weights as
+    they were in this forward pass; read after the weights changed, they are refused.
+    """
+    res = fused_margin_cross_entropy(
+        terms.embeddings,
+        weight,
+        labels,
+        terms.margin_target,
+        terms.scale,
+        bias=bias,
+        normalize_weight=terms.normalize_weight,
+    )
+    versions = [t._version for t in (weight, bias) if t is not None]
+
+    def logits() -> Tensor:
+        if [t._version for t in (weight, bias) if t is not None] != versions:
+            raise HeadregError(
+                "HeadOutput.logits were read after the head's weights changed (optimizer.step()): read them "
+                "before the step, or call the head again"
+            )
+        return margin_logits(terms, weight, labels, bias)
+
+    return HeadOutput(loss=res.loss, top1=res.top1, logits_fn=logits)
+
+
 def target_logit(logits: Tensor, labels: Tensor) -> Tensor:
     """``logits[b, labels[b]]`` as a ``(B,)`` tensor (an index op, no one-hot)."""
     return logits.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -89,28 +144,6 @@ def replace_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
     The input is not modified: the caller's tensor may be needed by autograd.
     """
     return logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
-
-
-def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None = None) -> Tensor:
-    """``x Wᵀ + b`` over the classes ``rows`` (all when None): ``(B, D) -> (B, K)``, in ``x``'s dtype."""
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-        bias = None if bias is None else bias.index_select(0, rows)
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def put_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-    """Set column ``labels[b]`` of row ``b`` to ``target[b]`` in place, for the rows whose label is ``>= 0``.
-
-    For a ``(B, C)`` product that autograd does not need again (``cos * s``): a label ``-1`` marks a row
-    whose target class is not among these columns (another rank's shard, docs/scale.md), which keeps
-    its logits unchanged. ``target`` is read only where the label is ``>= 0``. Returns ``logits``.
-    """
-    here = labels >= 0
-    if bool(here.all()):  # one scatter, as an unsharded head always has
-        return logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
-    rows = here.nonzero().squeeze(1)
-    return logits.index_put_((rows, labels[rows]), target[rows].to(logits.dtype))
 
 
 def _sin_from_cos(cos: Tensor) -> Tensor:

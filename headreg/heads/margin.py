@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidValueError
@@ -25,7 +24,15 @@ from .base import (
     check_scale,
     checked_property,
 )
-from .functional import arcface_margin, combined_margin, cosface_margin, cosine_linear, put_target, target_logit
+from .functional import (
+    FusedTerms,
+    arcface_margin,
+    combined_margin,
+    cosface_margin,
+    cosine_linear,
+    fused_output,
+    normalize,
+)
 
 __all__ = ["AngularMarginHead", "NormFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead"]
 
@@ -90,18 +97,14 @@ class AngularMarginHead(Head):
             return "learn_scale=True: the gradient of the one learned s would need every rank's logits"
         return ""
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        weight = self.weight if rows is None else self.weight.index_select(0, rows)
-        cos = cosine_linear(x, weight.to(x.dtype))
-        s = self._scale(x.dtype)
-        target = self.margin_target(target_logit(cos, labels.clamp_min(0)))
-        # One (B, C) product, then the target column overwritten in place: the product's
-        # backward does not need its output, so autograd allows it and no copy is made.
-        return put_target(cos * s, labels, target * s)
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """``x̂``, ``s`` and :meth:`margin_target` (None when a subclass keeps the identity: no margin)."""
+        psi = None if type(self).margin_target is AngularMarginHead.margin_target else self.margin_target
+        return FusedTerms(normalize(x), self._scale(x.dtype), psi)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.partial_logits(x, labels)
-        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+        # Cosine, margin on the target column, scale and cross-entropy in one (B, C) buffer (heads/_fused.py).
+        return fused_output(self.fused_terms(x), self.weight.to(x.dtype), labels)
 
 
 class NormFaceHead(AngularMarginHead):

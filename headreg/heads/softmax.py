@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Head, HeadOutput, check_bool
-from .functional import cosine_linear, linear_rows
+from .functional import FusedTerms, cosine_linear, fused_output, normalize
 
 __all__ = ["SoftmaxHead", "ModifiedSoftmaxHead"]
 
@@ -36,14 +36,16 @@ class SoftmaxHead(Head):
         self.bias = layer.bias
 
     def inference_logits(self, x: Tensor) -> Tensor:
-        return linear_rows(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        return linear_rows(x, self.weight, self.bias, rows)
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """The linear logits as they are: no normalisation, no margin, scale 1 (the bias stays the head's)."""
+        return FusedTerms(x, 1.0, None, normalize_weight=False)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.partial_logits(x, labels)
-        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return fused_output(self.fused_terms(x), self.weight.to(x.dtype), labels, bias)
 
 
 class ModifiedSoftmaxHead(Head):
@@ -68,12 +70,12 @@ class ModifiedSoftmaxHead(Head):
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).normal_(std=0.01))
 
     def inference_logits(self, x: Tensor) -> Tensor:
-        return self.partial_logits(x, x.new_empty(0))
+        cos = cosine_linear(x, self.weight.to(x.dtype))
+        return cos * x.norm(dim=1, keepdim=True)
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        weight = self.weight if rows is None else self.weight.index_select(0, rows)
-        return cosine_linear(x, weight.to(x.dtype)) * x.norm(dim=1, keepdim=True)
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """``x̂`` with the per-row scale ``‖x‖`` (differentiable), no margin."""
+        return FusedTerms(normalize(x), x.norm(dim=1), None)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.partial_logits(x, labels)
-        return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+        return fused_output(self.fused_terms(x), self.weight.to(x.dtype), labels)

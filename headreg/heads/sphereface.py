@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidValueError
 from .base import Head, HeadOutput, check_number
-from .functional import cosine_linear, put_target, sphereface_psi, target_logit
+from .functional import FusedTerms, cosine_linear, fused_output, normalize, sphereface_psi, target_logit
 
 __all__ = ["SphereFaceHead"]
 
@@ -91,25 +91,35 @@ class SphereFaceHead(Head):
             return "focal_gamma > 0: the focal loss is not the softmax cross-entropy the sharded loss computes"
         return ""
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        """The training logits (see :meth:`headreg.heads.Head.partial_logits`); advances λ's step in training."""
+    def _step(self) -> float:
+        """λ for this training step; the step counter advances (in training mode)."""
         lam = self.lambda_
         if self.training:
             self.iteration += 1
-        x_norm = x.norm(dim=1, keepdim=True)
-        weight = self.weight if rows is None else self.weight.index_select(0, rows)
-        cos = cosine_linear(x, weight.to(x.dtype))
-        cos_t = target_logit(cos, labels.clamp_min(0))
-        target = (lam * cos_t + sphereface_psi(cos_t, self.margin)) / (1.0 + lam)
-        return put_target(cos * x_norm, labels, target * x_norm.squeeze(1))
+        return lam
+
+    def fused_terms(self, x: Tensor) -> FusedTerms | None:
+        """``x̂``, the per-row scale ``‖x‖`` and the blended target ``(λ u + ψ(u)) / (1 + λ)``; advances the step.
+
+        None with the focal loss, which is not a cross-entropy.
+        """
+        if self.focal_gamma != 0:
+            return None
+        lam, m = self._step(), self.margin
+        return FusedTerms(normalize(x), x.norm(dim=1), lambda u: (lam * u + sphereface_psi(u, m)) / (1.0 + lam))
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.partial_logits(x, labels)
-        if self.focal_gamma == 0:
-            loss = F.cross_entropy(logits, labels)
-        else:
-            log_pt = target_logit(F.log_softmax(logits, dim=1), labels)
-            loss = -((1.0 - log_pt.exp()) ** self.focal_gamma * log_pt).mean()
+        terms = self.fused_terms(x)
+        if terms is not None:
+            return fused_output(terms, self.weight.to(x.dtype), labels)
+        lam = self._step()
+        x_norm = x.norm(dim=1, keepdim=True)
+        cos = cosine_linear(x, self.weight.to(x.dtype))
+        cos_t = target_logit(cos, labels)
+        target = (lam * cos_t + sphereface_psi(cos_t, self.margin)) / (1.0 + lam)
+        logits = (cos * x_norm).scatter_(1, labels.unsqueeze(1), (target * x_norm.squeeze(1)).unsqueeze(1))
+        log_pt = target_logit(F.log_softmax(logits, dim=1), labels)
+        loss = -((1.0 - log_pt.exp()) ** self.focal_gamma * log_pt).mean()
         return HeadOutput(loss=loss, logits=logits)
 
     def extra_repr(self) -> str:

@@ -265,3 +265,37 @@ def _masked(
         dev,
         opts,
     )
+
+
+def per_category(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    gallery_mask: torch.Tensor | None,
+    categories: list[str],
+    dev: torch.device,
+    opts: RetrievalOptions,
+) -> dict[str, float | int]:
+    """Retrieval metrics of each category's queries against the whole gallery, as open-metric-learning defines them.
+
+    OML's ``EmbeddingMetrics(categories_key=...)`` keeps the rows of the query-by-gallery distance matrix whose
+    query is in the category, and averages each metric over them: the gallery is not restricted. The same here,
+    on checked input (:func:`_masked`'s): keys ``"{category}/{metric}"``, one search per category (together one
+    more pass over the queries).
+
+    Args:
+        embeddings: `(N, D)`; labels: `(N,)`; query_mask / gallery_mask: `(N,)` bool or None (all).
+        categories: `N` category names, one per sample (a query's own category counts).
+    """
+    n = embeddings.shape[0]
+    qm = torch.ones(n, dtype=torch.bool) if query_mask is None else query_mask.cpu()
+    gm = torch.ones(n, dtype=torch.bool) if gallery_mask is None else gallery_mask.cpu()
+    names = sorted({c for c, q in zip(categories, qm.tolist(), strict=True) if q})
+    out: dict[str, float | int] = {}
+    for name in names:
+        in_cat = torch.tensor([c == name for c in categories], dtype=torch.bool)
+        part = _masked(embeddings, labels, (qm & in_cat).to(embeddings.device), gm.to(embeddings.device), dev, opts)
+        for key, value in part.items():
+            if key != "num_gallery":
+                out[f"{name}/{key}"] = value
+    return out

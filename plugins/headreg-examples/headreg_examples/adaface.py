@@ -16,7 +16,7 @@ from headreg import HeadOutput
 from headreg.errors import InvalidValueError
 from headreg.heads import check_embeddings, check_labels, cosface_margin_feasibility, float32_region
 from headreg.heads.base import MAX_SCALE
-from headreg.heads.functional import put_target
+from headreg.heads.functional import FusedTerms, fused_output
 from torch import Tensor, nn
 
 __all__ = ["AdaFaceHead"]
@@ -139,33 +139,13 @@ class AdaFaceHead(nn.Module):
         self.register_buffer("norm_mean", torch.tensor(20.0))
         self.register_buffer("norm_std", torch.tensor(100.0))
 
-    # Class-sharded training (headreg train --shard-head): the margin moves the target column only, so each
-    # rank scores its own classes with partial_logits; the norm statistics then see the global batch.
+    # Class-sharded training (headreg train --shard-head): the margin moves the target column only, row by
+    # row, so each rank scores its block of classes through fused_terms; the norm statistics then see the
+    # global (all-gathered) batch, so every rank's buffers stay equal to one process's.
     shardable = True
 
-    def _cosine(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
-        weight = self.weight if rows is None else self.weight.index_select(0, rows)
-        return F.linear(F.normalize(x, dim=1), F.normalize(weight.to(x.dtype), dim=1))
-
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Training logits over the classes ``rows`` (all when None); ``labels[b] = -1``: no target here.
-
-        The interface of :meth:`headreg.heads.Head.partial_logits`; updates the norm statistics in training.
-        """
-        cos = self._cosine(x, rows)
-        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(_NORM_MIN, _NORM_MAX)
-        if self.training:
-            self._update_statistics(norms)
-        mean, std = self.norm_mean.to(x.dtype), self.norm_std.to(x.dtype)
-        z_hat = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)  # (B,), no gradient
-        g_angle = -self.margin * z_hat
-        g_add = self.margin * z_hat + self.margin
-        cos_y = cos.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
-        delta = torch.finfo(x.dtype).eps
-        theta = torch.acos(cos_y.clamp(-1.0 + delta, 1.0 - delta))
-        target = torch.cos((theta + g_angle).clamp(self.eps, math.pi - self.eps)) - g_add
-        # put_target writes into the product `cos * s`, leaving `cos` as autograd saved it.
-        return put_target(cos * self.scale, labels, target * self.scale)
+    def _cosine(self, x: Tensor) -> Tensor:
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight.to(x.dtype), dim=1))
 
     @torch.no_grad()
     def _update_statistics(self, norms: Tensor) -> None:
@@ -180,6 +160,28 @@ class AdaFaceHead(nn.Module):
             new_std = torch.where(torch.isfinite(std), a * std + (1 - a) * self.norm_std.to(std.dtype), self.norm_std)
             self.norm_std.copy_(new_std)
 
+    def fused_terms(self, x: Tensor) -> FusedTerms:
+        """The fused loss's terms (``headreg.heads.functional``): ``x̂``, ``s`` and the row-wise target.
+
+        The target of row ``i`` depends on its own ``ẑ_i`` (a constant here), so it is a per-row
+        transform of the target cosine, which is what the fused loss asks of a head. Called once per
+        training step: in training mode it updates the norm statistics first.
+        """
+        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(_NORM_MIN, _NORM_MAX)
+        if self.training:
+            self._update_statistics(norms)
+        mean, std = self.norm_mean.to(x.dtype), self.norm_std.to(x.dtype)
+        z_hat = ((norms - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)  # (B,), no gradient
+        g_angle = -self.margin * z_hat
+        g_add = self.margin * z_hat + self.margin
+        delta, eps = torch.finfo(x.dtype).eps, self.eps
+
+        def target(cos_y: Tensor) -> Tensor:
+            theta = torch.acos(cos_y.clamp(-1.0 + delta, 1.0 - delta))
+            return torch.cos((theta + g_angle).clamp(eps, math.pi - eps)) - g_add
+
+        return FusedTerms(F.normalize(x, dim=1), self.scale, target)
+
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> HeadOutput | Tensor:
         """Margin-free logits (no labels), or loss and AdaFace logits (with labels).
 
@@ -189,7 +191,9 @@ class AdaFaceHead(nn.Module):
 
         Returns:
             ``(B, C)`` logits ``s · cos θ`` without labels, else ``HeadOutput(loss, logits)``
-            with the margin on the target column and ``loss`` the mean cross-entropy.
+            with the margin on the target column and ``loss`` the mean cross-entropy, computed by
+            headreg's fused margin cross-entropy (one ``(B, C)`` buffer; the logits are rebuilt
+            only if read).
         """
         check_embeddings(embeddings, self.in_features)
         if labels is not None:
@@ -198,8 +202,7 @@ class AdaFaceHead(nn.Module):
             x = embeddings.to(dtype)
             if labels is None:
                 return self._cosine(x) * self.scale
-            logits = self.partial_logits(x, labels)
-            return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+            return fused_output(self.fused_terms(x), self.weight.to(dtype), labels)
 
     def extra_repr(self) -> str:
         return (

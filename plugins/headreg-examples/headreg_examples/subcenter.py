@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from headreg.errors import InvalidValueError
 from headreg.heads import Head, HeadOutput, arcface_margin_feasibility
 from headreg.heads.base import check_angle, check_scale
-from headreg.heads.functional import arcface_margin, cosine_linear, put_target, target_logit
+from headreg.heads.functional import arcface_margin, cosine_linear, replace_target, target_logit
 from torch import Tensor, nn
 
 __all__ = ["SubCenterArcFaceHead"]
@@ -56,9 +56,6 @@ class SubCenterArcFaceHead(Head):
     # bound between the classes' dominant sub-centres and its 2-D settings apply.
     angular: ClassVar[bool] = True
     settings_2d: ClassVar[Mapping[str, Any]] = {"scale": 16.0, "margin": 0.2}
-    # Class-sharded training: a class's K sub-centres are K consecutive rows, so contiguous class blocks
-    # keep them together and the max over them stays on one rank.
-    shardable: ClassVar[bool] = True
 
     @classmethod
     def margin_feasibility(cls, options: dict[str, Any], embedding_dim: int, num_classes: int) -> list[str]:
@@ -76,25 +73,24 @@ class SubCenterArcFaceHead(Head):
         self.k = k
         self.weight = nn.Parameter(torch.empty(num_classes * k, in_features).normal_(std=0.01))
 
-    def class_cosine(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
-        """``(B, C)`` cosine to each class (of ``rows``, when given): the max over its sub-centres."""
-        weight = self.weight
-        if rows is not None:
-            weight = weight.view(self.num_classes, self.k, -1).index_select(0, rows).flatten(0, 1)
-        cos = cosine_linear(x, weight.to(x.dtype))
-        return cos.view(x.shape[0], -1, self.k).amax(dim=2)
+    def class_cosine(self, x: Tensor) -> Tensor:
+        """``(B, C)`` cosine to each class: the max over its sub-centres of ``(B, C·K)`` cosines."""
+        cos = cosine_linear(x, self.weight.to(x.dtype))
+        return cos.view(x.shape[0], self.num_classes, self.k).amax(dim=2)
 
-    def partial_logits(self, x: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Training logits over the classes ``rows`` (all when None); ``labels[b] = -1``: no target here."""
-        cos = self.class_cosine(x, rows)
-        target = arcface_margin(target_logit(cos, labels.clamp_min(0)), self.margin)
-        return put_target(cos * self.scale, labels, target * self.scale)
+    def shard_refusal(self) -> str:
+        return (
+            "a class's logit is the max over its K sub-centres' cosines, not one weight row's cosine, which the "
+            "class-sharded fused cross-entropy scores (its K rows would shard together; the max is not fused)"
+        )
 
     def inference_logits(self, x: Tensor) -> Tensor:
         return self.class_cosine(x) * self.scale
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:
-        logits = self.partial_logits(x, labels)
+        cos = self.class_cosine(x)
+        target = arcface_margin(target_logit(cos, labels), self.margin)
+        logits = replace_target(cos, labels, target) * self.scale
         return HeadOutput(loss=F.cross_entropy(logits, labels), logits=logits)
 
     def extra_repr(self) -> str:
