@@ -161,6 +161,27 @@ def _check_sampling(rank: int, world: int) -> None:
             assert torch.equal(again.kept, kept)
 
 
+def _check_create_model(rank: int, world: int) -> None:
+    """``create_model(..., shard_head=True, sample_rate=0.3)`` from Python under an initialised process group."""
+    torch.manual_seed(0)
+    model = headreg.create_model(
+        "lenetpp", head="arcface", num_classes=C, embedding_dim=D, shard_head=True, sample_rate=0.3
+    ).train()
+    head = model.head
+    assert isinstance(head, ShardedHead) and head.sample_rate == 0.3 and head.world_size == world
+    lo, hi = shard_bounds(C, world, rank)
+    assert (head.lo, head.hi) == (lo, hi) and head.inner.weight.shape == (hi - lo, D)
+    g = torch.Generator().manual_seed(rank)
+    images, labels = torch.randn(3, 1, 28, 28, generator=g), torch.randint(0, C, (3,), generator=g)
+    out = model(images, labels)
+    out.loss.backward()
+    losses = [None] * world
+    dist.all_gather_object(losses, float(out.loss))
+    assert len(set(losses)) == 1, losses  # one loss over the global batch, the same on every rank
+    assert head.kept is not None and head.kept.numel() <= hi - lo
+    assert head.inner.weight.grad is not None and model.embed(images).shape == (3, D)
+
+
 def _gather_weight(w: torch.Tensor, world: int) -> torch.Tensor:
     parts = [None] * world
     dist.all_gather_object(parts, w)
@@ -174,6 +195,7 @@ def _worker(rank: int, world: int, init: str, failures: Any) -> None:
         _check_exact(rank, world, refs)
         _check_bad_label(rank, world)
         _check_sampling(rank, world)
+        _check_create_model(rank, world)
         failures.put("ok")
     except BaseException:
         failures.put(f"rank {rank}: {traceback.format_exc()}")
