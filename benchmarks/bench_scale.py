@@ -4,6 +4,8 @@ Parts:
     head  the sharded margin head's training step against the replicated DDP head
           (benchmarks/_scale_head.py)
     knn   gallery-sharded exact k-NN against one process (benchmarks/_scale_knn.py)
+    sampling  the sharded head's test accuracy with sampled negatives, r = 1, 0.5, 0.1
+          (benchmarks/_scale_sampling.py)
 
 Each part launches its own worker processes (gloo on CPU) and prints a table of ratios
 measured side by side in one run; ``--help`` after the part lists its options.
@@ -15,7 +17,7 @@ import importlib
 import sys
 from pathlib import Path
 
-PARTS = {"head": "_scale_head", "knn": "_scale_knn"}
+PARTS = {"head": "_scale_head", "knn": "_scale_knn", "sampling": "_scale_sampling"}
 
 
 def main(argv: list[str]) -> int:

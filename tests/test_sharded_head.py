@@ -261,3 +261,26 @@ def test_every_builtin_head_declares_itself_shardable():
     builtin = ["softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined", "center"]
     for name in builtin:
         assert name in _shardable_heads(), name
+
+
+def test_a_large_head_draws_each_block_alone(monkeypatch):
+    """Past EXACT_INIT_MAX no rank builds the whole (C, D) head: its block is drawn under a seed of its own."""
+    from headreg.heads import _sharded
+
+    monkeypatch.setattr(_sharded, "EXACT_INIT_MAX", C * D - 1)
+
+    def block(lo: int, hi: int) -> torch.Tensor:
+        torch.manual_seed(5)
+        built = []
+        head = _sharded._rows_of(lambda n: built.append(n) or create_head("arcface", D, n), C, D, lo, hi)
+        assert built == [hi - lo]  # never the whole head
+        return head.weight.detach()
+
+    first = block(0, 3)
+    assert torch.equal(first, block(0, 3))  # reproducible
+    assert not torch.equal(first, block(3, 6))  # each block its own rows
+    monkeypatch.setattr(_sharded, "EXACT_INIT_MAX", C * D)
+    torch.manual_seed(5)
+    whole = create_head("arcface", D, C)
+    torch.manual_seed(5)
+    assert torch.equal(_sharded._rows_of(lambda n: create_head("arcface", D, n), C, D, 3, 6).weight, whole.weight[3:6])

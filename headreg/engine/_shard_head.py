@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..heads._sharded import ShardedHead, shard_bounds
 
-__all__ = ["ShardedStep", "wrap_for_training", "train_state", "load_train_state", "is_sharded"]
+__all__ = ["ShardedStep", "wrap_for_training", "hold_unsampled_rows", "train_state", "load_train_state", "is_sharded"]
 
 _INNER = "head.inner."
 _HEAD = "head."
@@ -72,11 +72,15 @@ def wrap_for_training(
     """
     if not is_sharded(model):
         return wrap(model)
-    head = model.head
-    if head.sample_rate < 1.0:
-        rows = {id(p) for p in head.inner.parameters()}
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: _step_kept_rows(opt, head, rows))
+    if model.head.sample_rate < 1.0:
+        hold_unsampled_rows(optimizer, model.head)
     return ShardedStep(model, wrap)
+
+
+def hold_unsampled_rows(optimizer: torch.optim.Optimizer, head: ShardedHead) -> None:
+    """Hook ``optimizer`` so that each step updates only the rows ``head`` kept in its last forward."""
+    rows = {id(p) for p in head.inner.parameters()}
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: _step_kept_rows(opt, head, rows))
 
 
 @torch.no_grad()

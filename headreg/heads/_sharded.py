@@ -139,7 +139,7 @@ class ShardedHead(nn.Module):
             )
         self.sample_rate = check_number("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
         self.lo, self.hi = shard_bounds(num_classes, self.world_size, self.rank)
-        self.inner = _rows_of(build, num_classes, self.lo, self.hi)
+        self.inner = _rows_of(build, num_classes, in_features, self.lo, self.hi)
         why = head_shard_refusal(self.inner)
         if not why:
             why = _unsharded_state(self.inner, self.hi - self.lo)
@@ -272,13 +272,24 @@ class ShardedHead(nn.Module):
         )
 
 
-def _rows_of(build: Callable[[int], nn.Module], num_classes: int, lo: int, hi: int) -> nn.Module:
+#: Above this many weight elements (``C · D``; 1 GiB of float32) a rank builds its own block only, under
+#: its own seed, instead of the whole head: the initial weights then differ from one process's.
+EXACT_INIT_MAX = 1 << 28
+
+
+def _rows_of(build: Callable[[int], nn.Module], num_classes: int, in_features: int, lo: int, hi: int) -> nn.Module:
     """The head for classes ``[lo, hi)`` with the rows the unsharded head would have been initialised with.
 
-    The whole head is built once, on the host, drawing exactly what the unsharded head draws (so the run's
-    random streams and the initial weights match one process's), and this rank keeps its rows; the block's
-    own head is built under a forked generator. The ``(C, D)`` initialisation is transient: freed here.
+    Up to :data:`EXACT_INIT_MAX` weight elements, the whole head is built once, on the host, drawing exactly
+    what the unsharded head draws (so the run's random streams and the initial weights match one process's),
+    and this rank keeps its rows; the block's own head is built under a forked generator. That ``(C, D)``
+    initialisation is transient. Above it, memory wins: the block is drawn under a seed of the run's seed
+    and ``lo``, so each rank's rows differ and a rerun draws the same ones.
     """
+    if num_classes * in_features > EXACT_INIT_MAX:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() * 1_000_003 + lo) % (1 << 63))
+            return build(hi - lo)
     whole = build(num_classes)
     with torch.random.fork_rng(devices=[]):
         head = build(hi - lo)
