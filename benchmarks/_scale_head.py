@@ -101,6 +101,14 @@ def _run(rank: int, cfg: dict[str, Any], init: str) -> dict[str, Any]:
         torch.cuda.set_device(device)
     dist.init_process_group(cfg["backend"], init_method=init, rank=rank, world_size=world)
     try:
+        from headreg.engine._shard_head import hold_unsampled_rows
+        from headreg.heads._sharded import ShardedHead
+        from headreg.registry import create_head, list_heads
+
+        # What is imported lazily (plugins; torch.optim's first use imports torch._dynamo, ~0.17 GiB) is not
+        # the head's memory: done before the baseline.
+        list_heads()
+        _optimizer(cfg["optimizer"], [torch.zeros(1, requires_grad=True)], 0.1)
         torch.manual_seed(0)
         rss_start = _status_kib("VmRSS")
         ids = [rank] if cuda else None
@@ -114,10 +122,6 @@ def _run(rank: int, cfg: dict[str, Any], init: str) -> dict[str, Any]:
 
             kept_head = None
         else:
-            from headreg.engine._shard_head import hold_unsampled_rows
-            from headreg.heads._sharded import ShardedHead
-            from headreg.registry import create_head
-
             embedder = torch.nn.Linear(dim, dim).to(device)
             head = ShardedHead(
                 lambda n: create_head("arcface", dim, n), "arcface", dim, classes, sample_rate=cfg["rate"]
@@ -261,6 +265,7 @@ def main(argv: list[str]) -> int:
                 rss_built_gib=max(r["rss_built_gib"] for r in ranks),
                 rss_peak_gib=max(r["rss_peak_gib"] for r in ranks),
                 rss_start_gib=max(r["rss_start_gib"] for r in ranks),
+                grown_gib=max(r["rss_peak_gib"] - r["rss_start_gib"] for r in ranks),
                 peak_reset=all(r["peak_reset"] for r in ranks),
                 loss=ranks[0]["loss"],
                 ranks=ranks,
@@ -284,20 +289,23 @@ def _status_meminfo_gib() -> float:
 
 
 def _table(rows: list[dict[str, Any]], cuda: bool) -> str:
-    head = "| W | head | ms / step | vs replicated | RSS after build / rank (GiB) | peak RSS / rank (GiB) |"
-    sep = "|---:|---|---:|---:|---:|---:|"
+    head = (
+        "| W | head | ms / step | vs replicated | RSS after build / rank (GiB) | peak RSS / rank (GiB) "
+        "| peak − RSS before build / rank (GiB) |"
+    )
+    sep = "|---:|---|---:|---:|---:|---:|---:|"
     if cuda:
         head, sep = head + " peak GPU / rank (GiB) |", sep + "---:|"
     lines = [head, sep]
     base = {r["world"]: r["step_ms"] for r in rows if r["mode"] == "replicated" and "step_ms" in r}
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['world']} | {r['mode']} | skipped: {r['skipped']} | | | |" + (" |" if cuda else ""))
+            lines.append(f"| {r['world']} | {r['mode']} | skipped: {r['skipped']} | | | | |" + (" |" if cuda else ""))
             continue
         ratio = f"{r['step_ms'] / base[r['world']]:.2f}" if r["world"] in base else "–"
         line = (
             f"| {r['world']} | {r['mode']} | {r['step_ms']:.1f} | {ratio} | {r['rss_built_gib']:.2f} | "
-            f"{r['rss_peak_gib']:.2f} |"
+            f"{r['rss_peak_gib']:.2f} | {r['grown_gib']:.2f} |"
         )
         if cuda:
             line += f" {r.get('cuda_peak_gib', float('nan')):.2f} |"
