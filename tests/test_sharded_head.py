@@ -257,6 +257,18 @@ def test_a_head_that_cannot_shard_says_why():
         headreg.create_model("lenetpp", "arcface", num_classes=4, shard_head=True, sample_rate=0.0)
 
 
+def test_a_plugin_head_declaring_shardable_needs_fused_terms():
+    class Claims(torch.nn.Module):
+        shardable = True
+
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(n, D))
+
+    with pytest.raises(InvalidValueError, match=r"head 'claims' cannot be class-sharded.*lacks fused_terms"):
+        ShardedHead(Claims, "claims", D, C)
+
+
 def test_every_builtin_head_declares_itself_shardable():
     builtin = ["softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined", "center"]
     for name in builtin:

@@ -143,6 +143,9 @@ class ShardedHead(nn.Module):
         why = head_shard_refusal(self.inner)
         if not why:
             why = _unsharded_state(self.inner, self.hi - self.lo)
+        terms = getattr(self.inner, "shard_terms", getattr(self.inner, "fused_terms", None))
+        if not why and not (callable(terms) and isinstance(getattr(self.inner, "weight", None), Tensor)):
+            why = "it declares shardable but lacks fused_terms(x) or a per-class weight (docs/plugins.md)"
         if why:
             raise InvalidValueError(f"head {name!r} cannot be class-sharded (shard_head=True): {why}")
         self.name, self.in_features, self.num_classes = name, in_features, num_classes
