@@ -150,17 +150,25 @@ _TORCHVISION = {
 }
 _PREFIXED = ("imagefolder",)
 #: Names that take a path and give a pairs protocol (:mod:`headreg.data._pairs`), with the form of their argument.
-_PAIRS = {"bin": ("file", "bin:PATH/lfw.bin"), "lfw": ("folder", "lfw:DIR"), "pairs": ("file", "pairs:LIST.csv")}
+_PAIRS = {
+    "bin": ("file", "bin:PATH/lfw.bin"),
+    "lfw": ("folder", "lfw:DIR"),
+    "pairs": ("file", "pairs:LIST.csv"),
+    "ijbb": ("folder", "ijbb:DIR"),  # IJB template pairs (headreg.data._ijb)
+    "ijbc": ("folder", "ijbc:DIR"),
+}
 _OTHER = ("fake",)
 
 
 def is_pairs_dataset(name: str) -> bool:
-    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``) rather than classes."""
+    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``, ``ijbb:``, ``ijbc:``)
+    rather than classes."""
     return isinstance(name, str) and name.partition(":")[0].strip().lower() in _PAIRS
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw`` and ``pairs`` take a path."""
+    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw``, ``pairs``, ``ijbb``, ``ijbc`` take a
+    path."""
     return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS])
 
 
@@ -180,7 +188,9 @@ def create_dataset(
             ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
             validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
             the same for every split), ``lfw:DIR`` (LFW's ``DIR/pairs.txt`` over ``DIR/lfw/``, likewise),
-            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise) or ``fake`` (seeded synthetic
+            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), ``ijbb:DIR`` / ``ijbc:DIR``
+            (insightface's IJB layout: an :class:`~headreg.data._ijb.IJBDataset` of template pairs) or ``fake``
+            (seeded synthetic
             images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
             ``channels``, ``seed``).
         split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
@@ -222,12 +232,18 @@ def create_dataset(
         return create_fake(split, **kwargs)
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
-        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv')"
+        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv', "
+        "ijbb and ijbc as 'ijbb:DIR', 'ijbc:DIR')"
     )
 
 
-def _create_pairs(key: str, path: Path, name: str) -> TensorImageDataset:
+def _create_pairs(key: str, path: Path, name: str) -> Any:
     from headreg.data._pairs import PairsDataset
+
+    if key in ("ijbb", "ijbc"):
+        from headreg.data._ijb import IJBDataset
+
+        return IJBDataset(path, key, name=name)
 
     if key == "bin":
         return PairsDataset.from_bin(path, name=name)
