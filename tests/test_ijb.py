@@ -106,8 +106,8 @@ def test_metrics_equal_insightface_steps(seed: int, ties: bool, detector: bool) 
     assert list(IJB_FAR_TARGETS) == FARS
     # Both block strategies (one product per block of templates; gathered rows) give the reference scores.
     ids, unit = template_features(t(feats), t(templates), t(medias), t(faceness) if detector else None)
-    for block in (1 << 23, 64):
-        got = score_template_pairs(ids, unit, t(pairs), block_elements=block).numpy()
+    for block, strategy in ((1 << 23, "auto"), (64, "dense"), (1 << 23, "gather"), (64, "gather")):
+        got = score_template_pairs(ids, unit, t(pairs), block_elements=block, strategy=strategy).numpy()
         np.testing.assert_allclose(got, score, rtol=0, atol=1e-12)
 
 

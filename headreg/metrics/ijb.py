@@ -34,10 +34,15 @@ __all__ = ["IJB_FAR_TARGETS", "ijb_metrics", "score_template_pairs", "tar_at_far
 IJB_FAR_TARGETS = tuple(10.0**-k for k in (6, 5, 4, 3, 2, 1))
 #: Entries of one block of template-by-template scores (float64: 64 MiB).
 _BLOCK_ELEMENTS = 1 << 23
+#: A block of first templates is scored against every template when its pairs fill 1/128 of that product or more:
+#: a gathered pair costs ~140 matmul entries on a CPU (benchmarks/bench_ijb.py, docs/benchmarks.md).
+_DENSE_RATIO = 128
+#: Pairs gathered at a time on the sparse path (two 512-d float64 rows each: 8 MiB, cache-friendly).
+_GATHER_PAIRS = 1024
 
 
 def template_features(
-    embeddings: Tensor, templates: Tensor, medias: Tensor, weights: Tensor | None = None, *, rows: int = 65536
+    embeddings: Tensor, templates: Tensor, medias: Tensor, weights: Tensor | None = None, *, rows: int = 8192
 ) -> tuple[Tensor, Tensor]:
     """Template features as insightface's ``image2template_feature``: media means summed per template, normalised.
 
@@ -56,28 +61,35 @@ def template_features(
     templates, medias = templates.to(device), medias.to(device)
     ids, template_of = torch.unique(templates, return_inverse=True)
     # Face i contributes e_i / |its media| to its template: the media's mean, summed over medias, in one pass.
-    _, media_of, media_size = torch.unique(
-        torch.stack([templates, medias], 1), dim=0, return_inverse=True, return_counts=True
-    )
+    # A media is a (template, media id) pair: one integer key each (faster and leaner than unique over rows).
+    media_ids, media_index = torch.unique(medias, return_inverse=True)
+    key = template_of * media_ids.numel() + media_index
+    _, media_of, media_size = torch.unique(key, return_inverse=True, return_counts=True)
     factor = 1.0 / media_size[media_of].double()
     if weights is not None:
         factor = factor * weights.to(device).double()
     features = torch.zeros(ids.numel(), embeddings.shape[1], dtype=torch.float64, device=device)
     for s in range(0, embeddings.shape[0], rows):
-        block = embeddings[s : s + rows].double() * factor[s : s + rows, None]
+        block = embeddings[s : s + rows].to(torch.float64, copy=True).mul_(factor[s : s + rows, None])
         features.index_add_(0, template_of[s : s + rows], block)
     norms = features.norm(dim=1, keepdim=True)
     return ids, features / torch.where(norms == 0, torch.ones_like(norms), norms)
 
 
 def score_template_pairs(
-    ids: Tensor, features: Tensor, pairs: Tensor, *, block_elements: int = _BLOCK_ELEMENTS, progress: bool = False
+    ids: Tensor,
+    features: Tensor,
+    pairs: Tensor,
+    *,
+    block_elements: int = _BLOCK_ELEMENTS,
+    strategy: str = "auto",
+    progress: bool = False,
 ) -> Tensor:
     """Cosine score of each template pair, in blocks of first templates.
 
     Pairs are ordered by their first template; each block of ``R`` first templates is scored either by one
-    ``R x T`` product against every template, when the block's pairs fill a sixteenth of it or more (IJB's
-    dense pair lists), or by gathering its pairs' rows and a row-wise dot product (sparse lists). Memory beyond
+    ``R x T`` product against every template, when the block's pairs fill 1/128 of it or more (IJB-C's list
+    fills 1/34), or by gathering its pairs' rows and a row-wise dot product (sparse lists). Memory beyond
     the inputs and the ``(P,)`` result: one block of ``block_elements`` float64 scores and the pair order.
 
     Args:
@@ -85,11 +97,15 @@ def score_template_pairs(
         features: ``(T, D)`` unit template features.
         pairs: ``(P, 2)`` int template ids.
         block_elements: Scores per block.
+        strategy: ``"auto"`` (by each block's density), ``"dense"`` or ``"gather"`` for every block.
         progress: A delayed progress bar over the pairs.
 
     Returns:
         ``(P,)`` float64 scores, in the order of ``pairs``.
     """
+    from headreg._checks import check_choice
+
+    check_choice(strategy, ("auto", "dense", "gather"), "strategy")
     device = features.device
     pairs = pairs.to(device)
     first = torch.searchsorted(ids, pairs[:, 0].contiguous())
@@ -108,11 +124,12 @@ def score_template_pairs(
                 continue
             idx = order[p0:p1]
             a, b = first[idx], second[idx]
-            if 16 * (p1 - p0) >= (r1 - r0) * t:
+            dense = _DENSE_RATIO * (p1 - p0) >= (r1 - r0) * t if strategy == "auto" else strategy == "dense"
+            if dense:
                 block = features[r0:r1] @ features.T
                 scores[idx] = block[a - r0, b]
             else:
-                step = max(1, block_elements // (2 * features.shape[1]))  # two gathered rows per pair
+                step = max(1, min(_GATHER_PAIRS, block_elements // (2 * features.shape[1])))
                 for q in range(0, p1 - p0, step):
                     sub = slice(q, q + step)
                     scores[idx[sub]] = (features[a[sub]] * features[b[sub]]).sum(1)
