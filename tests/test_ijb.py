@@ -246,6 +246,10 @@ def test_meta_errors_name_the_file_and_line(tmp_path: Path) -> None:
     assert "insightface's IJB layout" in res.output
     res = invoke("--model", "lenetpp", "--dataset", f"ijbb:{root}", "--limit", "3", "--input-size", "28", ok=False)
     assert "--limit" in res.output
+    (root / "loose_crop" / files["faces"][3].split()[0]).unlink()
+    res = invoke("--model", "lenetpp", "--dataset", f"ijbb:{root}", "--input-size", "28", "--workers", "1", ok=False)
+    assert "image not found" in res.output and "line 4 of the 5-point file" in res.output
+    assert "Traceback" not in res.output
     res = invoke("--model", "lenetpp", "--dataset", "fake", "--no-detector-score", ok=False)
     assert "applies to IJB" in res.output
 

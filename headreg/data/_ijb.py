@@ -17,6 +17,7 @@ take 17.6 GB decoded, so they are never held in memory at once.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def _read_ints(path: Path, columns: int, what: str) -> np.ndarray:
     text = path.read_text(encoding="ascii", errors="replace")
     lines = text.count("\n") + (0 if text.endswith("\n") else 1)
     try:
-        flat = np.fromstring(text, dtype=np.int64, sep=" ")  # text mode: any whitespace separates
+        with warnings.catch_warnings():  # numpy warns, or raises, on a token it cannot read: the slow path names it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            flat = np.fromstring(text, dtype=np.int64, sep=" ")  # text mode: any whitespace separates
     except ValueError:
         flat = None
     if flat is not None and flat.size == columns * lines and flat.size > 0:
@@ -208,8 +211,10 @@ class IJBDataset(Dataset):
         from headreg.data._pairs import _decode
 
         path = self.root / "loose_crop" / self.meta.images[index]
-        if not path.is_file():
-            raise DatasetNotFoundError(f"dataset '{self.name}': image not found: {path}")
+        if not path.is_file():  # a DataFileError: the loader strips a worker's traceback from its message
+            raise DataFileError(
+                f"dataset '{self.name}': image not found: {path} (line {index + 1} of the 5-point file)"
+            )
         image = _decode(path, f"dataset '{self.name}': the image {path}").permute(2, 0, 1)
         return align_face(image, self.meta.landmarks[index]), index
 

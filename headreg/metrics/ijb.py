@@ -87,9 +87,10 @@ def score_template_pairs(
 ) -> Tensor:
     """Cosine score of each template pair, in blocks of first templates.
 
-    Pairs are ordered by their first template; each block of ``R`` first templates is scored either by one
-    ``R x T`` product against every template, when the block's pairs fill 1/128 of it or more (IJB-C's list
-    fills 1/34), or by gathering its pairs' rows and a row-wise dot product (sparse lists). Memory beyond
+    Each pair is ordered by its lower template (the cosine is symmetric) and the pairs by it; each block of
+    ``R`` templates ``r0, r0 + 1, ...`` is scored either by one ``R x (T - r0)`` product against the templates
+    from ``r0`` on, when the block's pairs fill 1/128 of it or more (IJB-C's list fills 1/17), or by gathering
+    its pairs' rows and a row-wise dot product (sparse lists). Memory beyond
     the inputs and the ``(P,)`` result: one block of ``block_elements`` float64 scores and the pair order.
 
     Args:
@@ -108,31 +109,38 @@ def score_template_pairs(
     check_choice(strategy, ("auto", "dense", "gather"), "strategy")
     device = features.device
     pairs = pairs.to(device)
-    first = torch.searchsorted(ids, pairs[:, 0].contiguous())
-    second = torch.searchsorted(ids, pairs[:, 1].contiguous())
+    one = torch.searchsorted(ids, pairs[:, 0].contiguous())
+    two = torch.searchsorted(ids, pairs[:, 1].contiguous())
+    # The cosine is symmetric: a pair is scored from its lower template, so a block of templates needs the
+    # templates from its own first onwards only (half the products of the whole matrix).
+    first, second = torch.minimum(one, two), torch.maximum(one, two)
+    del one, two
     order = torch.argsort(first, stable=True)
     count = torch.bincount(first, minlength=ids.numel()).cpu()
     ends = torch.cumsum(count, 0).tolist()
     t = ids.numel()
-    rows = max(1, block_elements // t)
     scores = torch.empty(pairs.shape[0], dtype=torch.float64, device=device)
+    r0 = 0
     with stage_bar("score template pairs", pairs.shape[0], "pair", progress) as bar:
-        for r0 in range(0, t, rows):
-            r1 = min(t, r0 + rows)
+        while r0 < t:
+            r1 = min(t, r0 + max(1, block_elements // (t - r0)))
             p0, p1 = (ends[r0 - 1] if r0 else 0), ends[r1 - 1]
             if p1 == p0:
+                r0 = r1
                 continue
             idx = order[p0:p1]
             a, b = first[idx], second[idx]
-            dense = _DENSE_RATIO * (p1 - p0) >= (r1 - r0) * t if strategy == "auto" else strategy == "dense"
+            product = (r1 - r0) * (t - r0)
+            dense = _DENSE_RATIO * (p1 - p0) >= product if strategy == "auto" else strategy == "dense"
             if dense:
-                block = features[r0:r1] @ features.T
-                scores[idx] = block[a - r0, b]
+                block = features[r0:r1] @ features[r0:].T
+                scores[idx] = block[a - r0, b - r0]
             else:
                 step = max(1, min(_GATHER_PAIRS, block_elements // (2 * features.shape[1])))
                 for q in range(0, p1 - p0, step):
                     sub = slice(q, q + step)
                     scores[idx[sub]] = (features[a[sub]] * features[b[sub]]).sum(1)
+            r0 = r1
             bar.update(p1 - p0)
     return scores
 
