@@ -24,7 +24,7 @@ from headreg.data._align import ARCFACE_TEMPLATE, align_face, similarity_transfo
 from headreg.data._ijb import read_ijb_meta
 from headreg.data.transforms import FACE_INPUT, face_data_config
 from headreg.engine._ijb import evaluate_ijb_embeddings
-from headreg.engine.extract import extract_embeddings, iter_batches
+from headreg.engine.extract import extract_dataset, extract_embeddings, iter_batches
 from headreg.errors import DataFileError, DatasetNotFoundError
 from headreg.metrics.ijb import IJB_FAR_TARGETS, score_template_pairs, template_features
 
@@ -261,6 +261,26 @@ def test_face_input_defaults() -> None:
     assert face_data_config(imagenet, declared) == imagenet  # the backbone's own values win
     face = resolve_data_config(model=headreg.create_model("iresnet18"))
     assert (face["input_size"], face["mean"], face["std"]) == ((3, 112, 112), (0.5,) * 3, (0.5,) * 3)
+
+
+class _MeanPixel(torch.nn.Module):
+    """A backbone that says nothing of its input (no pretrained_cfg): its embedding is the mean input pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), torch.tensor(x.shape[2:], dtype=x.dtype).expand(x.shape[0], 2)], 1)
+
+
+def test_faces_go_in_at_112_with_mean_std_half(tmp_path: Path) -> None:
+    crops, _ = _write_layout(tmp_path / "IJBB", "ijbb")
+    ds = create_dataset(f"ijbb:{tmp_path / 'IJBB'}")
+    ext = extract_dataset(_MeanPixel(), ds, device="cpu", batch_size=8, workers=0, progress=False)
+    pixels = torch.stack(crops).double().div(255).sub(0.5).div(0.5).mean((2, 3))
+    torch.testing.assert_close(ext.embeddings[:, :3].double(), pixels, atol=1e-5, rtol=0)
+    assert (ext.embeddings[:, 3:] == 112).all()
+    # A backbone that names its statistics keeps them (LeNet++: MNIST's), at the aligned size.
+    lenet = headreg.create_model("lenetpp")
+    config = face_data_config(resolve_data_config(model=lenet), lenet.pretrained_cfg)
+    assert config["mean"] == lenet.pretrained_cfg["mean"] and config["input_size"] == (1, 28, 28)
 
 
 def test_embeddings_check(tmp_path: Path) -> None:
