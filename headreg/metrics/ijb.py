@@ -113,7 +113,8 @@ def score_template_pairs(
     two = torch.searchsorted(ids, pairs[:, 1].contiguous())
     # The cosine is symmetric: a pair is scored from its lower template, so a block of templates needs the
     # templates from its own first onwards only (half the products of the whole matrix).
-    first, second = torch.minimum(one, two), torch.maximum(one, two)
+    first = torch.minimum(one, two)
+    second = one.add_(two).sub_(first)  # the maximum, in place
     del one, two
     order = torch.argsort(first, stable=True)
     count = torch.bincount(first, minlength=ids.numel()).cpu()

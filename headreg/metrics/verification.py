@@ -63,11 +63,14 @@ def roc_counts(scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     s = scores.double()
     order = torch.argsort(s, descending=True, stable=True)
-    s, y = s[order], same[order].double()
+    s = s[order]
+    accepted = torch.cumsum(same[order], 0, dtype=torch.float64)  # exact integers; one (P,) buffer less
+    del order
     # The last pair of each run of equal scores: the ROC moves only between distinct scores.
     last = torch.cat([torch.nonzero(s[1:] != s[:-1]).squeeze(1), torch.tensor([s.numel() - 1], device=s.device)])
-    tps = torch.cumsum(y, 0)[last]
-    fps = (last + 1).double() - tps
+    tps = accepted[last]
+    del accepted
+    fps = last.double().add_(1).sub_(tps)
     return fps, tps, s[last]
 
 
