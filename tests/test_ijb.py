@@ -216,8 +216,13 @@ def test_ijbc_through_the_cli(ckpt: Path, tmp_path: Path) -> None:
         got = out if not extra else json.loads(invoke(*args, *extra, "--json").stdout)
         assert [got["metrics"][k] for k in KEYS] == pytest.approx(row, abs=1e-6)
         assert got["metrics"]["roc_auc"] == pytest.approx(roc_auc, abs=1e-6)
-    human = invoke(*args).stdout
+    human = invoke(*args).output
     assert "tar_at_far_1e-4" in human
+    # 54 different pairs: FARs below 1/54 are not resolved, which a warning says (the values stay insightface's).
+    assert out["warnings"] == [
+        "54 different pairs cannot resolve FAR 1e-06, 1e-05, 1e-04, 1e-03, 1e-02 (fewer than one false accept); "
+        "those TARs are read at the ROC point nearest each, as insightface reads them"
+    ]
 
 
 def test_meta_errors_name_the_file_and_line(tmp_path: Path) -> None:

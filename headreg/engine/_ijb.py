@@ -88,6 +88,7 @@ def evaluate_ijb_model(
     """
     from headreg._checks import check_choice
     from headreg.engine.runtime import run_on_main
+    from headreg.metrics.ijb import IJB_FAR_TARGETS
 
     if gallery is not None:
         raise InvalidValueError("an IJB benchmark lists its template pairs itself: it takes no gallery")
@@ -105,6 +106,17 @@ def evaluate_ijb_model(
         lambda: evaluate_ijb_embeddings(ext.embeddings, meta, detector_score=detector_score, progress=progress)
     )
     num_pairs = int(meta.pair_labels.shape[0])
+    negatives = int(values["num_negative_pairs"])
+    # Reported as insightface does (the nearest ROC point), but say when a FAR is finer than one false accept.
+    unresolved = [f"{far:.0e}" for far in IJB_FAR_TARGETS if negatives * far < 1]
+    warnings = (
+        [
+            f"{negatives} different pairs cannot resolve FAR {', '.join(unresolved)} (fewer than one false accept); "
+            "those TARs are read at the ROC point nearest each, as insightface reads them"
+        ]
+        if unresolved
+        else []
+    )
     info = {
         "protocol": "ijb",
         "num_samples": int(ext.embeddings.shape[0]),
@@ -122,5 +134,5 @@ def evaluate_ijb_model(
         "embeddings": ext.embeddings.detach().cpu(),
         "labels": torch.from_numpy(meta.templates),
         "info": info,
-        "warnings": [],
+        "warnings": warnings,
     }
