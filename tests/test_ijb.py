@@ -259,6 +259,28 @@ def test_meta_errors_name_the_file_and_line(tmp_path: Path) -> None:
     assert "applies to IJB" in res.output
 
 
+def test_ijb_names_are_pairs_protocols_that_train_refuses(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from headreg.cli import main
+    from headreg.data import is_pairs_dataset, list_datasets
+
+    assert {"ijbb", "ijbc"} <= set(list_datasets()) and is_pairs_dataset("ijbb:x") and is_pairs_dataset("IJBC:x")
+    args = [
+        "train",
+        "--model",
+        "lenetpp",
+        "--head",
+        "softmax",
+        "--dataset",
+        f"ijbc:{tmp_path}",
+        "--out",
+        tmp_path / "r",
+    ]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 1 and "holds verification pairs, not labelled classes" in r.output, r.output
+
+
 def test_face_input_defaults() -> None:
     imagenet = resolve_data_config(model=torch.nn.Linear(2, 2))  # a module that says nothing: ImageNet's
     assert face_data_config(imagenet, None) == {**imagenet, **FACE_INPUT}
