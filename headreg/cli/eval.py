@@ -110,6 +110,7 @@ class EvalOptions:
     recall_k: tuple[int, ...] | None
     knn: str | None
     tta: str | None
+    detector_score: bool | None
     progress: bool | None
     as_json: bool
     output: Path | None
@@ -174,7 +175,12 @@ class EvalOptions:
     "--tta",
     type=LazyChoice(_tta_modes),
     help="Test-time augmentation: the horizontal mirror's embedding added (flip-sum) or appended (flip-concat) "
-    "[default: flip-sum for face pairs (bin:, lfw:, pairs:), else none].",
+    "[default: flip-sum for face pairs (bin:, lfw:, pairs:) and IJB (ijbb:, ijbc:), else none].",
+)
+@click.option(
+    "--detector-score/--no-detector-score",
+    default=None,
+    help="IJB (ijbb:, ijbc:): weight each face by its detector score in its template [default: on, as insightface].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON results to this file.")
@@ -189,6 +195,7 @@ def eval_cmd(**params: Any) -> None:
     headreg eval --checkpoint runs/arcface --dataset mnist --query-split test --gallery-split train
     headreg eval --embeddings emb.safetensors --json
     headreg eval --checkpoint runs/arcface --dataset bin:faces/lfw.bin
+    headreg eval --model iresnet50 --pretrained-file backbone.pth --dataset ijbc:IJB_release/IJBC
     torchrun --nproc_per_node=2 -m headreg eval --checkpoint runs/arcface --dataset mnist
     """
     opts = EvalOptions.parse(**params)
@@ -210,6 +217,7 @@ def eval_cmd(**params: Any) -> None:
             check_input_size(model, opts.input_size)
             query, gallery, described = load_datasets(opts)
             names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "tta", "progress")
+            names += ("detector_score",)
             result = evaluate_model(model, query, gallery, device=device, **opts.engine_kwargs(*names, metrics=metrics))
             result.info = {**source, **described, **result.info}
         if main:
@@ -239,6 +247,8 @@ def _check_options(opts: EvalOptions) -> None:
         raise click.UsageError(f"a model needs --dataset ({dataset_names()})")
     if (opts.query_split is None) != (opts.gallery_split is None):
         raise click.UsageError("--query-split and --gallery-split go together (or use --split for leave-one-out)")
+    if opts.detector_score is not None and not str(opts.dataset or "").lower().startswith(("ijbb:", "ijbc:")):
+        raise click.UsageError("--detector-score/--no-detector-score applies to IJB datasets (ijbb:DIR, ijbc:DIR)")
     if has_file and opts.tta is not None:
         raise click.UsageError("--tta applies while extracting embeddings; an --embeddings file was made already")
     if has_file and opts.save_embeddings is not None:

@@ -112,7 +112,13 @@ _TORCHVISION = {
 }
 _PREFIXED = ("imagefolder",)
 #: Names that take a path and give a pairs protocol (:mod:`headreg.data._pairs`), with the form of their argument.
-_PAIRS = {"bin": ("file", "bin:PATH/lfw.bin"), "lfw": ("folder", "lfw:DIR"), "pairs": ("file", "pairs:LIST.csv")}
+_PAIRS = {
+    "bin": ("file", "bin:PATH/lfw.bin"),
+    "lfw": ("folder", "lfw:DIR"),
+    "pairs": ("file", "pairs:LIST.csv"),
+    "ijbb": ("folder", "ijbb:DIR"),  # IJB template pairs (headreg.data._ijb)
+    "ijbc": ("folder", "ijbc:DIR"),
+}
 _OTHER = ("fake",)
 #: The metric-learning retrieval benchmarks (:mod:`headreg.data._retrieval_sets`): a name under the data dir, or
 #: ``NAME:DIR`` for a folder elsewhere; ``csv`` always takes its file.
@@ -120,13 +126,14 @@ _RETRIEVAL = ("cub200", "cars196", "sop", "inshop")
 
 
 def is_pairs_dataset(name: str) -> bool:
-    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``) rather than classes."""
+    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``, ``ijbb:``, ``ijbc:``)
+    rather than classes."""
     return isinstance(name, str) and name.partition(":")[0].strip().lower() in _PAIRS
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw``, ``pairs`` and ``csv`` take a path,
-    ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
+    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw``, ``pairs``, ``ijbb``, ``ijbc`` and
+    ``csv`` take a path, ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
     return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS, *_RETRIEVAL, "csv"])
 
 
@@ -146,10 +153,11 @@ def create_dataset(
             ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
             validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
             the same for every split), ``lfw:DIR`` (LFW's ``DIR/pairs.txt`` over ``DIR/lfw/``, likewise),
-            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), the retrieval benchmarks ``cub200``,
-            ``cars196``, ``sop``, ``inshop`` in their native layouts under the data dir (``NAME:DIR``: in DIR) and
-            ``csv:PATH`` (open-metric-learning's CSV), each an :class:`ImageListDataset` of the split's unseen
-            classes (docs/protocols.md), or ``fake`` (seeded synthetic
+            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), ``ijbb:DIR`` / ``ijbc:DIR``
+            (insightface's IJB layout: an :class:`~headreg.data._ijb.IJBDataset` of template pairs), the retrieval
+            benchmarks ``cub200``, ``cars196``, ``sop``, ``inshop`` in their native layouts under the data dir
+            (``NAME:DIR``: in DIR) and ``csv:PATH`` (open-metric-learning's CSV), each an :class:`ImageListDataset`
+            of the split's unseen classes (docs/protocols.md), or ``fake`` (seeded synthetic
             images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
             ``channels``, ``seed``).
         split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
@@ -202,12 +210,17 @@ def create_dataset(
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
         "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv', "
-        "csv as 'csv:PATH')"
+        "ijbb and ijbc as 'ijbb:DIR', 'ijbc:DIR', csv as 'csv:PATH')"
     )
 
 
-def _create_pairs(key: str, path: Path, name: str) -> TensorImageDataset:
+def _create_pairs(key: str, path: Path, name: str) -> Any:
     from headreg.data._pairs import PairsDataset
+
+    if key in ("ijbb", "ijbc"):
+        from headreg.data._ijb import IJBDataset
+
+        return IJBDataset(path, key, name=name)
 
     if key == "bin":
         return PairsDataset.from_bin(path, name=name)

@@ -273,6 +273,7 @@ def evaluate_model(
     recall_k: Sequence[int] | None = None,
     knn: str = "torch",
     tta: str | None = None,
+    detector_score: bool = True,
     progress: bool | None = None,
 ) -> EvalResult:
     """Extract embeddings of ``query`` (and ``gallery``) with ``model`` and compute the metrics.
@@ -293,7 +294,8 @@ def evaluate_model(
         knn: See :func:`evaluate_embeddings`.
         tta: Test-time augmentation, one of :data:`~headreg.engine.extract.TTA_MODES`; None: ``none``, or
             ``flip-sum`` for a pairs dataset (``bin:PATH``), which runs the pairs protocol
-            (:mod:`headreg.engine._pairs`).
+            (:mod:`headreg.engine._pairs`); ``flip-sum`` too for IJB (``ijbb:DIR``, :mod:`headreg.engine._ijb`).
+        detector_score: IJB only: weight each face by its detector score in its template (insightface's default).
         progress: Progress bars; None shows them when stderr is a terminal (and on rank 0 only).
 
     Returns:
@@ -315,6 +317,14 @@ def evaluate_model(
         fields = evaluate_pairs_model(
             model, query, gallery, common=common, metrics=parse_metric_names(metrics), tta=tta,
             progress=_tqdm_flag(show), world_size=info.world_size,
+        )  # fmt: skip
+        return EvalResult(**fields)
+    if getattr(query, "protocol", None) == "ijb":
+        from headreg.engine._ijb import evaluate_ijb_model
+
+        fields = evaluate_ijb_model(
+            model, query, gallery, common=common, metrics=parse_metric_names(metrics), tta=tta,
+            detector_score=detector_score, progress=_tqdm_flag(show), world_size=info.world_size,
         )  # fmt: skip
         return EvalResult(**fields)
     if tta is not None:

@@ -310,6 +310,7 @@ def extract_dataset(
     from timm.data import resolve_data_config
 
     from headreg.data import TensorImageDataset, create_loader, resolve_transform
+    from headreg.data.transforms import face_data_config
     from headreg.engine.runtime import dist_info
 
     device = torch.device(device)
@@ -324,6 +325,8 @@ def extract_dataset(
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     config = resolve_data_config(model=model)
+    if getattr(dataset, "faces", False):  # face pairs, IJB: 112 px and mean/std 0.5 unless the backbone says
+        config = face_data_config(config, getattr(model, "pretrained_cfg", None))
     transform = resolve_transform(config, dataset, train=False, input_size=input_size)
     in_memory = isinstance(dataset, TensorImageDataset)
     loader = create_loader(
