@@ -31,7 +31,8 @@ from headreg.engine._jsonsafe import json_safe
 from headreg.engine.extract import Extraction, extract_dataset, extraction_info, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._knn import KNN_BACKENDS
-from headreg.metrics.retrieval import RetrievalOptions, _positive_counts
+from headreg.metrics.classification import labels_outside_head, topk_from_ranks
+from headreg.metrics.retrieval import RetrievalOptions, positive_warnings
 
 __all__ = [
     "ALL_METRICS",
@@ -143,8 +144,6 @@ def classification_accuracy(label_rank: Tensor, top_k: Sequence[int] = (1, 5)) -
     Returns:
         ``{"top1_accuracy": ..., "top5_accuracy": ...}`` (one key per k).
     """
-    from headreg.metrics.classification import topk_from_ranks
-
     return topk_from_ranks(label_rank, tuple(top_k))
 
 
@@ -209,22 +208,9 @@ def evaluate_embeddings(
     dev = resolve_device(device, embeddings)
     qm = torch.ones(n, dtype=torch.bool) if is_query is None else is_query.cpu()
     gm = torch.ones(n, dtype=torch.bool) if is_gallery is None else is_gallery.cpu()
-    warnings: list[str] = []
     lab = labels.cpu()
-    q_lab = lab[qm]
-    count = _positive_counts(q_lab, lab[gm]) - (qm & gm)[qm].long()  # a sample in both is never its own neighbour
-    lonely = int((count <= 0).sum())
-    if lonely:
-        first = int(q_lab[count <= 0][0])
-        warnings.append(
-            f"{lonely} of {q_lab.numel()} queries have no other sample of their class in the gallery "
-            f"(e.g. label {first}); they are left out of the retrieval averages"
-        )
-    if lonely == q_lab.numel():
-        raise InvalidInputError(
-            f"no query has another sample of its class in the gallery ({lonely} queries, "
-            f"{int(torch.unique(lab[gm]).numel())} gallery classes): retrieval metrics are undefined"
-        )
+    # A sample in both is never its own neighbour.
+    warnings: list[str] = positive_warnings(lab[qm], lab[gm], (qm & gm)[qm])
     if "verification" in names and int(torch.unique(lab).numel()) < 2:
         names = tuple(m for m in names if m != "verification")
         warnings.append("all samples carry one label, so there are no impostor pairs: verification is skipped")
@@ -264,6 +250,7 @@ def evaluate_model(
     knn: str = "torch",
     tta: str | None = None,
     progress: bool | None = None,
+    shard_gallery: bool = False,
 ) -> EvalResult:
     """Extract embeddings of ``query`` (and ``gallery``) with ``model`` and compute the metrics.
 
@@ -284,9 +271,12 @@ def evaluate_model(
             ``flip-sum`` for a pairs dataset (``bin:PATH``), which runs the pairs protocol
             (:mod:`headreg.engine._pairs`).
         progress: Progress bars; None shows them when stderr is a terminal (and on rank 0 only).
+        shard_gallery: Keep each rank's embeddings where they were extracted and run the exact k-NN search
+            gallery-sharded (:mod:`headreg.engine._shard_eval`): retrieval and classification only, and the
+            result's tensors hold this rank's rows.
 
     Returns:
-        The same :class:`EvalResult` on every rank.
+        The same :class:`EvalResult` on every rank (its metrics, under ``shard_gallery``).
     """
     from headreg.engine.runtime import dist_info, resolve_device
 
@@ -298,7 +288,13 @@ def evaluate_model(
     if info.rank != 0:
         show = False
     common = dict(device=dev, batch_size=batch_size, workers=workers, limit=limit, input_size=input_size, amp=amp)
+    if shard_gallery:
+        from headreg.engine._shard_eval import check_sharded_metrics, evaluate_sharded
+
+        check_sharded_metrics(parse_metric_names(metrics), knn)  # before any extraction, alike on every rank
     if getattr(query, "issame", None) is not None:
+        if shard_gallery:
+            raise InvalidValueError("--shard-gallery applies to retrieval; a face-pairs dataset has no gallery")
         from headreg.engine._pairs import evaluate_pairs_model
 
         fields = evaluate_pairs_model(
@@ -314,7 +310,12 @@ def evaluate_model(
             continue
         desc = "extract" if gallery is None else f"extract {name}"
         part = extract_dataset(model, ds, progress=_tqdm_flag(show), desc=desc, **common)  # type: ignore[arg-type]
-        parts.append(gather_extraction(part))
+        parts.append(part if shard_gallery else gather_extraction(part))
+    if shard_gallery:
+        return EvalResult(**evaluate_sharded(
+            parts, metrics=parse_metric_names(metrics), recall_k=recall_k, device=dev, world_size=info.world_size,
+            num_classes=int(getattr(model, "num_classes", 0) or 0), progress=bool(_tqdm_flag(show)),
+        ))  # fmt: skip
     if len(parts) == 1:
         ext = parts[0]
         embeddings, labels, is_query, is_gallery = ext.embeddings, ext.labels, None, None
@@ -340,14 +341,8 @@ def evaluate_model(
         )
 
     values, warnings = broadcast_from_main(compute)
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    if label_rank is not None and num_classes and int(labels.max()) >= num_classes:
-        outside = int((labels >= num_classes).sum())
-        warnings = [
-            *warnings,
-            f"{outside} samples have labels outside the head's {num_classes} classes (max label {int(labels.max())}); "
-            "they count as misses in top-k accuracy",
-        ]
+    if label_rank is not None:
+        warnings = [*warnings, *labels_outside_head(labels, int(getattr(model, "num_classes", 0) or 0))]
     run_info = {
         "protocol": "leave-one-out" if gallery is None else "query/gallery",
         "num_samples": int(embeddings.shape[0]),
