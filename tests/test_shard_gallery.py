@@ -173,3 +173,51 @@ def test_sharded_metrics_equal_one_process_ties_included(tmp_path: Path, world: 
     assert r0["reversed"][0]["mean_average_precision_at_r"] != single["mean_average_precision_at_r"]
     assert all(r["nan"] == r0["nan"] for r in ranks)
     assert r0["nan"].startswith("embeddings must be finite, got 1 of 301 rows with NaN or Inf (first at row 250)")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import headreg
+
+    torch.manual_seed(0)
+    model = headreg.create_model("lenetpp", head="arcface", num_classes=10)
+    return headreg.save_model(model, tmp_path_factory.mktemp("run") / "run").parent
+
+
+def test_cli_under_torchrun_matches_one_process(ckpt: Path) -> None:
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "fake", "--limit", "150", "--batch-size", "25"]
+    args += [
+        "--query-split",
+        "test",
+        "--gallery-split",
+        "train",
+        "--json",
+        "--device",
+        "cpu",
+        "--metrics",
+        "retrieval,classification",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "headreg", *args], capture_output=True,
+                         text=True, env=env, timeout=240)  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    two = subprocess.run([*launch, "-m", "headreg", *args, "--shard-gallery"], capture_output=True, text=True,
+                         env=env, timeout=240)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone prints
+    assert b["metrics"] == a["metrics"] and b["info"]["shard_gallery"] and b["info"]["world_size"] == 2
+    assert (b["info"]["num_queries"], b["info"]["num_gallery"]) == (150, 150)
+
+
+def test_cli_refuses_what_needs_every_embedding(ckpt: Path, tmp_path: Path) -> None:
+    from _cli import invoke
+
+    base = ("--checkpoint", ckpt, "--dataset", "fake", "--limit", "40", "--shard-gallery")
+    out = invoke(*base, "--plot", tmp_path / "p.png", ok=False).output
+    assert "--shard-gallery keeps the embeddings spread over the ranks; --plot needs all of them" in out
+    out = invoke(*base, "--metrics", "retrieval,verification,clustering", ok=False).output
+    assert "verification, clustering need every embedding in one process" in out
+    assert "faiss" not in out
+    out = invoke(*base, "--knn", "faiss", ok=False).output
+    assert "merges the exact torch k-NN search only" in out
