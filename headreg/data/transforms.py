@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headreg.data._datasets import ImageFolderDataset, TensorImageDataset
+from headreg.data._recordio import RecordDataset
 from headreg.errors import InvalidInputError, InvalidValueError
 
 __all__ = ["BatchTransform", "resolve_transform"]
@@ -247,7 +248,7 @@ def resolve_transform(
             hflip=0.5 if (train and augment and dataset.hflip) else 0.0,
             seed=seed,
         )
-    elif isinstance(dataset, ImageFolderDataset):
+    elif isinstance(dataset, (ImageFolderDataset, RecordDataset)):
         dataset.transform = _sample_transform(data_config, in_chans, size, train=train and augment)
         transform = BatchTransform(mean, std, in_chans=in_chans, size=None)
     else:

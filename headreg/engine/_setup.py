@@ -59,6 +59,7 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
             attribute the head cannot warm up.
     """
     from ..data import create_dataset, create_loader, is_pairs_dataset, resolve_transform
+    from ..data.loader import default_workers
     from ..models import create_model
 
     if is_pairs_dataset(cfg.dataset):
@@ -87,9 +88,10 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     model = model.to(dev).train()
     per_rank_batch = cfg.batch_size // ranks.info.world_size
     on_device = dev if dev.type != "cpu" else None
+    workers = default_workers()  # file-backed datasets (image folders, rec:) decode in workers; in-memory ignore it
     train_loader = create_loader(
         train_ds, batch_size=per_rank_batch, shuffle=True, seed=cfg.seed, drop_last=True, limit=cfg.limit,
-        device=on_device,
+        device=on_device, num_workers=workers,
     )  # fmt: skip
     if len(train_loader) == 0:
         n = len(train_ds) if cfg.limit is None else min(cfg.limit, len(train_ds))
@@ -99,7 +101,7 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         )
     test_loader = create_loader(
         test_ds, batch_size=max(256, per_rank_batch), shuffle=False, seed=cfg.seed, limit=cfg.test_limit,
-        device=on_device,
+        device=on_device, num_workers=workers,
     )  # fmt: skip
     data_cfg = dict(model.pretrained_cfg)
     rank = ranks.info.rank

@@ -305,11 +305,10 @@ def extract_dataset(
     Returns:
         This rank's :class:`Extraction` (call :func:`gather_extraction` for the whole set).
     """
-    import os
-
     from timm.data import resolve_data_config
 
     from headreg.data import TensorImageDataset, create_loader, resolve_transform
+    from headreg.data.loader import default_workers
     from headreg.engine.runtime import dist_info
 
     device = torch.device(device)
@@ -322,7 +321,7 @@ def extract_dataset(
             "use more samples (--limit) or fewer processes"
         )
     if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+        workers = default_workers()
     config = resolve_data_config(model=model)
     transform = resolve_transform(config, dataset, train=False, input_size=input_size)
     in_memory = isinstance(dataset, TensorImageDataset)
