@@ -9,7 +9,8 @@ distribution (query/gallery), or leave-one-out with ``--queries 0``. Two ways, e
 * ``sharded``: ``--world`` gloo processes, each holding its contiguous ``1/W`` of the queries and of the gallery,
   run ``engine._shard_eval.evaluate_sharded`` (``headreg eval --shard-gallery``).
 
-Each process reports its wall time of the metric step and its peak RSS (``ru_maxrss``), also less its RSS
+Each process reports its wall time of the metric step, its CPU time (user + system: what a loaded machine
+does not inflate), and its peak RSS (``ru_maxrss``), also less its RSS
 once torch and headreg are imported and the k-NN kernels warmed up on 5,000 random rows. The runs alternate
 (one, sharded, one, ...) ``--repeats`` times; the table gives medians, and whether the metrics were identical in
 every run.
@@ -50,6 +51,11 @@ def _rows(lo: int, hi: int, args: argparse.Namespace, stream: int):  # noqa: ANN
     return torch.cat(xs), torch.cat(ys)
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -81,14 +87,14 @@ def worker(args: argparse.Namespace) -> None:
     if args.mode == "one":
         g, gl = _rows(0, args.n, args, 0)
         if loo:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             metrics, _ = evaluate_embeddings(g, gl, metrics=["retrieval"])
         else:
             q, ql = _rows(0, args.queries, args, 1)
             x, y = torch.cat([q, g]), torch.cat([ql, gl])
             del g
             mask = torch.arange(y.numel()) < args.queries
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             metrics, _ = evaluate_embeddings(x, y, is_query=mask, is_gallery=~mask, metrics=["retrieval"])
     else:
         torch.distributed.init_process_group("gloo")
@@ -98,15 +104,15 @@ def worker(args: argparse.Namespace) -> None:
             q, ql = _rows(rank * args.queries // world, (rank + 1) * args.queries // world, args, 1)
             parts.insert(0, Extraction(q, ql))
         torch.distributed.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         out = evaluate_sharded(parts, metrics=["retrieval"], recall_k=(1, 2, 4, 8), device=torch.device("cpu"),
                                world_size=world)  # fmt: skip
         metrics = out["metrics"]
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     if args.mode != "one":
         torch.distributed.destroy_process_group()
-    record = {"mode": args.mode, "rank": rank, "seconds": seconds, "peak_rss_mib": _rss_mib(), "base_rss_mib": base,
-              "metrics": metrics}  # fmt: skip
+    record = {"mode": args.mode, "rank": rank, "seconds": seconds, "cpu_seconds": cpu, "metrics": metrics,
+              "peak_rss_mib": _rss_mib(), "base_rss_mib": base}  # fmt: skip
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -173,15 +179,19 @@ def main(argv: list[str]) -> int:
     print(f"N = {args.n:,}, D = {args.dim}, {args.classes} classes, {protocol}, {args.threads} thread(s) per process, "
           f"medians of {args.repeats} alternating runs")  # fmt: skip
     print()
-    print("| run | processes | metric step (s) | peak RSS per rank (MiB) | of which after imports (MiB) | × one's |")
-    print("|---|---:|---:|---:|---:|---:|")
+    head = "| run | processes | wall (s) | CPU s, slowest rank | CPU s, all ranks | peak RSS per rank (MiB) | "
+    print(head + "of which data and search (MiB) | × one's |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     one_extra = None
     for mode, world in (("one", 1), ("sharded", args.world)):
         secs = statistics.median(max(x["seconds"] for x in recs) for recs in runs[mode])
+        cpu_max = statistics.median(max(x["cpu_seconds"] for x in recs) for recs in runs[mode])
+        cpu_sum = statistics.median(sum(x["cpu_seconds"] for x in recs) for recs in runs[mode])
         peak = statistics.median(max(x["peak_rss_mib"] for x in recs) for recs in runs[mode])
         extra = statistics.median(max(x["peak_rss_mib"] - x["base_rss_mib"] for x in recs) for recs in runs[mode])
         one_extra = one_extra or extra
-        print(f"| {mode} | {world} | {secs:.1f} | {peak:.0f} | {extra:.0f} | {extra / one_extra:.2f} |")
+        print(f"| {mode} | {world} | {secs:.1f} | {cpu_max:.1f} | {cpu_sum:.1f} | {peak:.0f} | {extra:.0f} | "
+              f"{extra / one_extra:.2f} |")  # fmt: skip
     print()
     print(f"metrics identical in every run: {identical}")
     print(json.dumps(reference, indent=None))

@@ -82,7 +82,6 @@ class RecordDataset(Dataset):
 
     channels = 3
     image_size = None
-    hflip = True  # faces: a mirrored face is the same identity
 
     def __init__(self, rec: Path, idx: Path, *, name: str, transform: Callable[[Any], Any] | None = None) -> None:
         self.path, self.name, self.transform = rec, name, transform
