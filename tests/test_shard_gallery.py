@@ -61,6 +61,21 @@ def test_search_values_are_the_ranking_similarities_on_the_sampled_path() -> Non
     torch.testing.assert_close(sim, (q @ g.T).gather(1, nbr), rtol=0, atol=1e-6)
 
 
+def test_metrics_do_not_depend_on_the_chunking_or_the_scan() -> None:
+    from headreg.engine._shard_eval import evaluate_sharded
+    from headreg.engine.extract import Extraction
+    from headreg.metrics.retrieval import retrieval_metrics
+
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 40, (4500,), generator=gen)
+    x = torch.randn(40, 12, generator=gen)[y] + 2 * torch.randn(4500, 12, generator=gen)
+    symmetric = retrieval_metrics(x, y)  # from 4,096 items: the leave-one-out symmetric scan, blocks of 512
+    assert retrieval_metrics(x, y, chunk_size=300) == symmetric
+    per_query = evaluate_sharded([Extraction(x, y)], metrics=None, recall_k=(1, 2, 4, 8), device=torch.device("cpu"),
+                                 world_size=1, chunk_size=700)["metrics"]  # fmt: skip
+    assert {k: v for k, v in per_query.items() if k != "num_samples"} == symmetric  # bit for bit
+
+
 WORKER = textwrap.dedent(
     """
     import json, os, sys

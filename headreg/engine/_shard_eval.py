@@ -12,8 +12,9 @@ chunk by chunk over the queries that have a positive, in the order one process u
 3. the ``W`` candidate lists are all-gathered (``W × chunk × K`` entries) and every rank merges them exactly
    (:func:`~headreg.metrics._knn_merge.merge_ranked`: similarity descending, then global index ascending, the
    tie rule of docs/metrics.md);
-4. every rank adds the chunk's per-query sums (:mod:`headreg.metrics._retrieval_sums`) in the same order, so
-   every rank ends with the same metrics, equal to one process's.
+4. every rank adds the chunk's per-query terms (:class:`~headreg.metrics._retrieval_sums.RetrievalSums`, whose
+   totals do not depend on the chunking), so every rank ends with the same metrics, equal to one process's
+   bit for bit.
 
 Memory per rank: its ``N·D/W`` embeddings (and the back end's reordered copy), ``O(N)`` labels, and
 ``O(chunk × (D + W·K))`` per step. Verification and clustering need every embedding in one place, so they are
@@ -36,7 +37,7 @@ from headreg.engine.runtime import all_gather_variable, comm_device, dist_info
 from headreg.errors import InvalidValueError
 from headreg.metrics._knn import GallerySearch, plan_chunks
 from headreg.metrics._knn_merge import merge_ranked
-from headreg.metrics._retrieval_sums import _chunk_sums
+from headreg.metrics._retrieval_sums import RetrievalSums
 from headreg.metrics.classification import labels_outside_head, topk_from_ranks
 from headreg.metrics.retrieval import RetrievalOptions, _positive_counts, positive_warnings, retrieval_result
 
@@ -170,7 +171,7 @@ def _retrieval(
     chunk = chunk_size or auto_chunk
     groups = gl[g_off : g_off + gn.shape[0]]  # this rank's gallery rows
     search = GallerySearch(gn, chunk_size=chunk, tile_size=tile, seed=opts.seed, groups=groups)
-    sums = torch.zeros(3 + len(opts.recall_k) + 1, dtype=torch.float64, device=dev)
+    sums = RetrievalSums(opts.recall_k, opts.knn_k, opts.r_metrics, dev)
     starts = range(0, int(kept.numel()), chunk)
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415 - only when asked for
@@ -192,8 +193,10 @@ def _retrieval(
         idx[:, : nbr.shape[1]] = torch.where(nbr >= 0, nbr + g_off, nbr)
         val[:, : sim.shape[1]] = sim
         merged = merge_ranked(_split(_gather(idx)), _split(_gather(val)), torch.clamp(k, max=num_gallery - int(loo)))
-        sums += _chunk_sums(merged, gl, ql[rows], r[rows], opts.recall_k, opts.knn_k, opts.r_metrics)
-    return retrieval_result(sums, int(kept.numel()), opts, num_query, num_gallery, int(num_query - kept.numel()))
+        sums.add(merged, gl, ql[rows], r[rows])
+    return retrieval_result(
+        sums.totals(), int(kept.numel()), opts, num_query, num_gallery, int(num_query - kept.numel())
+    )
 
 
 def _split(stacked: Tensor) -> list[Tensor]:

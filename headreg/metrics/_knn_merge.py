@@ -16,14 +16,13 @@ import torch
 
 __all__ = ["merge_ranked"]
 
-_PAD = torch.iinfo(torch.int64).max
-
 
 def merge_ranked(indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor], k: torch.Tensor) -> torch.Tensor:
     """Merge per-part neighbours into each query's exact `k_r` nearest, best first.
 
     Args:
-        indices: one `(rows, L_p)` int64 tensor per part: global gallery indices, padded with `-1`.
+        indices: one `(rows, L_p)` int64 tensor per part, the parts in the order of their (disjoint) index
+            ranges: global gallery indices, each row ranked by the tie rule, padded with `-1`.
         values: the matching `(rows, L_p)` similarities, padded with `-inf`.
         k: `(rows,)` int64 neighbours wanted per query (at most the valid entries of its row, all parts together).
 
@@ -31,17 +30,16 @@ def merge_ranked(indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
         `(rows, max(k))` int64 global indices, ordered by similarity descending then index ascending,
         padded with `-1` past `k_r`.
     """
-    idx = torch.cat(list(indices), dim=1)
-    val = torch.cat(list(values), dim=1)
-    rows = idx.shape[0]
+    rows = k.shape[0]
     k_max = int(k.max()) if rows else 0
-    if k_max == 0:
-        return torch.full((rows, 0), -1, dtype=torch.long, device=idx.device)
-    # Two stable sorts give (similarity desc, index asc); padding (-1) sorts after every real index.
-    idx = torch.where(idx >= 0, idx, torch.full_like(idx, _PAD))
-    order = torch.argsort(idx, dim=1, stable=True)
-    idx, val = idx.gather(1, order), val.gather(1, order)
-    order = torch.argsort(val, dim=1, descending=True, stable=True)[:, :k_max]
-    best = idx.gather(1, order)
-    keep = (torch.arange(k_max, device=idx.device) < k.unsqueeze(1)) & (best != _PAD)
-    return torch.where(keep, best, torch.full_like(best, -1))
+    keep = torch.arange(k_max, device=k.device) < k.unsqueeze(1)
+    if len(indices) == 1:
+        best = indices[0][:, :k_max]
+    else:
+        # Laid side by side in the parts' order, equal similarities already stand in ascending index order
+        # (within a part by its ranking, across parts by their ranges), so one stable sort by similarity
+        # descending gives the tie rule; the padding (-inf) sorts last.
+        val = torch.cat(list(values), dim=1)
+        order = torch.sort(val, dim=1, descending=True, stable=True).indices[:, :k_max]
+        best = torch.cat(list(indices), dim=1).gather(1, order)
+    return torch.where(keep & (best >= 0), best, torch.full_like(best, -1))

@@ -26,7 +26,7 @@ from headreg._checks import (
 )
 from headreg.errors import InvalidInputError
 from headreg.metrics._knn import KNN_BACKENDS, iter_ranked_neighbours, iter_self_neighbours
-from headreg.metrics._retrieval_sums import _chunk_sums
+from headreg.metrics._retrieval_sums import RetrievalSums
 
 __all__ = ["positive_warnings", "retrieval_metrics", "retrieval_result", "retrieval_with_masks"]
 
@@ -160,7 +160,7 @@ def _retrieval(
     num_without = int((~has_pos).sum())
     n_kept = int(kept.numel())
     k_small = max(max(recall_k), knn_k, 1)
-    sums = torch.zeros(3 + len(recall_k) + 1, dtype=torch.float64, device=dev)
+    sums = RetrievalSums(recall_k, knn_k, r_metrics, dev)
     if n_kept:
         qk, rk, lk = q[kept], r[kept], ql[kept]
         sk = None if self_idx is None else self_idx[kept]
@@ -186,17 +186,17 @@ def _retrieval(
         t_metrics = 0.0
         for rows, nbr in chunks:
             t0 = time.perf_counter()
-            sums += _chunk_sums(nbr, gl, lk[rows], rk[rows], recall_k, knn_k, r_metrics)
+            sums.add(nbr, gl, lk[rows], rk[rows])
             t_metrics += time.perf_counter() - t0
         if stats is not None:
             stats["metrics"] = stats.get("metrics", 0.0) + t_metrics
-    return retrieval_result(sums, n_kept, opts, int(q.shape[0]), int(g.shape[0]), num_without)
+    return retrieval_result(sums.totals(), n_kept, opts, int(q.shape[0]), int(g.shape[0]), num_without)
 
 
 def retrieval_result(
     sums: torch.Tensor, n_kept: int, opts: RetrievalOptions, num_queries: int, num_gallery: int, num_without: int
 ) -> dict[str, float | int]:
-    """The metrics dict of `retrieval_metrics` from the sums of `_chunk_sums` over every query kept."""
+    """The metrics dict of `retrieval_metrics` from `RetrievalSums.totals()` over every query kept."""
     means = (sums / n_kept).tolist() if n_kept else [float("nan")] * sums.numel()
     out: dict[str, float | int] = {"precision_at_1": means[0]}
     if opts.r_metrics:
