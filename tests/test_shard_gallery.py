@@ -59,6 +59,10 @@ def test_search_values_are_the_ranking_similarities_on_the_sampled_path() -> Non
     assert (nbr != torch.arange(64).unsqueeze(1)).all()
     assert (sim[:, 1:] <= sim[:, :-1]).all()  # best first
     torch.testing.assert_close(sim, (q @ g.T).gather(1, nbr), rtol=0, atol=1e-6)
+    raw = torch.randn(5000, 8) * 3
+    own = GallerySearch(raw, chunk_size=64, tile_size=1024, normalize=True)  # normalises its own copy in place
+    assert torch.equal(own.rows(torch.arange(5000)), torch.nn.functional.normalize(raw, dim=1))
+    assert not torch.equal(raw, torch.nn.functional.normalize(raw, dim=1))  # the caller's tensor is untouched
 
 
 def test_metrics_do_not_depend_on_the_chunking_or_the_scan() -> None:

@@ -159,8 +159,8 @@ def _retrieval(
     progress: bool,
 ) -> dict[str, float | int]:
     """Steps 1-4 of the module docstring; the dict of :func:`~headreg.metrics.retrieval.retrieval_metrics`."""
-    qn = F.normalize(q_local.detach().to(dev, torch.float32), dim=1)
-    gn = qn if loo else F.normalize(g_local.detach().to(dev, torch.float32), dim=1)
+    # The search normalises its own reordered copy of the gallery: with the extracted rows, two copies per rank.
+    gallery = g_local.detach().to(dev, torch.float32)
     ql, gl = ql.to(dev), gl.to(dev)
     num_query, num_gallery = int(ql.numel()), int(gl.numel())
     r = _positive_counts(ql, gl) - int(loo)  # leave-one-out: the query's own entry is never a neighbour
@@ -169,19 +169,20 @@ def _retrieval(
     want = torch.clamp(r, min=k_small)
     auto_chunk, tile = plan_chunks(num_gallery, dev)  # sized for the whole gallery, as one process does
     chunk = chunk_size or auto_chunk
-    groups = gl[g_off : g_off + gn.shape[0]]  # this rank's gallery rows
-    search = GallerySearch(gn, chunk_size=chunk, tile_size=tile, seed=opts.seed, groups=groups)
+    groups = gl[g_off : g_off + gallery.shape[0]]  # this rank's gallery rows
+    search = GallerySearch(gallery, chunk_size=chunk, tile_size=tile, seed=opts.seed, groups=groups, normalize=True)
+    qn = None if loo else F.normalize(q_local.detach().to(dev, torch.float32), dim=1)
     sums = RetrievalSums(opts.recall_k, opts.knn_k, opts.r_metrics, dev)
     starts = range(0, int(kept.numel()), chunk)
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415 - only when asked for
 
         starts = tqdm(starts, desc="retrieval (sharded)", unit="chunk")
-    q_hi, g_hi = q_off + qn.shape[0], g_off + gn.shape[0]
+    q_hi, g_hi = q_off + q_local.shape[0], g_off + gallery.shape[0]
     for start in starts:
         rows = kept[start : start + chunk]
         mine = rows[(rows >= q_off) & (rows < q_hi)] - q_off
-        q = _gather(qn[mine])  # the chunk's queries, in global order: ranks hold ascending slices
+        q = _gather(search.rows(mine) if qn is None else qn[mine])  # in global order: ranks hold ascending slices
         own = None
         if loo:  # the query's own row, when this rank holds it
             own = torch.where((rows >= g_off) & (rows < g_hi), rows - g_off, torch.full_like(rows, -1))

@@ -61,6 +61,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from headreg.errors import InvalidValueError
 from headreg.metrics._knn_base import (
@@ -219,10 +220,12 @@ class GallerySearch:
     rank's part of the gallery, and feeds it every chunk of queries.
 
     Args:
-        gallery: `(N_g, D)` L2-normalised float gallery embeddings.
+        gallery: `(N_g, D)` float gallery embeddings, L2-normalised unless `normalize`.
         chunk_size: the most queries one `search` call receives.
         tile_size: gallery items per similarity tile.
         seed, stats, groups: as `iter_ranked_neighbours` (`groups` = `gallery_groups`).
+        normalize: L2-normalise the layout's own copy of the gallery in place (the caller's tensor is
+            untouched), so that the gallery is held once more, not twice; `rows` then gives normalised rows.
     """
 
     def __init__(
@@ -234,13 +237,20 @@ class GallerySearch:
         seed: int = 0,
         stats: dict[str, float] | None = None,
         groups: torch.Tensor | None = None,
+        normalize: bool = False,
     ) -> None:
         self.size = gallery.shape[0]
         self.device = gallery.device
         sampled = self.size >= _MIN_SAMPLED_GALLERY
         self.layout = Layout(gallery, groups, seed, stride=_SAMPLE_STRIDE if sampled else 0)
+        if normalize:  # row by row, the same bits as normalising the caller's tensor first
+            F.normalize(self.layout.gallery, dim=1, out=self.layout.gallery)
         self.scan = _tile_scan(self.layout, chunk_size, tile_size)
         self.stages = Stages(stats, self.device)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The gallery items `index` (original indices), as the search holds them, `(len(index), D)`."""
+        return self.layout.gallery[self.layout.orig_to_col[index]]
 
     def search(
         self, query: torch.Tensor, k_per_query: torch.Tensor, self_index: torch.Tensor | None = None
