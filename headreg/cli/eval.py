@@ -112,6 +112,7 @@ class EvalOptions:
     tta: str | None
     detector_score: bool | None
     progress: bool | None
+    shard_gallery: bool
     as_json: bool
     output: Path | None
     plot: Path | None
@@ -182,6 +183,12 @@ class EvalOptions:
     default=None,
     help="IJB (ijbb:, ijbc:): weight each face by its detector score in its template [default: on, as insightface].",
 )
+@click.option(
+    "--shard-gallery",
+    is_flag=True,
+    help="Under torchrun, each rank keeps its 1/W of the embeddings and the exact k-NN search is merged across "
+    "ranks (no gather of N x D): retrieval and classification only (docs/eval.md).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON results to this file.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Scatter plot of the embeddings (2-D or PCA), by class.")
@@ -218,7 +225,8 @@ def eval_cmd(**params: Any) -> None:
             query, gallery, described = load_datasets(opts)
             names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "tta", "progress")
             names += ("detector_score",)
-            result = evaluate_model(model, query, gallery, device=device, **opts.engine_kwargs(*names, metrics=metrics))
+            kwargs = opts.engine_kwargs(*names, metrics=metrics, shard_gallery=opts.shard_gallery or None)
+            result = evaluate_model(model, query, gallery, device=device, **kwargs)
             result.info = {**source, **described, **result.info}
         if main:
             write_outputs(result, opts)
@@ -251,6 +259,14 @@ def _check_options(opts: EvalOptions) -> None:
         raise click.UsageError("--detector-score/--no-detector-score applies to IJB datasets (ijbb:DIR, ijbc:DIR)")
     if has_file and opts.tta is not None:
         raise click.UsageError("--tta applies while extracting embeddings; an --embeddings file was made already")
+    if opts.shard_gallery:
+        clash = [n for n, v in (("--embeddings", has_file), ("--save-embeddings", opts.save_embeddings),
+                                ("--plot", opts.plot)) if v]  # fmt: skip
+        if clash:
+            raise click.UsageError(
+                f"--shard-gallery keeps the embeddings spread over the ranks; {', '.join(clash)} needs all of them "
+                "in one process (drop --shard-gallery for that)"
+            )
     if has_file and opts.save_embeddings is not None:
         raise click.UsageError(
             "--save-embeddings writes a model's embeddings; with --embeddings they are already saved"

@@ -110,7 +110,7 @@ _TORCHVISION = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", True),
     "cifar100": ("CIFAR100", "cifar-100-python", True),
 }
-_PREFIXED = ("imagefolder",)
+_PREFIXED = ("imagefolder", "rec")
 #: Names that take a path and give a pairs protocol (:mod:`headreg.data._pairs`), with the form of their argument.
 _PAIRS = {
     "bin": ("file", "bin:PATH/lfw.bin"),
@@ -132,8 +132,8 @@ def is_pairs_dataset(name: str) -> bool:
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw``, ``pairs``, ``ijbb``, ``ijbc`` and
-    ``csv`` take a path, ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
+    """Names :func:`create_dataset` accepts; ``imagefolder``, ``rec``, ``bin``, ``lfw``, ``pairs``, ``ijbb``, ``ijbc``
+    and ``csv`` take a path, ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
     return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS, *_RETRIEVAL, "csv"])
 
 
@@ -150,7 +150,9 @@ def create_dataset(
     Args:
         name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision's layouts under the data dir),
             ``imagefolder:PATH`` (torchvision's ImageFolder layout; ``PATH/<split>`` if that folder exists, else
-            ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
+            ``PATH`` itself; a relative PATH is taken from the current directory), ``rec:DIR`` (insightface's
+            MXNet RecordIO ``DIR/<split>.rec`` + ``.idx``, read without mxnet: :mod:`headreg.data._recordio`;
+            ``test`` falls back to ``train.rec``), ``bin:PATH`` (an insightface
             validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
             the same for every split), ``lfw:DIR`` (LFW's ``DIR/pairs.txt`` over ``DIR/lfw/``, likewise),
             ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), ``ijbb:DIR`` / ``ijbc:DIR``
@@ -180,8 +182,12 @@ def create_dataset(
     key = key.strip().lower()
     if key in _PREFIXED:
         if not arg:
-            raise InvalidValueError(f"dataset '{name}' needs a folder: use 'imagefolder:PATH'")
+            raise InvalidValueError(f"dataset '{name}' needs a folder: use '{key}:PATH'")
         _reject_options(name, kwargs)
+        if key == "rec":
+            from headreg.data._recordio import create_record_dataset
+
+            return create_record_dataset(name, Path(arg).expanduser(), split)
         return _create_imagefolder(name, Path(arg).expanduser(), split)
     if key in _PAIRS:
         if not arg:
@@ -209,8 +215,8 @@ def create_dataset(
         return create_fake(split, **kwargs)
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
-        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv', "
-        "ijbb and ijbc as 'ijbb:DIR', 'ijbc:DIR', csv as 'csv:PATH')"
+        "imagefolder is used as 'imagefolder:PATH', rec as 'rec:DIR', bin as 'bin:PATH', lfw as 'lfw:DIR', "
+        "pairs as 'pairs:LIST.csv', ijbb and ijbc as 'ijbb:DIR', 'ijbc:DIR', csv as 'csv:PATH')"
     )
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headreg.data._files import ImageFilesDataset, ImageListDataset
+from headreg.data._recordio import RecordDataset
 from headreg.data._tensor import TensorImageDataset
 from headreg.errors import InvalidInputError, InvalidValueError
 
@@ -278,7 +279,7 @@ def resolve_transform(
         # Aligned face crops decoded per sample in DataLoader workers (ijbb:, ijbc:): uint8 batches at their
         # aligned size, like a .bin's, normalised on the device; --input-size resizes them.
         transform = BatchTransform(mean, std, in_chans=in_chans, size=size or dataset.image_size)
-    elif isinstance(dataset, ImageFilesDataset):
+    elif isinstance(dataset, (ImageFilesDataset, RecordDataset)):
         config = dict(data_config)
         if isinstance(dataset, ImageListDataset):
             # A retrieval benchmark's protocol: resize 256 -> centre crop 224 whatever the backbone's own

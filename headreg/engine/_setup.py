@@ -6,7 +6,6 @@ same objects; :meth:`headreg.engine._runner.Run.restore` then loads a resumed ru
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -59,7 +58,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         InvalidValueError: labels outside the head's classes, a batch larger than the training set, a head
             attribute the head cannot warm up.
     """
-    from ..data import TensorImageDataset, create_dataset, create_loader, is_pairs_dataset, resolve_transform
+    from ..data import create_dataset, create_loader, is_pairs_dataset, resolve_transform
+    from ..data.loader import default_workers
     from ..models import create_model
 
     if is_pairs_dataset(cfg.dataset):
@@ -88,8 +88,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     model = model.to(dev).train()
     per_rank_batch = cfg.batch_size // ranks.info.world_size
     on_device = dev if dev.type != "cpu" else None
-    # Image files (imagefolder, the retrieval benchmarks) are decoded in DataLoader workers, never held decoded.
-    workers = 0 if isinstance(train_ds, TensorImageDataset) else min(8, os.cpu_count() or 1)
+    # File-backed datasets (image folders, the retrieval benchmarks, rec:) decode in workers; in-memory ones ignore it.
+    workers = default_workers()
     train_loader = create_loader(
         train_ds, batch_size=per_rank_batch, shuffle=True, seed=cfg.seed, drop_last=True, limit=cfg.limit,
         device=on_device, num_workers=workers,

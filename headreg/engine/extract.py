@@ -305,11 +305,10 @@ def extract_dataset(
     Returns:
         This rank's :class:`Extraction` (call :func:`gather_extraction` for the whole set).
     """
-    import os
-
     from timm.data import resolve_data_config
 
     from headreg.data import TensorImageDataset, create_loader, resolve_transform
+    from headreg.data.loader import default_workers
     from headreg.data.transforms import face_data_config
     from headreg.engine.runtime import dist_info
 
@@ -323,7 +322,7 @@ def extract_dataset(
             "use more samples (--limit) or fewer processes"
         )
     if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+        workers = default_workers()
     config = resolve_data_config(model=model)
     if getattr(dataset, "faces", False):  # face pairs, IJB: 112 px and mean/std 0.5 unless the backbone says
         config = face_data_config(config, getattr(model, "pretrained_cfg", None))
