@@ -12,6 +12,7 @@ each epoch then records the retrieval metrics ``headreg eval`` reports for it, a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from ._checkpoint import capture_rng, restore_rng
 from ._config import TrainConfig, TrainResult
 from ._distributed import Ranks
 from ._epochlog import EpochLog
+from ._guard import NonFiniteStop
 from ._jsonsafe import json_safe
 from ._loop import EpochTally, StopFlag, run_epoch
 from ._roles import dataset_recall_k, dataset_roles
@@ -62,7 +64,9 @@ def run_training(
         state = run_on_main(work, share=False)
         if resume and not ranks.main and directory.has_state():
             state = directory.load_state(verify=verify)
-        run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
+        # A resumed state holds the weights: the backbone's pretrained ones are not read again.
+        session = build_session(dataclasses.replace(config, pretrained=False) if state else config, ranks)
+        run = Run(config, directory, ranks, session, progress=progress, log=log)
         if state is not None:
             run.restore(state)
         elif resume:
@@ -116,6 +120,9 @@ class Run:
         self.epoch = 0  # epochs finished
         self.tally: EpochTally | None = None  # running sums of the epoch in progress (None between epochs)
         self.extra_record: dict[str, Any] = {}  # further run.json keys (the DDP replica check)
+        self.committed: str | None = None  # the last resumable state, for messages
+        if self.ctx.guard is not None:
+            self.ctx.guard.log = self.log.say
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a stopped run's state: weights, optimiser, scaler, every RNG, progress; check it still fits."""
@@ -142,6 +149,7 @@ class Run:
         self.epoch = int(prog["epoch"])
         if prog["tally"]:
             self.tally = EpochTally.from_state(prog["tally"], self.ranks.device)
+        self.committed = f"epoch {self.epoch}, step {self.ctx.global_step}"
         self.log.resume_at(self.epoch)
         self.log.say(f"resuming {self.run_dir.path} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
 
@@ -166,6 +174,7 @@ class Run:
                     tally = self.tally = self.tally or EpochTally.zeros(self.ranks.device)
                     loader = self.session.train_loader
                     loader.set_epoch(e)
+                    self._set_phase(e)
                     bar = self.log.bar(e, len(loader), tally.batches)
                     try:
                         finished = run_epoch(ctx, loader, tally, stop, stop_at_step=stop_after_steps, bar=bar)
@@ -180,6 +189,18 @@ class Run:
                     last = self._end_epoch(e, tally)
                     self.epoch, self.tally = e + 1, None
                     self._save(self.epoch, None, "running")
+            except NonFiniteStop as exc:
+                ctx.restore_head()
+                self._write_record("stopped")
+                kept = (
+                    f"The last resumable state ({self.committed}) is kept"
+                    if self.committed
+                    else "No resumable state was saved yet (`--resume` starts the run over)"
+                )
+                raise NonFiniteStop(
+                    f"{exc}. {kept}: fix the cause (lower --lr, --clip-grad-norm, a smaller head scale or margin, "
+                    f"--no-amp, or the data) and continue with `headreg train --resume {self.run_dir.path}`"
+                ) from None
             except KeyboardInterrupt:
                 ctx.restore_head()
                 if ctx.in_step:
@@ -201,6 +222,19 @@ class Run:
             history=list(self.log.history), eval=final, train_seconds=self.log.train_seconds, model=self.model,
             embeddings=emb, labels=labels,
         )  # fmt: skip
+
+    def _set_phase(self, epoch: int) -> None:
+        """Freeze or unfreeze the backbone for ``epoch`` (``freeze_backbone``); DDP wraps the model anew on a change."""
+        freeze = self.session.freeze
+        if not freeze.apply(epoch):
+            return
+        self.ctx.frozen = freeze.module
+        if self.ranks.distributed:
+            self.ctx.model = self.ranks.wrap(self.model)
+        if freeze.frozen:
+            self.log.say(f"backbone frozen for epochs {epoch + 1}-{freeze.epochs}: training the neck and the head")
+        elif epoch > 0:
+            self.log.say(f"backbone unfrozen from epoch {epoch + 1}")
 
     def _test_pass(self) -> Extraction:
         """This rank's shard of the test split through the model: embeddings, labels, label ranks under the head.
@@ -239,6 +273,7 @@ class Run:
         self.log.record(
             e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
             step_time=float(seconds.item()), eval_time=time.perf_counter() - t0, retrieval=retrieval,
+            skipped_steps=tally.skipped,
         )  # fmt: skip
         return ext
 
@@ -321,6 +356,7 @@ class Run:
             },
         }
         self.run_dir.save_state(state)
+        self.committed = f"epoch {epoch}, step {self.ctx.global_step}"
         self._write_record(status)
 
     def _write_record(self, status: str) -> None:
