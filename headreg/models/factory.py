@@ -40,10 +40,10 @@ def _pretrained_error(name: str, exc: Exception) -> HeadregError:
     if isinstance(exc, NotCachedError) or type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
         return HeadregError(
             f"could not load pretrained weights for backbone '{name}': they are not in the local cache, and "
-            f"headreg does not download ({type(exc).__name__}: {exc}). Fetch them once on a machine with internet, e.g. "
-            f"`python -c \"import headreg; headreg.create_model('{name}', pretrained=True)\"`, and copy the "
-            "Hugging Face cache ($HF_HOME/hub) or the torch hub cache ($TORCH_HOME/hub/checkpoints); or give "
-            "the weights as a file with --pretrained-file"
+            f"headreg does not download ({type(exc).__name__}: {exc}). Fetch them once on a machine with "
+            f"internet, e.g. `python -c \"import headreg; headreg.create_model('{name}', pretrained=True)\"`, "
+            "and copy the Hugging Face cache ($HF_HOME/hub) or the torch hub cache ($TORCH_HOME/hub/checkpoints); "
+            "or give the weights as a file with --pretrained-file"
         )
     return HeadregError(
         f"could not load pretrained weights for backbone '{name}': {type(exc).__name__}: {exc}. "
