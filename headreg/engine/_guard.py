@@ -132,7 +132,9 @@ class StepGuard:
             culprit = self._culprit(ok)
             self.first = f"{culprit}, at step {step} ({self._scale(scaler)})"
             if self.log is not None:
-                self.log(f"step {step} skipped: {culprit} was non-finite ({self._scale(scaler)}); weights unchanged")
+                self.log(
+                    f"step {step} skipped: non-finite values in {culprit} ({self._scale(scaler)}); weights unchanged"
+                )
         if scaler is not None:
             scaler.update()  # backs off when unscale_ found an inf/NaN gradient, as a skipped scaler.step does
         optimizer.zero_grad(set_to_none=True)
