@@ -298,3 +298,44 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path: Path) -> None:
     assert (cfg.clip_grad_norm, cfg.accumulate, cfg.max_bad_steps) == (2.5, 4, 3)
     r = CliRunner().invoke(main, [*args, "--accumulate", "0"])
     assert r.exit_code != 0 and "accumulate must be an integer >= 1" in r.output and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------------------ under torchrun
+@pytest.mark.slow
+def test_two_gloo_processes_accumulate_freeze_and_guard_like_one(tmp_path: Path) -> None:
+    """DDP with --accumulate (no_sync on the first micro-batch), --freeze-backbone (the model wrapped again
+    when the backbone thaws), clipping and the guard (its verdict all-reduced each step) takes the steps one
+    process takes with the same global batch (LeNet++ without batch norm, no augmentation)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["--model", "lenetpp", "--model-option", "widths=[4,8,8]", "--head", "arcface", "--dataset", "fake",
+            "--embedding-dim", "4", "--epochs", "2", "--batch-size", "16", "--accumulate", "2", "--limit", "128",
+            "--test-limit", "64", "--optimizer", "sgd", "--lr", "0.05", "--no-augment", "--device", "cpu",
+            "--no-progress", "--freeze-backbone", "1", "--clip-grad-norm", "5"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", "-m", "headreg", "train", *args, "--out", str(tmp_path / "ddp")]  # fmt: skip
+    proc = subprocess.run(ddp, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = [sys.executable, "-m", "headreg", "train", *args, "--out", str(tmp_path / "one")]
+    proc = subprocess.run(one, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["global_step"] == 8 and run["replica_max_abs_diff"] == 0.0
+    a = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _free_port() -> int:
+    """A free local TCP port for torchrun's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
