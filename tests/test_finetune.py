@@ -168,6 +168,32 @@ def test_freeze_backbone_trains_only_the_embedding_layer_neck_and_head_then_ever
     assert not torch.equal(a.model.state_dict()[first], initial[first])  # trained once unfrozen
 
 
+def test_the_frozen_backbone_stays_in_eval_mode_after_a_mid_epoch_evaluation(monkeypatch, tmp_path: Path) -> None:
+    """An evaluation between steps puts the model back in training mode; the next step freezes the BN again."""
+    import headreg.engine._runner as runner
+
+    real, held = runner.build_session, {}
+
+    def spy(cfg, ranks):
+        held["session"] = real(cfg, ranks)
+        return held["session"]
+
+    monkeypatch.setattr(runner, "build_session", spy)
+    modes: list[bool] = []
+
+    def evaluate_between_steps(step: int) -> None:
+        model = held["session"].model
+        modes.append(model.backbone.training)
+        model.train()  # what extract_embeddings leaves behind
+
+    initial = train(_config(), tmp_path / "init", progress=False, stop_after_steps=0).model.state_dict()
+    result = train(_config(), tmp_path / "a", progress=False, stop_after_steps=4, on_step=evaluate_between_steps)
+    assert modes == [False] * 4
+    for k, v in result.model.state_dict().items():
+        if "running_" in k and k.startswith("backbone."):
+            torch.testing.assert_close(v, initial[k], rtol=0, atol=0, msg=k)
+
+
 # ------------------------------------------------------------------------------------------ --backbone-lr-scale
 def test_backbone_lr_scale_groups() -> None:
     model = headreg.create_model("lenetpp", head="arcface", num_classes=3, embedding_dim=4, neck="linear_bn")
