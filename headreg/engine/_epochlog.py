@@ -79,6 +79,7 @@ class EpochLog:
         eval_time: float,
         retrieval: dict[str, Any] | None = None,
         skipped_steps: int = 0,
+        loss_scale: float | None = None,
     ) -> dict[str, Any]:
         """Record finished epoch ``epoch`` (0-based) from its sums over all ranks; returns the record.
 
@@ -92,6 +93,7 @@ class EpochLog:
             retrieval: the test split's retrieval metrics when its classes are unseen in training: recorded as
                 ``test_<metric>`` instead of ``test_accuracy``, which has no meaning there.
             skipped_steps: steps the non-finite guard skipped in the epoch (the same on every rank).
+            loss_scale: the float16 GradScaler's scale at the end of the epoch; None (and not recorded) without one.
 
         Raises:
             HeadregError: the mean loss is NaN or infinite.
@@ -110,6 +112,7 @@ class EpochLog:
             "eval_time": eval_time,
             "images_per_s": seen / max(step_time, 1e-9),
             "skipped_steps": skipped_steps,
+            **({"loss_scale": loss_scale} if loss_scale is not None else {}),
         }
         if retrieval is not None:
             del record["test_accuracy"]

@@ -15,8 +15,11 @@ the gradients of the parameters that required them when it was built.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from ._loop import StepContext
 from ._optim import backbone_parameters
 
 __all__ = ["BackboneFreeze"]
@@ -40,6 +43,32 @@ class BackboneFreeze:
     def module(self) -> nn.Module | None:
         """The module held in eval mode while frozen (the backbone), else None."""
         return getattr(self.model, "backbone", None) if self.frozen else None
+
+    def enter(
+        self,
+        epoch: int,
+        ctx: StepContext,
+        *,
+        wrap: Callable[[nn.Module], nn.Module] | None,
+        say: Callable[[str], None],
+    ) -> None:
+        """At the start of ``epoch``: its phase, told to the step context (and DDP wrapped anew, ``wrap``) on a change.
+
+        Args:
+            epoch: the epoch about to run (0-based).
+            ctx: the run's step context (``frozen``, ``model``).
+            wrap: wraps the model in DDP under several ranks; None in one process.
+            say: where the line about the change goes.
+        """
+        if not self.apply(epoch):
+            return
+        ctx.frozen = self.module
+        if wrap is not None:
+            ctx.model = wrap(self.model)
+        if self.frozen:
+            say(f"backbone frozen for epochs {epoch + 1}-{self.epochs}: training the neck and the head")
+        elif epoch > 0:
+            say(f"backbone unfrozen from epoch {epoch + 1}")
 
     def apply(self, epoch: int) -> bool:
         """Put the model in the phase of ``epoch`` (0-based); True when the phase changed."""

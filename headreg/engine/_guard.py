@@ -19,6 +19,7 @@ then only the running-loss check of :func:`headreg.engine._loop.check_finite` st
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,18 @@ _FLAG_NAMES = ("the input batch", "the embeddings", "the logits", "the loss")
 
 class NonFiniteStop(HeadregError):
     """Training stopped after too many consecutive non-finite steps (the message says which tensor and where)."""
+
+    def resumable_from(self, committed: str | None, run_dir: Path) -> NonFiniteStop:
+        """This error, its message ending with the run's last resumable state and how to continue from it."""
+        kept = (
+            f"The last resumable state ({committed}) is kept"
+            if committed
+            else "No resumable state was saved yet (`--resume` starts the run over)"
+        )
+        return NonFiniteStop(
+            f"{self}. {kept}: fix the cause (lower --lr, --clip-grad-norm, a smaller head scale or margin, "
+            f"--no-amp, or the data) and continue with `headreg train --resume {run_dir}`"
+        )
 
 
 class StepGuard:

@@ -174,7 +174,9 @@ class Run:
                     tally = self.tally = self.tally or EpochTally.zeros(self.ranks.device)
                     loader = self.session.train_loader
                     loader.set_epoch(e)
-                    self._set_phase(e)
+                    self.session.freeze.enter(
+                        e, ctx, wrap=self.ranks.wrap if self.ranks.distributed else None, say=self.log.say
+                    )
                     bar = self.log.bar(e, len(loader), tally.batches)
                     try:
                         finished = run_epoch(ctx, loader, tally, stop, stop_at_step=stop_after_steps, bar=bar)
@@ -192,15 +194,7 @@ class Run:
             except NonFiniteStop as exc:
                 ctx.restore_head()
                 self._write_record("stopped")
-                kept = (
-                    f"The last resumable state ({self.committed}) is kept"
-                    if self.committed
-                    else "No resumable state was saved yet (`--resume` starts the run over)"
-                )
-                raise NonFiniteStop(
-                    f"{exc}. {kept}: fix the cause (lower --lr, --clip-grad-norm, a smaller head scale or margin, "
-                    f"--no-amp, or the data) and continue with `headreg train --resume {self.run_dir.path}`"
-                ) from None
+                raise exc.resumable_from(self.committed, self.run_dir.path) from None
             except KeyboardInterrupt:
                 ctx.restore_head()
                 if ctx.in_step:
@@ -222,19 +216,6 @@ class Run:
             history=list(self.log.history), eval=final, train_seconds=self.log.train_seconds, model=self.model,
             embeddings=emb, labels=labels,
         )  # fmt: skip
-
-    def _set_phase(self, epoch: int) -> None:
-        """Freeze or unfreeze the backbone for ``epoch`` (``freeze_backbone``); DDP wraps the model anew on a change."""
-        freeze = self.session.freeze
-        if not freeze.apply(epoch):
-            return
-        self.ctx.frozen = freeze.module
-        if self.ranks.distributed:
-            self.ctx.model = self.ranks.wrap(self.model)
-        if freeze.frozen:
-            self.log.say(f"backbone frozen for epochs {epoch + 1}-{freeze.epochs}: training the neck and the head")
-        elif epoch > 0:
-            self.log.say(f"backbone unfrozen from epoch {epoch + 1}")
 
     def _test_pass(self) -> Extraction:
         """This rank's shard of the test split through the model: embeddings, labels, label ranks under the head.
@@ -274,6 +255,7 @@ class Run:
             e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
             step_time=float(seconds.item()), eval_time=time.perf_counter() - t0, retrieval=retrieval,
             skipped_steps=tally.skipped,
+            loss_scale=self.ctx.scaler.get_scale() if self.ctx.scaler is not None else None,
         )  # fmt: skip
         return ext
 
