@@ -40,13 +40,11 @@ def config(**kw) -> TrainConfig:
 
 
 class NaNImages(ImageFolderDataset):
-    """The first ``n`` images of a headreg dataset, as float images; those at the indices in ``poisoned`` are NaN.
+    """The first ``n`` images of a headreg dataset, as float images; those at the indices in ``poisoned`` are NaN,
+    and all of them once the file ``switch`` exists (a file, so that DataLoader worker processes see it too)."""
 
-    ``poisoned`` is read as each sample is fetched, so a test can poison the data between steps.
-    """
-
-    def __init__(self, base, n: int) -> None:  # no folder: the images come from ``base``
-        self.base, self.n = base, n
+    def __init__(self, base, n: int, switch: Path) -> None:  # no folder: the images come from ``base``
+        self.base, self.n, self.switch = base, n, switch
         self.name, self.classes, self.num_classes = "nan-images", list(base.classes), base.num_classes
         self.targets = base.targets[:n].clone()
         self.transform = None
@@ -57,22 +55,24 @@ class NaNImages(ImageFolderDataset):
 
     def __getitem__(self, i: int):
         x = self.base.images[i].float() / 255.0
-        return (torch.full_like(x, math.nan) if i in self.poisoned else x), int(self.targets[i])
+        bad = i in self.poisoned or self.switch.exists()
+        return (torch.full_like(x, math.nan) if bad else x), int(self.targets[i])
 
 
 @pytest.fixture
-def nan_data(monkeypatch):
-    """``create_dataset(..., "train")`` gives a :class:`NaNImages`; the last one made is ``made["train"]``."""
+def nan_data(monkeypatch, tmp_path: Path):
+    """``create_dataset(..., "train")`` gives a :class:`NaNImages`: ``made["poison"]`` poisons those indices,
+    creating ``made["switch"]`` poisons every image from then on."""
     import headreg.data as data
 
     real = data.create_dataset
-    made: dict = {}
+    made: dict = {"switch": tmp_path / "poison-all", "poison": set()}
 
     def create(name, split, **kw):
         ds = real(name, split, **kw)
         if split == "train":
-            ds = made["train"] = NaNImages(ds, N_TRAIN)
-            ds.poisoned |= made.get("poison", set())
+            ds = NaNImages(ds, N_TRAIN, made["switch"])
+            ds.poisoned |= made["poison"]
         return ds
 
     monkeypatch.setattr(data, "create_dataset", create)
@@ -101,7 +101,7 @@ def test_transient_nan_batches_are_skipped_counted_and_the_run_goes_on(nan_data,
 def test_consecutive_bad_steps_stop_and_the_last_state_resumes(nan_data, tmp_path: Path) -> None:
     def poison_after_epoch_1(step: int) -> None:
         if step == 4:
-            nan_data["train"].poisoned.update(range(N_TRAIN))
+            nan_data["switch"].touch()
 
     out = tmp_path / "run"
     with pytest.raises(NonFiniteStop) as err:
@@ -112,6 +112,7 @@ def test_consecutive_bad_steps_stop_and_the_last_state_resumes(nan_data, tmp_pat
     assert "last resumable state (epoch 1, step 4) is kept" in msg and f"--resume {out}" in msg
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
 
+    nan_data["switch"].unlink()
     # The data fixed, the run resumes from the state committed at the end of epoch 1 and ends as a run
     # that never met the NaN batches.
     resumed = resume(out, progress=False)
@@ -138,7 +139,7 @@ def test_a_gradient_norm_that_overflows_is_named(monkeypatch, tmp_path: Path) ->
 
 
 def test_without_the_guard_the_running_loss_check_still_stops_the_run(nan_data, tmp_path: Path) -> None:
-    nan_data["poison"] = set(range(N_TRAIN))
+    nan_data["switch"].touch()
     with pytest.raises(HeadregError, match="the training loss became nan by step 4"):
         train(config(max_bad_steps=0, epochs=1), tmp_path / "run", progress=False)
 
