@@ -306,6 +306,13 @@ TRAIN_CONFIG: Mapping[str, Field] = {
     "data_dir": Field("str", nullable=True),
     "eval_metrics": Field("list", items=Field("str")),
     "eval_limit": Field("int", nullable=True, check=at_least(1)),
+    # fine-tuning and the step guard (docs/train.md)
+    "pretrained": Field("bool"),
+    "freeze_backbone": Field("int", check=at_least(0)),
+    "backbone_lr_scale": Field("number"),
+    "clip_grad_norm": Field("number", nullable=True),
+    "accumulate": Field("int", check=at_least(1)),
+    "max_bad_steps": Field("int", check=at_least(0)),
 }
 
 #: ``run.json``: the run record the training runner writes.

@@ -87,6 +87,7 @@ def load_eval_model(opts: Any) -> tuple[Any, dict[str, Any]]:
         num_classes=opts.num_classes if opts.head else None,
         embedding_dim=opts.embedding_dim,
         pretrained=opts.pretrained,
+        download=False,  # --pretrained reads the local cache only
         pretrained_file=opts.pretrained_file,
         in_chans=opts.in_chans,
     )

@@ -165,6 +165,18 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     type=click.Path(exists=True, dir_okay=False),
     help="Backbone state dict to start from (torch.save'd, e.g. insightface's backbone.pth; read weights-only).",
 )
+@config_option(
+    "--pretrained",
+    is_flag=True,
+    help="Start from the backbone's pretrained weights (local cache only; never downloads).",
+)
+@config_option("--freeze-backbone", type=int, metavar="EPOCHS", help="Train only the neck and head for EPOCHS epochs.")
+@config_option("--backbone-lr-scale", type=float, help="Learning-rate multiplier of the backbone.")
+@config_option("--clip-grad-norm", type=float, help="Clip each step's total gradient 2-norm to this value.")
+@config_option("--accumulate", type=int, metavar="N", help="Micro-batches of --batch-size per optimiser step.")
+@config_option(
+    "--max-bad-steps", type=int, help="Stop after this many non-finite steps in a row (each skipped); 0: off."
+)
 @config_option("--amp/--no-amp", help="Mixed precision.", default_text=lambda: "on for CUDA")
 @config_option("--augment/--no-augment", help="Random shifts (and flips).")
 @config_option("--device")

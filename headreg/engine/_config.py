@@ -57,6 +57,18 @@ class TrainConfig:
         pretrained_file: a backbone state dict to start from (insightface's ``backbone.pth``; see
             :func:`headreg.create_model`). Not written to ``run.json``: a file read back never names a
             file to open, and a resumed run takes its weights from its own state.
+        pretrained: start from the backbone's pretrained weights (timm's or torchvision's), read from the local
+            cache only: training never downloads (a cache miss is an error saying how to fill it). A resumed
+            run takes its weights from its own state and does not read them again.
+        freeze_backbone: train only the neck and the head for this many first epochs: the backbone (less the
+            embedding layer) gets no gradient and keeps its batch-norm statistics (``engine/_finetune.py``).
+        backbone_lr_scale: learning-rate multiplier of the backbone's parameters (less the embedding layer).
+        clip_grad_norm: clip the total gradient 2-norm of each step to this value (after unscaling under
+            float16); None does not clip.
+        accumulate: micro-batches of ``batch_size`` per optimiser step; the step sees the gradient of the
+            ``accumulate × batch_size`` batch (exactly, for a backbone without batch statistics).
+        max_bad_steps: a step whose loss or gradient is non-finite is skipped and counted; this many skipped
+            in a row stop the run, the last resumable state kept (``engine/_guard.py``). 0 turns the guard off.
     """
 
     model: str
@@ -88,6 +100,12 @@ class TrainConfig:
     eval_metrics: tuple[str, ...] = ("retrieval", "clustering")
     eval_limit: int | None = None
     pretrained_file: str | None = None
+    pretrained: bool = False
+    freeze_backbone: int = 0
+    backbone_lr_scale: float = 1.0
+    clip_grad_norm: float | None = None
+    accumulate: int = 1
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -113,10 +131,28 @@ class TrainConfig:
         if not (isinstance(self.head_lr_scale, (int, float)) and 0 < self.head_lr_scale < float("inf")):
             raise InvalidValueError(f"head_lr_scale must be a finite number > 0, got {self.head_lr_scale!r}")
         self.head_lr_scale = float(self.head_lr_scale)
+        self._check_stability()
         self.head_warmup = {str(k): _warmup_entry(k, v) for k, v in dict(self.head_warmup or {}).items()}
         self.eval_metrics = tuple(self.eval_metrics)
         self.model_options = dict(self.model_options or {})
         self.head_options = dict(self.head_options or {})
+
+    def _check_stability(self) -> None:
+        """The fine-tuning and step-guard fields (``pretrained`` ... ``max_bad_steps``)."""
+        for name, low in (("freeze_backbone", 0), ("accumulate", 1), ("max_bad_steps", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InvalidValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        _check_range("backbone_lr_scale", self.backbone_lr_scale, low=0.0, low_open=True)
+        self.backbone_lr_scale = float(self.backbone_lr_scale)
+        if self.clip_grad_norm is not None:
+            _check_range("clip_grad_norm", self.clip_grad_norm, low=0.0, low_open=True)
+        if not isinstance(self.pretrained, bool):
+            raise InvalidValueError(f"pretrained must be true or false, got {self.pretrained!r}")
+        if self.pretrained and self.pretrained_file is not None:
+            raise InvalidValueError(
+                "give pretrained or pretrained_file, not both: they both load the backbone's weights"
+            )
 
     @property
     def base_lr(self) -> float:

@@ -78,6 +78,8 @@ class EpochLog:
         step_time: float,
         eval_time: float,
         retrieval: dict[str, Any] | None = None,
+        skipped_steps: int = 0,
+        loss_scale: float | None = None,
     ) -> dict[str, Any]:
         """Record finished epoch ``epoch`` (0-based) from its sums over all ranks; returns the record.
 
@@ -90,6 +92,8 @@ class EpochLog:
             eval_time: seconds of the test evaluation.
             retrieval: the test split's retrieval metrics when its classes are unseen in training: recorded as
                 ``test_<metric>`` instead of ``test_accuracy``, which has no meaning there.
+            skipped_steps: steps the non-finite guard skipped in the epoch (the same on every rank).
+            loss_scale: the float16 GradScaler's scale at the end of the epoch; None (and not recorded) without one.
 
         Raises:
             HeadregError: the mean loss is NaN or infinite.
@@ -107,6 +111,8 @@ class EpochLog:
             "time": step_time,
             "eval_time": eval_time,
             "images_per_s": seen / max(step_time, 1e-9),
+            "skipped_steps": skipped_steps,
+            **({"loss_scale": loss_scale} if loss_scale is not None else {}),
         }
         if retrieval is not None:
             del record["test_accuracy"]
@@ -119,6 +125,7 @@ class EpochLog:
         self.say(
             f"epoch {epoch + 1}/{self.epochs}: loss {record['loss']:.4f}  train acc {record['train_accuracy']:.4f}"
             f"  {test}  {step_time:.1f}s  {record['images_per_s']:.0f} img/s"
+            + (f"  {skipped_steps} steps skipped (non-finite)" if skipped_steps else "")
         )
         return record
 

@@ -12,6 +12,7 @@ each epoch then records the retrieval metrics ``headreg eval`` reports for it, a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from ._checkpoint import capture_rng, restore_rng
 from ._config import TrainConfig, TrainResult
 from ._distributed import Ranks
 from ._epochlog import EpochLog
+from ._guard import NonFiniteStop
 from ._jsonsafe import json_safe
 from ._loop import EpochTally, StopFlag, run_epoch
 from ._roles import dataset_recall_k, dataset_roles
@@ -62,7 +64,9 @@ def run_training(
         state = run_on_main(work, share=False)
         if resume and not ranks.main and directory.has_state():
             state = directory.load_state(verify=verify)
-        run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
+        # A resumed state holds the weights: the backbone's pretrained ones are not read again.
+        session = build_session(dataclasses.replace(config, pretrained=False) if state else config, ranks)
+        run = Run(config, directory, ranks, session, progress=progress, log=log)
         if state is not None:
             run.restore(state)
         elif resume:
@@ -116,6 +120,9 @@ class Run:
         self.epoch = 0  # epochs finished
         self.tally: EpochTally | None = None  # running sums of the epoch in progress (None between epochs)
         self.extra_record: dict[str, Any] = {}  # further run.json keys (the DDP replica check)
+        self.committed: str | None = None  # the last resumable state, for messages
+        if self.ctx.guard is not None:
+            self.ctx.guard.log = self.log.say
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a stopped run's state: weights, optimiser, scaler, every RNG, progress; check it still fits."""
@@ -142,6 +149,7 @@ class Run:
         self.epoch = int(prog["epoch"])
         if prog["tally"]:
             self.tally = EpochTally.from_state(prog["tally"], self.ranks.device)
+        self.committed = f"epoch {self.epoch}, step {self.ctx.global_step}"
         self.log.resume_at(self.epoch)
         self.log.say(f"resuming {self.run_dir.path} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
 
@@ -166,6 +174,9 @@ class Run:
                     tally = self.tally = self.tally or EpochTally.zeros(self.ranks.device)
                     loader = self.session.train_loader
                     loader.set_epoch(e)
+                    self.session.freeze.enter(
+                        e, ctx, wrap=self.ranks.wrap if self.ranks.distributed else None, say=self.log.say
+                    )
                     bar = self.log.bar(e, len(loader), tally.batches)
                     try:
                         finished = run_epoch(ctx, loader, tally, stop, stop_at_step=stop_after_steps, bar=bar)
@@ -180,6 +191,10 @@ class Run:
                     last = self._end_epoch(e, tally)
                     self.epoch, self.tally = e + 1, None
                     self._save(self.epoch, None, "running")
+            except NonFiniteStop as exc:
+                ctx.restore_head()
+                self._write_record("stopped")
+                raise exc.resumable_from(self.committed, self.run_dir.path) from None
             except KeyboardInterrupt:
                 ctx.restore_head()
                 if ctx.in_step:
@@ -239,6 +254,8 @@ class Run:
         self.log.record(
             e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
             step_time=float(seconds.item()), eval_time=time.perf_counter() - t0, retrieval=retrieval,
+            skipped_steps=tally.skipped,
+            loss_scale=self.ctx.scaler.get_scale() if self.ctx.scaler is not None else None,
         )  # fmt: skip
         return ext
 
@@ -321,6 +338,7 @@ class Run:
             },
         }
         self.run_dir.save_state(state)
+        self.committed = f"epoch {epoch}, step {self.ctx.global_step}"
         self._write_record(status)
 
     def _write_record(self, status: str) -> None:

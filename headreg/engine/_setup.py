@@ -18,6 +18,8 @@ from ..errors import InvalidValueError
 from ._config import TrainConfig
 from ._distributed import Ranks
 from ._feasibility import MarginFeasibilityWarning, TrainingWarning, margin_feasibility
+from ._finetune import BackboneFreeze
+from ._guard import StepGuard
 from ._loop import StepContext
 from ._optim import build_optimizer
 
@@ -38,6 +40,7 @@ class Session:
         optimizer: the optimiser over every trainable parameter.
         autocast_dtype: the training's autocast dtype, None for float32.
         ctx: what a step needs (the model DDP-wrapped under several ranks).
+        freeze: the backbone's frozen phase (``freeze_backbone``), set by the runner at each epoch.
     """
 
     model: nn.Module
@@ -49,6 +52,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     autocast_dtype: torch.dtype | None
     ctx: StepContext
+    freeze: BackboneFreeze
 
 
 def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
@@ -82,6 +86,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         embedding_dim=cfg.embedding_dim,
         head_options=cfg.head_options,
         neck=cfg.neck,
+        pretrained=cfg.pretrained,
+        download=False,
         pretrained_file=cfg.pretrained_file,
         **cfg.model_options,
     )
@@ -112,21 +118,33 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     )
     test_tf = resolve_transform(data_cfg, test_ds, train=False, input_size=size)
     optimizer = build_optimizer(
-        model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale
-    )
+        model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale,
+        backbone_lr_scale=cfg.backbone_lr_scale,
+    )  # fmt: skip
     head_targets = _check_head_warmup(model.head, cfg.head, cfg.head_warmup)
     autocast_dtype = _amp_dtype(cfg.amp, dev)
     scaler = torch.amp.GradScaler(dev.type) if autocast_dtype == torch.float16 else None
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // cfg.accumulate
+    if steps_per_epoch == 0:
+        raise InvalidValueError(
+            f"accumulate={cfg.accumulate} needs that many batches per step, but an epoch has {len(train_loader)} "
+            f"batches of {cfg.batch_size}; lower --accumulate or --batch-size, or raise --limit"
+        )
+    guard = StepGuard(
+        model, max_bad_steps=cfg.max_bad_steps, clip_grad_norm=cfg.clip_grad_norm, distributed=ranks.distributed,
+        amp_dtype=autocast_dtype,
+    )  # fmt: skip
     ctx = StepContext(
         model=ranks.wrap(model), optimizer=optimizer, transform=train_tf, device=dev, base_lr=cfg.base_lr,
         schedule=cfg.schedule, total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), autocast_dtype=autocast_dtype, scaler=scaler,
         distributed=ranks.distributed, head=model.head, head_warmup=cfg.head_warmup, head_targets=head_targets,
+        accumulate=cfg.accumulate, guard=guard if guard.enabled or guard.clip is not None else None,
     )  # fmt: skip
     return Session(
         model=model, num_classes=num_classes, train_loader=train_loader, test_loader=test_loader,
         train_transform=train_tf, test_transform=test_tf, optimizer=optimizer, autocast_dtype=autocast_dtype, ctx=ctx,
+        freeze=BackboneFreeze(model, cfg.freeze_backbone),
     )  # fmt: skip
 
 

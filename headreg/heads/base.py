@@ -30,6 +30,7 @@ from ._fused import FusedTerms
 
 __all__ = [
     "HeadOutput",
+    "kept_logits",
     "Head",
     "check_embeddings",
     "check_labels",
@@ -85,6 +86,13 @@ def _set_logits(self: HeadOutput, value: Tensor | None) -> None:
 
 # A property over the dataclass field: HeadOutput(loss, logits) still works, and unkept logits are built on demand.
 HeadOutput.logits = property(_get_logits, _set_logits, doc="The margin logits, kept or rebuilt on demand.")  # type: ignore[assignment,method-assign]
+
+
+def kept_logits(out: Any) -> Tensor | None:
+    """The logits ``out`` holds, without rebuilding a fused head's unkept ones (None then): for per-step checks."""
+    if isinstance(out, HeadOutput):
+        return out.__dict__.get("_logits")
+    return getattr(out, "logits", None)
 
 
 def check_embeddings(embeddings: Tensor, in_features: int) -> None:
