@@ -52,6 +52,7 @@ class Field:
         schema: for a ``dict``, the schema of its keys (None: any keys).
         items: for a ``list``, the field every item must match.
         open: for a ``dict`` with a schema, keys outside it are accepted (and not checked).
+        values: for a ``dict``, the field every value must match (its keys are free: a map).
     """
 
     kind: str
@@ -61,6 +62,7 @@ class Field:
     schema: Mapping[str, Field] | None = None
     items: Field | None = None
     open: bool = False
+    values: Field | None = None
 
 
 _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -122,6 +124,9 @@ def _check(value: Any, field: Field, *, where: str, error: type[HeadregError], k
                 _check(value[sub], spec, where=where, error=error, key=_join(key, sub))
             elif spec.required:
                 raise error(f"{where}: required key {_join(key, sub)!r} is missing")
+    if field.kind == "dict" and field.values is not None:
+        for sub, item in value.items():
+            _check(item, field.values, where=where, error=error, key=_join(key, str(sub)))
     if field.kind == "list" and field.items is not None:
         for i, item in enumerate(value):
             _check(item, field.items, where=where, error=error, key=f"{name}[{i}]")
@@ -275,6 +280,23 @@ MODEL_CONFIG: Mapping[str, Field] = {
     "config_sha256": Field("str", check=_sha256_hex),
 }
 
+_STEP, _EPOCH = Field("int", nullable=True, check=at_least(0)), Field("int", nullable=True, check=at_least(1))
+_VALIDATION_CONFIG = {  # the TrainConfig fields of validation during training (engine/_validate.py)
+    "val": Field("list", items=Field("str")), "val_every": Field("str"), "keep_best": Field("str", nullable=True),
+    "early_stop": Field("int", nullable=True, check=at_least(1)), "tensorboard": Field("bool"),
+}  # fmt: skip
+_VALIDATION_STATE = {  # its part of the resumable state
+    "best": Field("number", nullable=True), "best_epoch": _EPOCH, "best_step": _STEP,
+    "bad": Field("int", check=at_least(0)), "last_step": _STEP, "ended": Field("str", nullable=True),
+}  # fmt: skip
+_BEST = {"metric": Field("str", required=True), "value": Field("number", nullable=True), "epoch": _EPOCH,
+         "step": _STEP, "improved": Field("bool")}  # fmt: skip
+_VAL_LINE = {  # a validation's line in metrics.jsonl
+    "step": Field("int", check=at_least(0)), "val_time": Field("number", check=at_least(0.0)),
+    "val": Field("dict", values=Field("dict", values=Field("number", nullable=True))), "early_stop": Field("str"),
+    "best": Field("dict", schema=_BEST),
+}  # fmt: skip
+
 #: The training config inside ``run.json`` (``headreg.engine.train.TrainConfig``); the dataclass checks
 #: the rest of its values when it is built.
 TRAIN_CONFIG: Mapping[str, Field] = {
@@ -306,6 +328,7 @@ TRAIN_CONFIG: Mapping[str, Field] = {
     "data_dir": Field("str", nullable=True),
     "eval_metrics": Field("list", items=Field("str")),
     "eval_limit": Field("int", nullable=True, check=at_least(1)),
+    **_VALIDATION_CONFIG,
 }
 
 #: ``run.json``: the run record the training runner writes.
@@ -322,6 +345,7 @@ RUN_RECORD: Mapping[str, Field] = {
     "headreg_version": Field("str"),
     "torch_version": Field("str"),
     "replica_max_abs_diff": Field("number", nullable=True),  # the DDP replica check
+    "early_stop": Field("str"),  # why --early-stop ended the run
 }
 
 _PROGRESS: Mapping[str, Field] = {
@@ -348,13 +372,14 @@ RESUME_META: Mapping[str, Field] = {
             "rng": Field("list"),
             "transform_rng": Field("list"),
             "progress": Field("dict", required=True, schema=_PROGRESS),
+            "validation": Field("dict", nullable=True, schema=_VALIDATION_STATE),
         },
         open=True,  # the trainer's own parts of the state; join_state only rebuilds them
     ),
 }
 
-#: One line of ``metrics.jsonl``: an object with at least the epoch it closes.
-METRICS_LINE = Field("dict", schema={"epoch": Field("int", required=True, check=at_least(1))}, open=True)
+#: One ``metrics.jsonl`` line: the epoch it closes (or a validation's: ``val`` = ``{protocol: {metric: value}}``).
+METRICS_LINE = Field("dict", schema={"epoch": Field("int", required=True, check=at_least(1)), **_VAL_LINE}, open=True)
 
 
 def check_run_file(name: str, obj: Any, where: str) -> Any:

@@ -31,6 +31,8 @@ from ._loop import EpochTally, StopFlag, run_epoch
 from ._roles import dataset_recall_k, dataset_roles
 from ._rundir import RunDir
 from ._setup import Session, build_session
+from ._tensorboard import Board, require_tensorboard
+from ._validate import Validator
 from .extract import Extraction, extract_embeddings, gather_extraction
 from .runtime import run_on_main
 
@@ -53,6 +55,8 @@ def run_training(
 
     ``verify=False`` resumes from a state whose recorded SHA-256 does not match (``--no-verify``).
     """
+    if config.tensorboard:
+        require_tensorboard()  # the missing extra is named before anything starts
     ranks = Ranks.join(config.device, config.batch_size)
     directory = RunDir(run_dir)
     # Only rank 0 touches the directory, and holds its lock for the whole run; the others learn whether
@@ -116,6 +120,15 @@ class Run:
         self.epoch = 0  # epochs finished
         self.tally: EpochTally | None = None  # running sums of the epoch in progress (None between epochs)
         self.extra_record: dict[str, Any] = {}  # further run.json keys (the DDP replica check)
+        per_rank = max(256, config.batch_size // ranks.info.world_size)  # the test pass's batch
+        self.validator = None
+        if config.val:
+            self.validator = Validator(
+                config, run_dir, self.log, device=ranks.device, batch_size=per_rank, main=ranks.main
+            )
+        self.board = Board(run_dir.path, enabled=False)
+        self.bar: Any = None
+        self.val_seconds = 0.0  # validation time inside the current run_epoch call (not training time)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a stopped run's state: weights, optimiser, scaler, every RNG, progress; check it still fits."""
@@ -142,7 +155,9 @@ class Run:
         self.epoch = int(prog["epoch"])
         if prog["tally"]:
             self.tally = EpochTally.from_state(prog["tally"], self.ranks.device)
-        self.log.resume_at(self.epoch)
+        if self.validator is not None:
+            self.validator.restore(state.get("validation"))
+        self.log.resume_at(self.epoch, self.ctx.global_step)
         self.log.say(f"resuming {self.run_dir.path} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
 
     def start_over(self) -> None:
@@ -153,25 +168,31 @@ class Run:
     # ------------------------------------------------------------------------------------------ the epochs
     def execute(self, *, stop_after_steps: int | None, on_step: Callable[[int], None] | None) -> TrainResult:
         """Train the remaining epochs (or until a stop), evaluate and save; returns the result on every rank."""
-        cfg, ctx = self.config, self.ctx
-        ctx.on_step = on_step
-        self._write_record("running")
+        cfg, ctx, v = self.config, self.ctx, self.validator
         stop = StopFlag()
+        ctx.on_step = self._step_hook(on_step, stop)
+        self.board = Board(self.run_dir.path, enabled=cfg.tensorboard and self.ranks.main, purge_step=ctx.global_step)
+        self._write_record("running")
         last: Extraction | None = None  # the final epoch's test pass, for the final evaluation
         status = "completed"
+        if v is not None and v.ended:
+            self.log.say(f"the run ended early ({v.ended}); nothing left to train")
         with stop.catch_sigint():
             try:
-                while self.epoch < cfg.epochs:
+                while self.epoch < cfg.epochs and not (v is not None and v.ended):
                     e = self.epoch
                     tally = self.tally = self.tally or EpochTally.zeros(self.ranks.device)
                     loader = self.session.train_loader
                     loader.set_epoch(e)
-                    bar = self.log.bar(e, len(loader), tally.batches)
+                    bar = self.bar = self.log.bar(e, len(loader), tally.batches, v.summary if v else "")
+                    self.val_seconds = 0.0
                     try:
                         finished = run_epoch(ctx, loader, tally, stop, stop_at_step=stop_after_steps, bar=bar)
                     finally:
                         bar.close()
-                    if not finished:
+                        self.bar = None
+                        tally.seconds -= self.val_seconds  # validations inside the epoch are no training time
+                    if not finished and not (v is not None and v.ended):
                         status = "stopped"
                         self._save(e, tally, "stopped")
                         resume_cmd = f"`headreg train --resume {self.run_dir.path}`"
@@ -179,7 +200,11 @@ class Run:
                         break
                     last = self._end_epoch(e, tally)
                     self.epoch, self.tally = e + 1, None
+                    if v is not None and v.due_at_epoch_end(self.epoch, ctx.global_step, last=self.epoch == cfg.epochs):
+                        self._validate(self.epoch, ctx.global_step)
                     self._save(self.epoch, None, "running")
+                    if v is not None and v.ended:
+                        self.log.say(f"{v.ended}; the best model is in {self.run_dir.path / 'best'}")
             except KeyboardInterrupt:
                 ctx.restore_head()
                 if ctx.in_step:
@@ -188,6 +213,8 @@ class Run:
                     self._save(self.epoch, self.tally, "stopped")
                     self.log.say("interrupted: resumable state saved")
                 raise
+            finally:
+                self.board.close()
         ctx.restore_head()  # the configured scale/margin, not a warm-up value, from here on
         final: dict[str, Any] = {}
         emb = labels = None
@@ -199,8 +226,33 @@ class Run:
         return TrainResult(
             run_dir=self.run_dir.path, status=status, epochs_done=self.epoch, global_step=ctx.global_step,
             history=list(self.log.history), eval=final, train_seconds=self.log.train_seconds, model=self.model,
-            embeddings=emb, labels=labels,
+            embeddings=emb, labels=labels, validations=list(self.log.validations), early_stop=v.ended if v else None,
         )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _step_hook(self, user: Callable[[int], None] | None, stop: StopFlag) -> Callable[[int], None]:
+        """What runs after every step: TensorBoard, a step-counted validation (which may end the run), ``on_step``."""
+
+        def hook(step: int) -> None:
+            self.board.step(step, self.ctx, self.tally)
+            v = self.validator
+            if v is not None and v.due_after_step(step):
+                t0 = time.perf_counter()
+                self._validate(self.epoch + 1, step)
+                self.val_seconds += time.perf_counter() - t0
+                if self.bar is not None:
+                    self.bar.set_description(self.log.describe(self.epoch, v.summary), refresh=False)
+                if v.ended:
+                    stop.request(v.ended)
+            if user is not None:
+                user(step)
+
+        return hook
+
+    def _validate(self, epoch: int, step: int) -> None:
+        assert self.validator is not None
+        record, results = self.validator.run(self.model, epoch, step)
+        self.board.validation(record, results)
 
     def _test_pass(self) -> Extraction:
         """This rank's shard of the test split through the model: embeddings, labels, label ranks under the head.
@@ -236,10 +288,11 @@ class Run:
         seconds = torch.tensor([tally.seconds], dtype=torch.float64, device=dev)
         self.ranks.sum_(sums)
         self.ranks.max_(seconds)
-        self.log.record(
+        record = self.log.record(
             e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
             step_time=float(seconds.item()), eval_time=time.perf_counter() - t0, retrieval=retrieval,
         )  # fmt: skip
+        self.board.epoch(record)
         return ext
 
     @property
@@ -319,6 +372,7 @@ class Run:
                 "world_size": self.ranks.info.world_size,
                 "tally": tally.to_state() if tally is not None else None,
             },
+            "validation": self.validator.state() if self.validator is not None else None,
         }
         self.run_dir.save_state(state)
         self._write_record(status)
@@ -341,6 +395,7 @@ class Run:
                 "num_classes": self.session.num_classes,
                 "headreg_version": __version__,
                 "torch_version": torch.__version__,
+                **({"early_stop": self.validator.ended} if self.validator is not None and self.validator.ended else {}),
                 **self.extra_record,
             }
         )
