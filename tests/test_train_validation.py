@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,11 +104,21 @@ def test_best_checkpoint_gives_headreg_eval_the_validation_numbers(tmp_path):
     assert not (out / "best").exists() and val_lines(out) == []
 
 
-def test_step_counted_validation_and_the_last_step(tmp_path):
+def test_step_counted_validation_and_the_last_step(tmp_path, monkeypatch):
+    from headreg.engine._validate import Validator
+
+    run = Validator.run
+
+    def slow_run(self, *args):  # a validation that takes 2 s: none of it may count as training time
+        time.sleep(2.0)
+        return run(self, *args)
+
+    monkeypatch.setattr(Validator, "run", slow_run)
     result = train(tiny_config(epochs=2, val=("fake",), val_every="3steps"), tmp_path / "run", progress=False)
     assert [(r["epoch"], r["step"]) for r in result.validations] == [(1, 3), (2, 6), (2, 8)]  # 8: the last step
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert "best" not in result.validations[0]
+    assert all(h["time"] < 1.9 for h in result.history), result.history
 
 
 # ---------------------------------------------------------------------------------------------- early stop, resume
