@@ -236,6 +236,15 @@ def test_tensorboard_writes_the_scalars_and_the_embeddings(tmp_path):
     assert scale[0] < scale[-1] == pytest.approx(8.0)  # the warm-up ramp
     assert [e.step for e in acc.Images("embeddings/fake@test")] == [4, 8]  # 2-D: a scatter image per validation
 
+    # Stopped (and committed) at step 5, then resumed: the events of step 5 stay, the continuation adds 6 to 8 once.
+    out2 = tmp_path / "resumed"
+    train(cfg, out2, stop_after_steps=5, progress=False)
+    assert json.loads((out2 / "resume.json").read_text())["global_step"] == "5"
+    resume(out2, progress=False)
+    acc = EventAccumulator(str(out2 / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in acc.Scalars("train/lr")] == list(range(1, 9))  # each step once
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
+
 
 def test_tensorboard_projector_for_wide_embeddings(tmp_path):
     from headreg.engine._tensorboard import PROJECTOR_SAMPLES, Board

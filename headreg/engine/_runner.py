@@ -171,7 +171,9 @@ class Run:
         cfg, ctx, v = self.config, self.ctx, self.validator
         stop = StopFlag()
         ctx.on_step = self._step_hook(on_step, stop)
-        self.board = Board(self.run_dir.path, enabled=cfg.tensorboard and self.ranks.main, purge_step=ctx.global_step)
+        # A resumed run hides the events the stopped one wrote after its committed step.
+        purge = ctx.global_step + 1 if ctx.global_step else None
+        self.board = Board(self.run_dir.path, enabled=cfg.tensorboard and self.ranks.main, purge_step=purge)
         self._write_record("running")
         last: Extraction | None = None  # the final epoch's test pass, for the final evaluation
         status = "completed"

@@ -10,8 +10,9 @@ writes, through :class:`torch.utils.tensorboard.SummaryWriter`:
   (the pairs sets have none): a scatter image (:mod:`headreg.plotting`) when they are 2-D, else the projector
   (``add_embedding``) on a seeded sample of at most :data:`PROJECTOR_SAMPLES` rows.
 
-A resumed run purges the events after its resume step, so the curves hold each step once. ``tensorboard`` is the
-optional extra ``headreg[tensorboard]``; without it ``--tensorboard`` is refused before training starts.
+A resumed run purges the events logged after its committed step, so the curves hold each step once.
+``tensorboard`` is the optional extra ``headreg[tensorboard]``; without it ``--tensorboard`` is refused before
+training starts.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ class Board:
     Args:
         run_dir: the run directory (events go to ``run_dir/tensorboard``).
         enabled: ``--tensorboard`` and rank 0.
-        purge_step: a resumed run's global step: events logged after it by the stopped run are dropped.
+        purge_step: the first step a resumed run takes: events the stopped run logged from it on are dropped.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, purge_step: int | None = None) -> None:
         self.writer: Any = None
         if enabled:
             writer = require_tensorboard()
-            self.writer = writer(log_dir=str(Path(run_dir) / SUBDIR), purge_step=purge_step or None)
+            self.writer = writer(log_dir=str(Path(run_dir) / SUBDIR), purge_step=purge_step)
 
     def step(self, step: int, ctx: Any, tally: Any) -> None:
         """After optimiser step ``step``: the learning rate, warmed-up head attributes, running means."""

@@ -101,7 +101,7 @@ class Validator:
             pairs = getattr(query, "issame", None) is not None
             results[p.key] = res = evaluate_model(
                 model, query, gallery, device=self.device, batch_size=self.batch_size, amp=self.amp,
-                metrics=None if pairs else self.metrics, progress=False,
+                metrics=None if pairs else self.metrics, progress=self.log.progress and self.main,
             )  # fmt: skip
             if res.info.get("channels_last"):  # back to the layout the optimiser and DDP know (see Run._test_pass)
                 model.to(memory_format=torch.contiguous_format)
