@@ -60,6 +60,7 @@ class Validator:
         self.patience = config.early_stop
         self.metrics = tuple(config.eval_metrics) or ("retrieval",)
         self.amp = config.amp
+        self.input_size = getattr(config, "input_size", None)  # the run's --input-size, where the config has one
         self.run_dir, self.log, self.device, self.batch_size, self.main = run_dir, log, device, batch_size, main
         self.sets = [_load(p, config.data_dir) for p in self.protocols]
         self.best: float | None = None
@@ -101,6 +102,7 @@ class Validator:
             pairs = getattr(query, "issame", None) is not None
             results[p.key] = res = evaluate_model(
                 model, query, gallery, device=self.device, batch_size=self.batch_size, amp=self.amp,
+                input_size=self.input_size,
                 metrics=None if pairs else self.metrics, progress=self.log.progress and self.main,
             )  # fmt: skip
             if res.info.get("channels_last"):  # back to the layout the optimiser and DDP know (see Run._test_pass)
