@@ -193,6 +193,8 @@ def test_cli_validation_options_and_clean_errors(tmp_path):
                "--out", str(tmp_path / "run"), "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert [r["step"] for r in val_lines(tmp_path / "run")] == [1, 2]
+    printed = json.loads(res.stdout)
+    assert printed["validations"] == val_lines(tmp_path / "run") and printed["early_stop"] is None
     assert "validation at epoch 1, step 2: fake@test: precision_at_1" in res.stderr
     for args, message in [
         (("--val-every", "0"), "--val-every must be a positive count"),
@@ -204,6 +206,12 @@ def test_cli_validation_options_and_clean_errors(tmp_path):
         res = _cli(*args, "--out", str(tmp_path / "bad"), "--overwrite")
         assert res.exit_code != 0 and message in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_progress_bar_shows_the_last_validation(tmp_path, capsys):
+    train(tiny_config(epochs=2, val=("fake",), keep_best="precision_at_1"), tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/2 [fake/precision_at_1 " in err, err[-2000:]
 
 
 def test_missing_bin_is_refused_before_training(tmp_path):

@@ -250,7 +250,10 @@ def train_cmd(
             ctx.exit(130)
         return
     if as_json:
-        click.echo(json.dumps({"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}))
+        out = {"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}
+        if result.validations:
+            out.update(validations=result.validations, early_stop=result.early_stop)
+        click.echo(json.dumps(out))
     else:
         last = result.history[-1] if result.history else {}
         if result.test_accuracy is None and "test_recall_at_1" in last:  # unseen test classes: retrieval
