@@ -193,7 +193,7 @@ class Run:
                     finally:
                         bar.close()
                         self.bar = None
-                        tally.seconds -= self.val_seconds  # validations inside the epoch are no training time
+                    tally.seconds -= self.val_seconds  # validations inside the epoch are no training time
                     if not finished and not (v is not None and v.ended):
                         status = "stopped"
                         self._save(e, tally, "stopped")

@@ -70,6 +70,7 @@ class Validator:
         self.last_step: int | None = None
         self.ended: str | None = None  # why --early-stop ended the run
         self.summary = ""  # the short form shown in the progress bar
+        self.warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------------------------------ when
     def due_after_step(self, step: int) -> bool:
@@ -107,6 +108,10 @@ class Validator:
             )  # fmt: skip
             if res.info.get("channels_last"):  # back to the layout the optimiser and DDP know (see Run._test_pass)
                 model.to(memory_format=torch.contiguous_format)
+            for warning in res.warnings:  # what `headreg eval` would warn about, said once per run
+                if (p.key, warning) not in self.warned:
+                    self.warned.add((p.key, warning))
+                    self.log.say(f"warning: --val {p.key}: {warning}")
         values = {k: json_safe(dict(r.metrics)) for k, r in results.items()}
         record: dict[str, Any] = {"epoch": epoch, "step": step, "val": values}
         if self.watch is not None:
