@@ -289,12 +289,11 @@ _VALIDATION_STATE = {  # its part of the resumable state
     "best": Field("number", nullable=True), "best_epoch": _EPOCH, "best_step": _STEP,
     "bad": Field("int", check=at_least(0)), "last_step": _STEP, "ended": Field("str", nullable=True),
 }  # fmt: skip
-_BEST = {"metric": Field("str", required=True), "value": Field("number", nullable=True), "epoch": _EPOCH,
-         "step": _STEP, "improved": Field("bool")}  # fmt: skip
 _VAL_LINE = {  # a validation's line in metrics.jsonl
     "step": Field("int", check=at_least(0)), "val_time": Field("number", check=at_least(0.0)),
     "val": Field("dict", values=Field("dict", values=Field("number", nullable=True))), "early_stop": Field("str"),
-    "best": Field("dict", schema=_BEST),
+    "best": Field("dict", schema={"metric": Field("str", required=True), "value": Field("number", nullable=True),
+                                  "epoch": _EPOCH, "step": _STEP, "improved": Field("bool")}),
 }  # fmt: skip
 
 #: The training config inside ``run.json`` (``headreg.engine.train.TrainConfig``); the dataclass checks

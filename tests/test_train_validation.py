@@ -49,14 +49,19 @@ def test_val_texts_parse_and_refuse_clearly():
     assert parse_every("500steps") == (500, "step") and parse_every("1 step") == (1, "step")
     assert split_best("precision_at_1", ["mnist@test"]) == ("mnist@test", "precision_at_1")
     assert split_best("sop@test/train/recall_at_1", ["sop@test/train", "lfw"]) == ("sop@test/train", "recall_at_1")
+    assert split_best("csv:/d/x.csv/shoes/recall_at_1", ["csv:/d/x.csv", "lfw"]) == (
+        "csv:/d/x.csv",
+        "shoes/recall_at_1",
+    )
+    assert split_best("shoes/recall_at_1", ["csv:x.csv"]) == ("csv:x.csv", "shoes/recall_at_1")
     assert higher_is_better("kfold_accuracy") and not higher_is_better("eer")
     for bad, match in [
         (lambda: parse_every("0"), "positive count"),
         (lambda: parse_every("5minutes"), "500steps"),
         (lambda: parse_protocols(["lfw.bin", "x/lfw.bin"]), "twice"),
         (lambda: parse_protocols(["mnist@"]), "nothing after '@'"),
-        (lambda: split_best("precision_at_1", ["a", "b"]), "PROTOCOL/METRIC"),
-        (lambda: split_best("c/precision_at_1", ["a", "b"]), "not one of the --val sets"),
+        (lambda: split_best("precision_at_1", ["a", "b"]), "SET/METRIC"),
+        (lambda: split_best("c/precision_at_1", ["a", "b"]), "'c' is not one of them"),
         (lambda: tiny_config(keep_best="precision_at_1"), "give --val too"),
         (lambda: tiny_config(val=("fake",), early_stop=2), "--keep-best"),
         (lambda: tiny_config(val_every="2steps"), "needs --val"),
@@ -102,6 +107,24 @@ def test_best_checkpoint_gives_headreg_eval_the_validation_numbers(tmp_path):
     # --overwrite takes best/ away with the rest of the run.
     train(tiny_config(epochs=1), out, overwrite=True, progress=False)
     assert not (out / "best").exists() and val_lines(out) == []
+
+
+def test_csv_validation_set_with_roles_and_categories_matches_headreg_eval(tmp_path):
+    from _retrieval_layouts import write_csv
+
+    csv = write_csv(tmp_path / "oml")  # validation rows: 4 classes, query -> gallery roles, two categories
+    out = tmp_path / "run"
+    cfg = tiny_config(epochs=1, val=(f"csv:{csv}",), input_size=28, keep_best="bags/precision_at_1")
+    result = train(cfg, out, progress=False)
+    (line,) = result.validations
+    values = line["val"][f"csv:{csv}"]
+    assert line["best"]["metric"] == f"csv:{csv}/bags/precision_at_1" and "shoes/precision_at_1" in values
+    res = CliRunner().invoke(
+        main, ["eval", "--checkpoint", str(out / "best"), "--dataset", f"csv:{csv}", "--input-size", "28",
+               "--metrics", "retrieval", "--json", "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"] == values
 
 
 def test_step_counted_validation_and_the_last_step(tmp_path, monkeypatch):
@@ -198,7 +221,7 @@ def test_cli_validation_options_and_clean_errors(tmp_path):
     assert "validation at epoch 1, step 2: fake@test: precision_at_1" in res.stderr
     for args, message in [
         (("--val-every", "0"), "--val-every must be a positive count"),
-        (("--val", "fake", "--keep-best", "nope/precision_at_1"), "'nope' is not one of the --val sets"),
+        (("--val", "fake,fake@train", "--keep-best", "nope/precision_at_1"), "'nope' is not one of them"),
         (("--val", "fake", "--early-stop", "2"), "--early-stop watches the --keep-best metric"),
         (("--val", "missing.bin", "--data-dir", str(tmp_path)), "--val missing.bin: no such file"),
         (("--val", "fake", "--keep-best", "no_such_metric"), "reports no 'no_such_metric'"),

@@ -61,7 +61,7 @@ class TrainConfig:
             ``mnist@test``, ``DATASET@QUERY/GALLERY``...; see :mod:`headreg.engine._valspec`).
         val_every: how often: ``N`` (or ``Nepochs``) epochs, or ``Nsteps`` optimiser steps; the last step
             is always validated.
-        keep_best: ``[PROTOCOL/]METRIC`` whose best value keeps the model in ``best/``.
+        keep_best: ``[SET/]METRIC`` whose best value keeps the model in ``best/``.
         early_stop: end the run after this many validations without a better ``keep_best`` value.
         tensorboard: also write TensorBoard event files to ``tensorboard/`` (the ``tensorboard`` extra).
     """

@@ -120,12 +120,7 @@ class Run:
         self.epoch = 0  # epochs finished
         self.tally: EpochTally | None = None  # running sums of the epoch in progress (None between epochs)
         self.extra_record: dict[str, Any] = {}  # further run.json keys (the DDP replica check)
-        per_rank = max(256, config.batch_size // ranks.info.world_size)  # the test pass's batch
-        self.validator = None
-        if config.val:
-            self.validator = Validator(
-                config, run_dir, self.log, device=ranks.device, batch_size=per_rank, main=ranks.main
-            )
+        self.validator = Validator.build(config, run_dir, self.log, ranks)  # None without --val
         self.board = Board(run_dir.path, enabled=False)
         self.bar: Any = None
         self.val_seconds = 0.0  # validation time inside the current run_epoch call (not training time)

@@ -5,7 +5,8 @@ writes, through :class:`torch.utils.tensorboard.SummaryWriter`:
 
 * every step: ``train/lr``, and each head attribute being warmed up (``head/scale``, ``head/margin``);
 * every :data:`RUNNING_EVERY` steps: ``train/loss_running`` and ``train/accuracy_running``, the epoch's means so far;
-* every epoch: ``train/loss``, ``train/accuracy``, ``test/accuracy``, ``perf/images_per_s``, ``perf/epoch_seconds``;
+* every epoch: ``train/loss``, ``train/accuracy``, ``test/accuracy`` (or ``test/<metric>`` for a test split of
+  unseen classes), ``perf/images_per_s``, ``perf/epoch_seconds``;
 * every validation: ``val/<set>/<metric>`` for every metric, and the embeddings of each set with class labels
   (the pairs sets have none): a scatter image (:mod:`headreg.plotting`) when they are 2-D, else the projector
   (``add_embedding``) on a seeded sample of at most :data:`PROJECTOR_SAMPLES` rows.
@@ -79,8 +80,10 @@ class Board:
         if w is None:
             return
         step = record["step"]
-        names = {"loss": "train/loss", "train_accuracy": "train/accuracy", "test_accuracy": "test/accuracy",
-                 "images_per_s": "perf/images_per_s", "time": "perf/epoch_seconds"}  # fmt: skip
+        names = {"loss": "train/loss", "train_accuracy": "train/accuracy", "images_per_s": "perf/images_per_s",
+                 "time": "perf/epoch_seconds"}  # fmt: skip
+        # test_accuracy, or the retrieval metrics of a test split of unseen classes (test_recall_at_1, ...)
+        names.update({k: f"test/{k[len('test_') :]}" for k in record if k.startswith("test_")})
         for key, tag in names.items():
             if isinstance(record.get(key), (int, float)):
                 w.add_scalar(tag, record[key], step)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import DatasetNotFoundError, InvalidValueError
 from ._config import TrainConfig
+from ._distributed import Ranks
 from ._epochlog import EpochLog
 from ._jsonsafe import json_safe
 from ._rundir import RunDir
@@ -60,7 +61,7 @@ class Validator:
         self.patience = config.early_stop
         self.metrics = tuple(config.eval_metrics) or ("retrieval",)
         self.amp = config.amp
-        self.input_size = getattr(config, "input_size", None)  # the run's --input-size, where the config has one
+        self.input_size = config.input_size
         self.run_dir, self.log, self.device, self.batch_size, self.main = run_dir, log, device, batch_size, main
         self.sets = [_load(p, config.data_dir) for p in self.protocols]
         self.best: float | None = None
@@ -71,6 +72,14 @@ class Validator:
         self.ended: str | None = None  # why --early-stop ended the run
         self.summary = ""  # the short form shown in the progress bar
         self.warned: set[tuple[str, str]] = set()
+
+    @classmethod
+    def build(cls, config: TrainConfig, run_dir: RunDir, log: EpochLog, ranks: Ranks) -> Validator | None:
+        """The run's validator, on the test pass's device and batch; None without ``--val``."""
+        if not config.val:
+            return None
+        batch = max(256, config.batch_size // ranks.info.world_size)
+        return cls(config, run_dir, log, device=ranks.device, batch_size=batch, main=ranks.main)
 
     # ------------------------------------------------------------------------------------------ when
     def due_after_step(self, step: int) -> bool:

@@ -44,7 +44,7 @@ class ValProtocol:
     """One ``--val`` entry.
 
     Attributes:
-        key: its name in ``metrics.jsonl`` and in ``--keep-best PROTOCOL/METRIC``.
+        key: its name in ``metrics.jsonl`` and in ``--keep-best SET/METRIC``.
         dataset: the :func:`~headreg.data.create_dataset` name (None for a bare ``.bin`` path).
         split: the split evaluated leave-one-out, or the query split.
         gallery_split: the gallery split of the query/gallery protocol, else None.
@@ -114,31 +114,34 @@ def canonical_every(text: str | int) -> str:
 
 
 def split_best(name: str, keys: Iterable[str]) -> tuple[str, str]:
-    """``--keep-best``: ``"lfw/kfold_accuracy"`` → ``("lfw", "kfold_accuracy")``; a bare metric needs one protocol.
+    """``--keep-best``: ``"lfw/kfold_accuracy"`` → ``("lfw", "kfold_accuracy")``; a bare metric needs one set.
+
+    A set's key may hold ``/`` (``csv:/data/x.csv``, ``sop@test/train``) and so may a metric (the per-category
+    ``shoes/precision_at_1``), so the longest key that prefixes ``name`` wins.
 
     Args:
         name: the option's text.
-        keys: the keys of the ``--val`` protocols.
+        keys: the keys of the ``--val`` sets.
 
     Returns:
-        ``(protocol key, metric)``; a bare metric belongs to the only protocol.
+        ``(set key, metric)``; a bare metric belongs to the only set.
     """
-    keys = list(keys)
+    keys, name = list(keys), name.strip()
     if not keys:
         raise InvalidValueError(f"--keep-best {name} watches a validation metric: give --val too")
-    key, slash, metric = name.strip().rpartition("/")
-    if not metric:
-        raise InvalidValueError(f"--keep-best expects [PROTOCOL/]METRIC, e.g. lfw/kfold_accuracy, got {name!r}")
-    if not slash:
-        if len(keys) > 1:
-            raise InvalidValueError(
-                f"--keep-best {name}: with several --val sets say which one, as PROTOCOL/METRIC "
-                f"({', '.join(f'{k}/{metric}' for k in keys)})"
-            )
-        return keys[0], metric
-    if key not in keys:
-        raise InvalidValueError(f"--keep-best {name}: {key!r} is not one of the --val sets ({', '.join(keys)})")
-    return key, metric
+    for key in sorted(keys, key=len, reverse=True):
+        if name.startswith(key + "/") and len(name) > len(key) + 1:
+            return key, name[len(key) + 1 :]
+    if not name or name.endswith("/"):
+        raise InvalidValueError(f"--keep-best expects [SET/]METRIC, e.g. lfw/kfold_accuracy, got {name!r}")
+    if len(keys) > 1:
+        head = name.partition("/")[0]
+        raise InvalidValueError(
+            f"--keep-best {name}: with several --val sets say which one, as SET/METRIC"
+            + (f"; {head!r} is not one of them" if "/" in name else "")
+            + f" ({', '.join(keys)})"
+        )
+    return keys[0], name
 
 
 def higher_is_better(metric: str) -> bool:
