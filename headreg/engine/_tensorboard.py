@@ -28,7 +28,7 @@ from ..errors import InvalidValueError
 __all__ = ["Board", "PROJECTOR_SAMPLES", "RUNNING_EVERY", "require_tensorboard"]
 
 #: Rows of a validation set sent to the projector at most (a seeded sample beyond this).
-PROJECTOR_SAMPLES = 2000
+PROJECTOR_SAMPLES = 1000
 #: Steps between two running-mean points (each reads the epoch's sums from the device once).
 RUNNING_EVERY = 20
 SUBDIR = "tensorboard"
