@@ -226,7 +226,7 @@ def test_pretrained_file_stays_refused_from_files(tmp_path: Path, insightface_r1
     headreg.save_model(model, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     config["backbone_kwargs"]["pretrained_file"] = str(insightface_r18[0])
-    from headreg._schema import check_backbone_kwargs
+    from headreg._schema_backbone import check_backbone_kwargs
 
     with pytest.raises(CheckpointError, match="pretrained_file is refused"):
         check_backbone_kwargs(config["backbone_kwargs"], where="config.json")

@@ -69,6 +69,13 @@ class TrainConfig:
             ``accumulate × batch_size`` batch (exactly, for a backbone without batch statistics).
         max_bad_steps: a step whose loss or gradient is non-finite is skipped and counted; this many skipped
             in a row stop the run, the last resumable state kept (``engine/_guard.py``). 0 turns the guard off.
+        val: validation sets evaluated during training by ``headreg eval``'s code path (``lfw.bin``,
+            ``mnist@test``, ``DATASET@QUERY/GALLERY``...; see :mod:`headreg.engine._valspec`).
+        val_every: how often: ``N`` (or ``Nepochs``) epochs, or ``Nsteps`` optimiser steps; the last step
+            is always validated.
+        keep_best: ``[SET/]METRIC`` whose best value keeps the model in ``best/``.
+        early_stop: end the run after this many validations without a better ``keep_best`` value.
+        tensorboard: also write TensorBoard event files to ``tensorboard/`` (the ``tensorboard`` extra).
     """
 
     model: str
@@ -106,6 +113,12 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     accumulate: int = 1
     max_bad_steps: int = 10
+    # validation during training (headreg.engine._validate) and TensorBoard (headreg.engine._tensorboard)
+    val: tuple[str, ...] = ()
+    val_every: str = "1"
+    keep_best: str | None = None
+    early_stop: int | None = None
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -136,6 +149,23 @@ class TrainConfig:
         self.eval_metrics = tuple(self.eval_metrics)
         self.model_options = dict(self.model_options or {})
         self.head_options = dict(self.head_options or {})
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        from ._valspec import canonical_every, parse_protocols, parse_val, split_best
+
+        self.val = parse_val(self.val)
+        self.val_every = canonical_every(self.val_every)
+        if self.keep_best is not None:
+            split_best(self.keep_best, [p.key for p in parse_protocols(self.val)])
+        if self.early_stop is not None:
+            if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, int) or self.early_stop < 1:
+                raise InvalidValueError(f"early_stop must be a positive number of validations, got {self.early_stop!r}")
+            if self.keep_best is None:
+                raise InvalidValueError("--early-stop watches the --keep-best metric: give --keep-best METRIC too")
+        if not self.val and self.val_every != "1":
+            raise InvalidValueError(f"--val-every {self.val_every} needs --val (the sets to validate on)")
+        self.tensorboard = bool(self.tensorboard)
 
     def _check_stability(self) -> None:
         """The fine-tuning and step-guard fields (``pretrained`` ... ``max_bad_steps``)."""
@@ -161,6 +191,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eval_metrics"] = list(self.eval_metrics)
+        d["val"] = list(self.val)
         del d["pretrained_file"]  # see the attribute: never recorded
         return d
 
@@ -210,6 +241,8 @@ class TrainResult:
         model: the trained (unwrapped) model.
         embeddings: ``(N, D)`` test embeddings of the final model (rank 0), or None when stopped.
         labels: ``(N,)`` their labels.
+        validations: the ``metrics.jsonl`` records of the validations (``--val``).
+        early_stop: why the run ended early (``--early-stop``), else None.
     """
 
     run_dir: Path
@@ -222,6 +255,8 @@ class TrainResult:
     model: Any = None
     embeddings: Tensor | None = None
     labels: Tensor | None = None
+    validations: list[dict[str, Any]] = field(default_factory=list)
+    early_stop: str | None = None
 
     @property
     def test_accuracy(self) -> float | None:

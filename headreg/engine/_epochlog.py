@@ -43,30 +43,40 @@ class EpochLog:
         self.progress = progress
         self.write = log or _stderr
         self.history: list[dict[str, Any]] = []
+        self.validations: list[dict[str, Any]] = []  # the --val lines (headreg.engine._validate)
 
     def say(self, msg: str) -> None:
         """One line to the user, from rank 0."""
         if self.main:
             self.write(msg)
 
-    def bar(self, epoch: int, total: int, done: int) -> Any:
-        """The progress bar of epoch ``epoch`` (0-based) of ``total`` steps, ``done`` of them already taken."""
+    def bar(self, epoch: int, total: int, done: int, note: str = "") -> Any:
+        """The progress bar of epoch ``epoch`` (0-based) of ``total`` steps, ``done`` of them already taken.
+
+        ``note`` (the last validation, in short) follows the epoch in the bar's description.
+        """
         from tqdm import tqdm
 
         return tqdm(
-            total=total, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+            total=total, initial=done, desc=self.describe(epoch, note), unit="batch",
             disable=not (self.progress and self.main), leave=False, file=sys.stderr, dynamic_ncols=True,
         )  # fmt: skip
 
-    def resume_at(self, epoch: int) -> None:
-        """Take over the history of a resumed run up to ``epoch`` finished epochs.
+    def describe(self, epoch: int, note: str = "") -> str:
+        """The bar's description: ``epoch 3/10``, with the last validation's ``note`` after it."""
+        return f"epoch {epoch + 1}/{self.epochs}" + (f" [{note}]" if note else "")
 
-        Lines of later epochs (stopped between writing the line and the checkpoint) are dropped from
-        ``metrics.jsonl`` too: those epochs will be run again.
+    def resume_at(self, epoch: int, step: int = 0) -> None:
+        """Take over the history of a resumed run up to ``epoch`` finished epochs and global step ``step``.
+
+        Lines of later epochs, and validations after ``step`` (stopped between writing the line and the
+        checkpoint), are dropped from ``metrics.jsonl`` too: they will be run again.
         """
-        self.history = [h for h in self.run_dir.read_metrics() if h["epoch"] <= epoch]
+        kept = [h for h in self.run_dir.read_metrics() if (h["step"] <= step if "val" in h else h["epoch"] <= epoch)]
+        self.history = [h for h in kept if "val" not in h]
+        self.validations = [h for h in kept if "val" in h]
         if self.main:
-            self.run_dir.rewrite_metrics(self.history)
+            self.run_dir.rewrite_metrics(kept)
 
     def record(
         self,
@@ -128,6 +138,13 @@ class EpochLog:
             + (f"  {skipped_steps} steps skipped (non-finite)" if skipped_steps else "")
         )
         return record
+
+    def record_validation(self, record: dict[str, Any], line: str) -> None:
+        """Record one validation: its line in ``metrics.jsonl`` (``val`` marks it) and ``line`` on stderr."""
+        self.validations.append(record)
+        if self.main:
+            self.run_dir.append_metrics(record)
+        self.say(line)
 
     @property
     def train_seconds(self) -> float:
