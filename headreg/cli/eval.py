@@ -233,7 +233,9 @@ def _check_options(opts: EvalOptions) -> None:
         )
     if sum(x is not None for x in (opts.checkpoint, opts.model_name, opts.onnx)) > 1:
         raise click.UsageError("give one of --checkpoint, --model and --onnx (each names its own model)")
-    given = [f for f, v in (("--head", opts.head), ("--pretrained-file", opts.pretrained_file)) if v is not None]
+    model_flags = (("--head", opts.head), ("--num-classes", opts.num_classes), ("--embedding-dim", opts.embedding_dim),
+                   ("--in-chans", opts.in_chans), ("--pretrained-file", opts.pretrained_file))  # fmt: skip
+    given = [flag for flag, value in model_flags if value is not None]
     if opts.onnx is not None and (given or opts.pretrained):
         raise click.UsageError(f"{(given or ['--pretrained'])[0]} does not apply to --onnx (the file is the model)")
     if has_model and not opts.dataset:
