@@ -84,20 +84,15 @@ _PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_precision(device: torch.device, amp: bool | None) -> tuple[bool, bool]:
-    """Decide ``(bf16 autocast, channels_last)`` for a device.
+    """Decide ``(use_bf16, use_channels_last)`` for a device.
 
     Args:
         device: The extraction device.
         amp: None: bf16 autocast and channels_last on CUDA only; True: both on any device (CPU included);
             False: neither (plain float32).
-
-    Returns:
-        ``(use_bf16, use_channels_last)``.
     """
-    if amp is None:
-        on = device.type == "cuda"
-        return on, on
-    return bool(amp), bool(amp)
+    on = device.type == "cuda" if amp is None else bool(amp)
+    return on, on
 
 
 def autocast_context(
@@ -134,13 +129,15 @@ def _embed_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return model
 
 
+def _split(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
+    """Float32 embeddings, and the logits of a model that returns ``(embeddings, logits)`` (else None)."""
+    return (out[0].float(), out[1]) if isinstance(out, tuple) else (out.float(), None)
+
+
 def _label_ranks(head: nn.Module, embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """:func:`label_rank` of every row, computing the head's logits in blocks of at most 64 MiB."""
-    rows = max(1, (64 * 2**20) // (4 * max(int(num_classes), 1)))
-    parts = [
-        label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, embeddings.shape[0], rows)
-    ]
-    return torch.cat(parts)
+    n, rows = embeddings.shape[0], max(1, (64 * 2**20) // (4 * max(int(num_classes), 1)))
+    return torch.cat([label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, n, rows)])
 
 
 def extract_embeddings(
@@ -164,7 +161,8 @@ def extract_embeddings(
 
     Args:
         model: A :class:`~headreg.HeadModel` (``embed`` + ``head``), a timm model (``forward_features`` /
-            ``forward_head``), or any module mapping images to ``(B, D)``.
+            ``forward_head``), or any module mapping images to ``(B, D)``, or to ``(embeddings, logits)`` (an
+            exported model with its head, :class:`~headreg.engine._onnx.OnnxModel`: ranks from those logits).
         loader: Iterable of ``(images, labels)``: ``(B, C, H, W)`` uint8 or float images, ``(B,)`` int labels,
             e.g. from :func:`headreg.data.create_loader`.
         device: Where the model runs.
@@ -204,6 +202,7 @@ def extract_embeddings(
     total = getattr(loader, "num_samples", None)
     embs: list[Tensor] = []
     labs: list[Tensor] = []
+    batch_ranks: list[Tensor] = []  # from the logits of a model that returns them (an exported one with its head)
     ranks: Tensor | None = None
     embeddings: Tensor | None = None
     all_labels: Tensor | None = None
@@ -229,9 +228,11 @@ def extract_embeddings(
                             x = transform(x, memory_format=torch.channels_last) if direct_layout else transform(x)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)  # a no-op when already so
-                    emb = embed(x).float()
+                    emb, logits = _split(embed(x))
+                    if logits is not None and with_predictions and tta == "none":
+                        batch_ranks.append(label_rank(logits.float(), y))
                     if tta != "none":
-                        mirror = embed(x.flip(-1).contiguous(memory_format=fmt)).float()
+                        mirror = _split(embed(x.flip(-1).contiguous(memory_format=fmt)))[0]
                         emb = emb + mirror if tta == "flip-sum" else torch.cat([emb, mirror], 1)
                     embs.append(emb)
                     labs.append(y)
@@ -247,6 +248,8 @@ def extract_embeddings(
                 # normalised once per block instead of once per batch. The head computes in float32
                 # whatever the autocast state, so this equals doing it batch by batch.
                 ranks = _label_ranks(head, embeddings, all_labels, getattr(model, "num_classes", 1))
+            elif batch_ranks:
+                ranks = torch.cat(batch_ranks)
         _synchronize(device)
     finally:
         bar.close()
