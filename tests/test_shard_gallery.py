@@ -247,8 +247,8 @@ def test_cli_refuses_what_needs_every_embedding(ckpt: Path, tmp_path: Path) -> N
     [
         ({"issame": [True]}, "face-pairs dataset has no gallery"),
         ({"protocol": "ijb"}, "face-pairs dataset has no gallery"),
-        ({"is_query": torch.ones(3, dtype=torch.bool)}, "roles or categories"),
-        ({"categories": ["a", "b", "c"]}, "roles or categories"),
+        ({"is_query": torch.ones(3, dtype=torch.bool)}, "roles need every embedding"),
+        ({"is_gallery": torch.ones(3, dtype=torch.bool)}, "roles need every embedding"),
     ],
 )
 def test_datasets_whose_protocol_is_not_a_plain_search_are_refused(attrs: dict, message: str) -> None:
@@ -258,5 +258,6 @@ def test_datasets_whose_protocol_is_not_a_plain_search_are_refused(attrs: dict, 
     from headreg.errors import InvalidValueError
 
     check_sharded_metrics(None, "torch", SimpleNamespace())  # a plain dataset passes
+    check_sharded_metrics(None, "torch", SimpleNamespace(categories=["a"]))  # SOP: evaluated without its categories
     with pytest.raises(InvalidValueError, match=message):
         check_sharded_metrics(None, "torch", SimpleNamespace(**attrs))

@@ -54,15 +54,16 @@ def check_sharded_metrics(metrics: Sequence[str] | None, knn: str, dataset: Any 
         InvalidValueError: verification or clustering named (they need every embedding in one process), a
             k-NN back end other than ``torch`` (faiss orders ties its own way, so its merge would not be exact),
             or a dataset whose protocol is not a plain k-NN search (face pairs, IJB templates, query/gallery
-            roles or categories inside one dataset: In-shop, a CSV with ``is_query`` / ``category``).
+            roles inside one dataset: In-shop, a CSV with ``is_query``). Categories (SOP's) are left out, with a
+            warning, by :func:`~headreg.engine.evaluate.evaluate_model`.
     """
     if dataset is not None:
         if getattr(dataset, "issame", None) is not None or getattr(dataset, "protocol", None) == "ijb":
             raise InvalidValueError("--shard-gallery applies to retrieval; a face-pairs dataset has no gallery")
-        if any(getattr(dataset, a, None) is not None for a in ("is_query", "is_gallery", "categories")):
+        if any(getattr(dataset, a, None) is not None for a in ("is_query", "is_gallery")):
             raise InvalidValueError(
                 "--shard-gallery runs leave-one-out or a separate --gallery dataset; this dataset's own query/gallery "
-                "roles or categories need every embedding in one process: drop --shard-gallery"
+                "roles need every embedding in one process: drop --shard-gallery"
             )
     bad = [m for m in metrics or () if m not in SHARDED_METRICS]
     if bad:

@@ -280,11 +280,14 @@ def evaluate_model(
     if shard_gallery:
         if getattr(query, "unseen_classes", False):  # no head was trained on these classes: no top-k accuracy
             parts = [replace(p, label_rank=None) for p in parts]
-        return EvalResult(**evaluate_sharded(
+        fields = evaluate_sharded(
             parts, metrics=parse_metric_names(metrics), recall_k=dataset_recall_k(query, recall_k), device=dev,
             world_size=info.world_size, num_classes=int(getattr(model, "num_classes", 0) or 0),
             progress=bool(_tqdm_flag(show)),
-        ))  # fmt: skip
+        )  # fmt: skip
+        if getattr(query, "categories", None) is not None:
+            fields["warnings"] = [*fields["warnings"], "per-category metrics are left out under --shard-gallery"]
+        return EvalResult(**fields)
     categories = None
     if len(parts) == 1:
         # A dataset may carry query/gallery roles (In-shop, a CSV) and categories: of the rows extracted.
