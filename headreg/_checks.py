@@ -31,6 +31,8 @@ __all__ = [
     "check_mask",
     "check_positive_ints",
     "check_same_width",
+    "nonfinite_error",
+    "nonfinite_rows",
     "resolve_device",
 ]
 
@@ -72,23 +74,33 @@ def check_embeddings(x: object, name: str = "embeddings", *, min_rows: int = 1, 
 
 
 def check_finite(x: Tensor, name: str = "embeddings") -> Tensor:
-    """The one NaN / Inf scan of a ``(N, D)`` tensor; raises naming how many rows and the first.
+    """The one NaN / Inf scan of a ``(N, D)`` tensor; raises naming how many rows and the first."""
+    bad = nonfinite_rows(x)
+    if bad.numel():
+        raise nonfinite_error(name, bad.numel(), x.shape[0], int(bad[0]))
+    return x
+
+
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """Indices of the rows of a ``(N, D)`` tensor holding a NaN or an Inf, ``(n_bad,)`` int64.
 
     Scanned in row blocks: ``torch.isfinite`` on the whole tensor makes temporaries several times its
     size (850 MiB for 1M × 128 float32), a block's stay small.
     """
     if x.shape[0] == 0:
-        return x
+        return torch.zeros(0, dtype=torch.long, device=x.device)
     rows = max(1, _SCAN_ELEMENTS // max(1, x.shape[1]))
     finite_rows = torch.cat([torch.isfinite(x[s : s + rows]).all(dim=1) for s in range(0, x.shape[0], rows)])
-    if not bool(finite_rows.all()):
-        bad = (~finite_rows).nonzero().flatten()
-        raise InvalidInputError(
-            f"{name} must be finite, got {bad.numel()} of {x.shape[0]} rows with NaN or Inf "
-            f"(first at row {int(bad[0])}); from a model, that is a diverged checkpoint or low-precision "
-            "overflow (try --no-amp)"
-        )
-    return x
+    return (~finite_rows).nonzero().flatten()
+
+
+def nonfinite_error(name: str, count: int, total: int, first: int) -> InvalidInputError:
+    """The error of :func:`check_finite`: ``count`` of ``total`` rows are not finite, the first at row ``first``."""
+    return InvalidInputError(
+        f"{name} must be finite, got {count} of {total} rows with NaN or Inf "
+        f"(first at row {first}); from a model, that is a diverged checkpoint or low-precision "
+        "overflow (try --no-amp)"
+    )
 
 
 def check_labels(y: object, n: int, name: str = "labels") -> Tensor:

@@ -7,8 +7,8 @@ key (``run.json: config.epochs must be an integer >= 1, got -5``).
 
 The schemas here: the model config (``config.json`` and the config in ``model.safetensors``' metadata,
 :data:`MODEL_CONFIG`), the run record (``run.json``, :data:`RUN_RECORD`), the resumable state's JSON
-(``resume.json``, :data:`RESUME_META`), one ``metrics.jsonl`` line (:data:`METRICS_LINE`), and the
-allow-list of backbone keyword arguments a file may carry (:data:`BACKBONE_KWARGS`): model-shape options
+(``resume.json``, :data:`RESUME_META`) and one ``metrics.jsonl`` line (:data:`METRICS_LINE`). The
+allow-list of backbone keyword arguments a file may carry (:mod:`headreg._schema_backbone`) holds model-shape options
 only; nothing that names a file, a URL or a module (``checkpoint_path``, ``pretrained``, ``pretrained_cfg*``)
 is accepted from a file, so loading a checkpoint opens no file but its own and reaches no network.
 """
@@ -29,10 +29,6 @@ __all__ = [
     "RUN_RECORD",
     "RESUME_META",
     "METRICS_LINE",
-    "BACKBONE_KWARGS",
-    "REFUSED_BACKBONE_KWARGS",
-    "check_backbone_kwargs",
-    "check_run_file",
 ]
 
 #: A check returns what is wrong with a value (``"must be >= 0"``), or None when it is fine.
@@ -52,6 +48,7 @@ class Field:
         schema: for a ``dict``, the schema of its keys (None: any keys).
         items: for a ``list``, the field every item must match.
         open: for a ``dict`` with a schema, keys outside it are accepted (and not checked).
+        values: for a ``dict``, the field every value must match (its keys are free: a map).
     """
 
     kind: str
@@ -61,6 +58,7 @@ class Field:
     schema: Mapping[str, Field] | None = None
     items: Field | None = None
     open: bool = False
+    values: Field | None = None
 
 
 _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -122,6 +120,9 @@ def _check(value: Any, field: Field, *, where: str, error: type[HeadregError], k
                 _check(value[sub], spec, where=where, error=error, key=_join(key, sub))
             elif spec.required:
                 raise error(f"{where}: required key {_join(key, sub)!r} is missing")
+    if field.kind == "dict" and field.values is not None:
+        for sub, item in value.items():
+            _check(item, field.values, where=where, error=error, key=_join(key, str(sub)))
     if field.kind == "list" and field.items is not None:
         for i, item in enumerate(value):
             _check(item, field.items, where=where, error=error, key=f"{name}[{i}]")
@@ -175,84 +176,6 @@ def _backbone_name(v: str) -> str | None:
     return None
 
 
-_POSITIVE_INT = Field("int", check=at_least(1))
-_RATE = Field("number", check=in_range(0.0, 1.0, high_open=True))
-_FLAG = Field("bool")
-
-# ---------------------------------------------------------------------------------------------- backbone kwargs
-#: Backbone keyword arguments a checkpoint or a run record may carry: options that shape the model, with
-#: values that are numbers, flags or a fixed choice. Everything else is refused when it comes from a file.
-BACKBONE_KWARGS: Mapping[str, Field] = {
-    # timm and torchvision, any backbone
-    "in_chans": Field("int", check=in_range(1, 4096)),
-    "drop_rate": _RATE,
-    "drop_path_rate": _RATE,
-    "drop_block_rate": _RATE,
-    "proj_drop_rate": _RATE,
-    "attn_drop_rate": _RATE,
-    "pos_drop_rate": _RATE,
-    "global_pool": Field("str", check=one_of("", "avg", "max", "avgmax", "catavgmax", "fast", "token", "map")),
-    "output_stride": Field("int", check=one_of(8, 16, 32)),
-    "img_size": Field("int", check=in_range(1, 8192)),
-    "patch_size": Field("int", check=in_range(1, 1024)),
-    # headreg's LeNet++ (headreg.models.lenetpp.LeNetPP)
-    "embed_dim": _POSITIVE_INT,
-    "widths": Field(
-        "list", items=_POSITIVE_INT, check=lambda v: None if 1 <= len(v) <= 8 else "must hold 1 to 8 widths"
-    ),
-    "batch_norm": _FLAG,
-    "embed_act": _FLAG,
-    "input_size": Field("list", items=_POSITIVE_INT, check=lambda v: None if len(v) == 2 else "must be [H, W]"),
-    "feature_bn": _FLAG,
-    "hidden_dim": Field("int", check=at_least(0)),
-    "embed_bias": _FLAG,
-    # headreg's IResNet and MobileFaceNet (headreg.models.iresnet, headreg.models.mobilefacenet)
-    "fp16": _FLAG,
-}
-
-#: Keys refused from a file with a reason of their own (they make timm open a file or fetch a URL, or
-#: collide with what headreg passes itself); any other key outside :data:`BACKBONE_KWARGS` is refused too.
-REFUSED_BACKBONE_KWARGS: Mapping[str, str] = {
-    "checkpoint_path": "it names a file that timm would torch.load",
-    "pretrained": "it makes timm download or open pretrained weights",
-    "pretrained_cfg": "it can name a file or a URL to load weights from",
-    "pretrained_cfg_overlay": "it can name a file or a URL to load weights from",
-    "pretrained_file": "it names a file to load weights from",
-    "pretrained_strict": "it only matters when loading pretrained weights",
-    "cache_dir": "it names a directory to download into",
-    "num_classes": "headreg sets the backbone's num_classes itself; the head's class count is the config's",
-    "features_only": "headreg needs the pooled features",
-}
-
-
-def check_backbone_kwargs(kwargs: Any, *, where: str, key: str = "backbone_kwargs") -> dict[str, Any]:
-    """Refuse any backbone keyword argument a file may not carry (see :data:`BACKBONE_KWARGS`).
-
-    Args:
-        kwargs: the ``backbone_kwargs`` (checkpoint) or ``model_options`` (run record) read from a file.
-        where: the file, for the message.
-        key: the name of the object in the file.
-
-    Returns:
-        ``kwargs``, checked.
-    """
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{where}: {key} must be an object, got {_short(kwargs)}")
-    for name in kwargs:
-        if name in REFUSED_BACKBONE_KWARGS:
-            raise CheckpointError(
-                f"{where}: {key}.{name} is refused from a file: {REFUSED_BACKBONE_KWARGS[name]} "
-                "(pass it to headreg.create_model yourself if you mean it)"
-            )
-        if name not in BACKBONE_KWARGS:
-            raise CheckpointError(
-                f"{where}: {key}.{name} is not an allowed backbone option in a file; allowed: "
-                f"{', '.join(sorted(BACKBONE_KWARGS))}"
-            )
-    validate(kwargs, BACKBONE_KWARGS, where=where, key=key)
-    return kwargs
-
-
 # ---------------------------------------------------------------------------------------------- the files
 _HEAD_NAME = Field("str", check=lambda v: None if 0 < len(v) <= 128 else "must be a name of 1 to 128 characters")
 
@@ -274,6 +197,22 @@ MODEL_CONFIG: Mapping[str, Field] = {
     "weights_sha256": Field("str", check=_sha256_hex),
     "config_sha256": Field("str", check=_sha256_hex),
 }
+
+_STEP, _EPOCH = Field("int", nullable=True, check=at_least(0)), Field("int", nullable=True, check=at_least(1))
+_VALIDATION_CONFIG = {  # the TrainConfig fields of validation during training (engine/_validate.py)
+    "val": Field("list", items=Field("str")), "val_every": Field("str"), "keep_best": Field("str", nullable=True),
+    "early_stop": Field("int", nullable=True, check=at_least(1)), "tensorboard": Field("bool"),
+}  # fmt: skip
+_VALIDATION_STATE = {  # its part of the resumable state
+    "best": Field("number", nullable=True), "best_epoch": _EPOCH, "best_step": _STEP,
+    "bad": Field("int", check=at_least(0)), "last_step": _STEP, "ended": Field("str", nullable=True),
+}  # fmt: skip
+_VAL_LINE = {  # a validation's line in metrics.jsonl
+    "step": Field("int", check=at_least(0)), "val_time": Field("number", check=at_least(0.0)),
+    "val": Field("dict", values=Field("dict", values=Field("number", nullable=True))), "early_stop": Field("str"),
+    "best": Field("dict", schema={"metric": Field("str", required=True), "value": Field("number", nullable=True),
+                                  "epoch": _EPOCH, "step": _STEP, "improved": Field("bool")}),
+}  # fmt: skip
 
 #: The training config inside ``run.json`` (``headreg.engine.train.TrainConfig``); the dataclass checks
 #: the rest of its values when it is built.
@@ -308,6 +247,14 @@ TRAIN_CONFIG: Mapping[str, Field] = {
     "eval_limit": Field("int", nullable=True, check=at_least(1)),
     "shard_head": Field("bool"),
     "sample_rate": Field("number", check=in_range(0.0, 1.0)),
+    # fine-tuning and the step guard (docs/train.md)
+    "pretrained": Field("bool"),
+    "freeze_backbone": Field("int", check=at_least(0)),
+    "backbone_lr_scale": Field("number"),
+    "clip_grad_norm": Field("number", nullable=True),
+    "accumulate": Field("int", check=at_least(1)),
+    "max_bad_steps": Field("int", check=at_least(0)),
+    **_VALIDATION_CONFIG,
 }
 
 #: ``run.json``: the run record the training runner writes.
@@ -324,6 +271,7 @@ RUN_RECORD: Mapping[str, Field] = {
     "headreg_version": Field("str"),
     "torch_version": Field("str"),
     "replica_max_abs_diff": Field("number", nullable=True),  # the DDP replica check
+    "early_stop": Field("str"),  # why --early-stop ended the run
 }
 
 _PROGRESS: Mapping[str, Field] = {
@@ -350,29 +298,11 @@ RESUME_META: Mapping[str, Field] = {
             "rng": Field("list"),
             "transform_rng": Field("list"),
             "progress": Field("dict", required=True, schema=_PROGRESS),
+            "validation": Field("dict", nullable=True, schema=_VALIDATION_STATE),
         },
         open=True,  # the trainer's own parts of the state; join_state only rebuilds them
     ),
 }
 
-#: One line of ``metrics.jsonl``: an object with at least the epoch it closes.
-METRICS_LINE = Field("dict", schema={"epoch": Field("int", required=True, check=at_least(1))}, open=True)
-
-
-def check_run_file(name: str, obj: Any, where: str) -> Any:
-    """Validate a JSON file of a run directory by its name (``run.json``, ``resume.json``); others pass as read.
-
-    Args:
-        name: the file's name in the run directory.
-        obj: its parsed content.
-        where: its path, for the message.
-
-    Returns:
-        ``obj``, checked.
-    """
-    if name == "run.json":
-        validate(obj, RUN_RECORD, where=where)
-        check_backbone_kwargs(obj["config"].get("model_options", {}), where=where, key="config.model_options")
-    elif name == "resume.json":
-        validate(obj, RESUME_META, where=where)
-    return obj
+#: One ``metrics.jsonl`` line: the epoch it closes (or a validation's: ``val`` = ``{protocol: {metric: value}}``).
+METRICS_LINE = Field("dict", schema={"epoch": Field("int", required=True, check=at_least(1)), **_VAL_LINE}, open=True)

@@ -24,6 +24,8 @@ __all__ = [
     "DatasetNotFoundError",
     "RunLockedError",
     "DataFileError",
+    "ExportError",
+    "MissingExtraError",
     "did_you_mean",
 ]
 
@@ -84,6 +86,14 @@ class RunLockedError(HeadregError):
 
 class DataFileError(HeadregError):
     """A file of a dataset (an image in an image folder) that cannot be read or decoded."""
+
+
+class ExportError(HeadregError):
+    """An exported model that could not be written, or that does not compute what the model it came from does."""
+
+
+class MissingExtraError(HeadregError, ImportError):
+    """An optional feature whose packages are not installed; the message names the pip extra."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -113,6 +113,18 @@ def test_parameter_counts_are_insightfaces(name: str) -> None:
         assert _param_count(ours) == 43_590_848  # insightface's IResNet-50 with 512-d features: 43.6 M
 
 
+@pytest.mark.slow
+def test_deep_iresnet_at_random_init_is_finite_in_eval_mode() -> None:
+    # timm's tests run every registered model, randomly initialised, in eval mode. insightface's N(0, 0.1)
+    # convolutions with untrained BN statistics overflow float32 over 49 blocks; the zero-initialised last BN of
+    # each block (the default, as timm's zero_init_last) keeps them finite.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.isfinite(timm.create_model("iresnet100").eval()(x)).all()
+        assert not torch.isfinite(timm.create_model("iresnet100", zero_init_residual=False).eval()(x)).all()
+
+
 @pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet"])
 def test_timm_conventions(name: str) -> None:
     torch.manual_seed(0)
@@ -226,7 +238,7 @@ def test_pretrained_file_stays_refused_from_files(tmp_path: Path, insightface_r1
     headreg.save_model(model, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     config["backbone_kwargs"]["pretrained_file"] = str(insightface_r18[0])
-    from headreg._schema import check_backbone_kwargs
+    from headreg._schema_backbone import check_backbone_kwargs
 
     with pytest.raises(CheckpointError, match="pretrained_file is refused"):
         check_backbone_kwargs(config["backbone_kwargs"], where="config.json")

@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "headreg._checks",
             "headreg._runtime",
             "headreg._schema",
+            "headreg._schema_backbone",
             "headreg.hookspecs",
         ),
     ),

@@ -115,8 +115,8 @@ def test_bad_arguments_give_clear_errors():
         headreg.create_model("torchvision/resnt18")
     with pytest.raises(UnknownHeadError, match="arcface"):
         headreg.create_model("lenetpp", head="arcfce", num_classes=2)
-    with pytest.raises(HeadregError, match="num_classes"):
-        headreg.create_model("lenetpp", head="arcface")
+    with pytest.raises(HeadregError, match="num_classes is required with head 'arcface': backbone 'iresnet18'"):
+        headreg.create_model("iresnet18", head="arcface")  # no class count in its pretrained config to default to
     with pytest.raises(HeadregError, match="no option 'margn'"):
         headreg.create_model("lenetpp", head="arcface", num_classes=2, head_options={"margn": 0.1})
     model = headreg.create_model("lenetpp", head="arcface", num_classes=2, in_chans=1)

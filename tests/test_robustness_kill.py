@@ -41,6 +41,8 @@ CONFIG = dict(
     device="cpu",
     eval_metrics=(),
 )
+#: The same run validating every 2 steps and keeping best/: its validations and best/ must survive kills too.
+CONFIG_VAL = dict(CONFIG, val=["fake@test"], val_every="2steps", keep_best="precision_at_1")
 
 _WORKER = textwrap.dedent(
     """
@@ -66,9 +68,20 @@ _WORKER = textwrap.dedent(
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+    def best(out):  # the kept model, and the validations (their timing aside)
+        if not config.get("keep_best"):
+            return None, []
+        from safetensors.torch import load_file
+
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        vals = [{k: v for k, v in r.items() if k != "val_time"} for r in lines if "val" in r]
+        return load_file(str(out / "best" / "model.safetensors")), vals
+
+
     calls = []
     os.replace = lambda a, b: (calls.append(str(b)), real_replace(a, b))[1]
     reference = weights(train(TrainConfig(**config), root / "reference", **quiet).model)
+    reference_best, reference_vals = best(root / "reference")
     calls.clear()
     run(root / "counted")
     os.replace = real_replace
@@ -111,10 +124,16 @@ _WORKER = textwrap.dedent(
             got = weights(result.model)
             if any(not torch.equal(got[k], v) for k, v in reference.items()):
                 failures.append(f"{case}: weights differ from the uninterrupted run")
-            epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+            lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            epochs = [r["epoch"] for r in lines if "val" not in r]
             if epochs != list(range(1, config["epochs"] + 1)):
                 failures.append(f"{case}: metrics.jsonl epochs {epochs}")
-            left = sorted(p.name for p in out.iterdir() if "tmp" in p.name)
+            kept, vals = best(out)
+            if vals != reference_vals:
+                failures.append(f"{case}: validations differ: {[r['step'] for r in vals]}")
+            if kept is not None and any(not torch.equal(kept[k], v) for k, v in reference_best.items()):
+                failures.append(f"{case}: best/ differs from the uninterrupted run's")
+            left = sorted(p.name for p in [*out.iterdir(), *out.glob("best/*")] if "tmp" in p.name)
             if left:
                 failures.append(f"{case}: temporary files left: {left}")
             if json.loads((out / "run.json").read_text())["status"] != "completed":
@@ -125,10 +144,11 @@ _WORKER = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per kill")
-def test_a_kill_at_any_rename_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", [CONFIG, pytest.param(CONFIG_VAL, marks=pytest.mark.slow)], ids=["plain", "val"])
+def test_a_kill_at_any_rename_resumes_to_the_uninterrupted_weights(config: dict, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(tmp_path), json.dumps(CONFIG)],
+        [sys.executable, "-c", _WORKER, str(tmp_path), json.dumps(config)],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,6 +157,8 @@ def test_a_kill_at_any_rename_resumes_to_the_uninterrupted_weights(tmp_path: Pat
     # Every kind of file a run commits was a kill point: the record, the model, the state, metrics.jsonl.
     assert {"run.json", "model.safetensors", "config.json", "resume.json", "metrics.jsonl", "eval.json"} <= names, names
     assert any(n.startswith("resume-") for n in names), names
+    if config.get("keep_best"):
+        assert any(p.endswith("best/model.safetensors") for p in report["renames"]), names
     assert report["failures"] == [], "\n".join(report["failures"])
 
 

@@ -268,6 +268,19 @@ def test_a_plugin_head_declaring_shardable_needs_fused_terms():
     with pytest.raises(InvalidValueError, match=r"head 'claims' cannot be class-sharded.*lacks fused_terms"):
         ShardedHead(Claims, "claims", D, C)
 
+    class Opts(type(create_head("arcface", D, C))):  # a subclass of a shardable head that says it is not
+        shardable = False
+
+    assert "does not declare itself shardable" in head_shard_refusal(Opts(D, C))
+
+
+def test_sampling_refuses_gradient_accumulation():
+    from headreg.engine._config import TrainConfig
+
+    with pytest.raises(InvalidValueError, match=r"accumulate=2 with sample_rate=0.5.*one forward pass"):
+        TrainConfig(model="lenetpp", head="arcface", dataset="fake", shard_head=True, sample_rate=0.5, accumulate=2)
+    TrainConfig(model="lenetpp", head="arcface", dataset="fake", shard_head=True, accumulate=2)  # r = 1: exact
+
 
 def test_every_builtin_head_declares_itself_shardable():
     builtin = ["softmax", "modified_softmax", "normface", "sphereface", "arcface", "cosface", "combined", "center"]

@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "headreg.cli.train:train_cmd",
     "eval": "headreg.cli.eval:eval_cmd",
     "compare": "headreg.cli.compare:compare_cmd",
+    "export": "headreg.cli.export:export_cmd",
 }
 
 

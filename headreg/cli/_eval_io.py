@@ -69,9 +69,16 @@ def from_files(opts: Any, metrics: tuple[str, ...] | None, device: Any) -> Any:
     return EvalResult(values, emb, labels, is_query, is_gallery, None, info, warnings)
 
 
-def load_eval_model(opts: Any) -> tuple[Any, dict[str, Any]]:
+def load_eval_model(opts: Any, device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
     from headreg.models import create_model, load_model, read_config
 
+    if getattr(opts, "onnx", None) is not None:
+        from headreg.engine._onnx import load_onnx_model
+
+        model = load_onnx_model(opts.onnx, device)
+        meta = model.metadata
+        return model, {"onnx": str(opts.onnx), "model": meta.get("backbone"), "head": meta.get("head"),
+                       "onnx_providers": model.providers}  # fmt: skip
     if opts.checkpoint is not None:
         if opts.pretrained_file is not None:
             raise click.UsageError("--pretrained-file goes with --model (a checkpoint holds its own weights)")
@@ -87,10 +94,24 @@ def load_eval_model(opts: Any) -> tuple[Any, dict[str, Any]]:
         num_classes=opts.num_classes if opts.head else None,
         embedding_dim=opts.embedding_dim,
         pretrained=opts.pretrained,
+        download=False,  # --pretrained reads the local cache only
         pretrained_file=opts.pretrained_file,
         in_chans=opts.in_chans,
     )
     return model, {"model": opts.model_name, "head": opts.head, "pretrained": opts.pretrained}
+
+
+def onnx_input_size(model: Any, size: int | tuple[int, ...] | None) -> tuple[int, int]:
+    """The ``(H, W)`` an exported model was traced at, which ``--input-size`` (when given) must repeat."""
+    c, h, w = model.input_size
+    given = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    if given is not None and (tuple(given[-2:]) != (h, w) or (len(given) == 3 and given[0] != c)):
+        raise click.BadParameter(
+            f"{model.path} was exported at {c}x{h}x{w} and takes no other size, got {size!r} (leave --input-size "
+            "out, or export again at the size you want)",
+            param_hint="--input-size",
+        )
+    return h, w
 
 
 def load_datasets(opts: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -119,7 +140,7 @@ def write_outputs(result: Any, opts: Any) -> None:
     if opts.save_embeddings is not None:
         from headreg.data import save_embeddings
 
-        keys = ("model", "head", "dataset", "split", "checkpoint", "tta")
+        keys = ("model", "head", "dataset", "split", "checkpoint", "onnx", "tta")
         meta = {k: str(v) for k, v in result.info.items() if k in keys}
         with atomic_output(opts.save_embeddings) as tmp:  # a kill mid-write leaves the old file, not half of one
             if result.issame is not None:
@@ -150,7 +171,7 @@ def write_outputs(result: Any, opts: Any) -> None:
     from .heads import echo_table
 
     info = result.info
-    what = info.get("checkpoint") or info.get("model") or info.get("source")
+    what = info.get("checkpoint") or info.get("onnx") or info.get("model") or info.get("source")
     click.echo(f"evaluated {what}: {info['protocol']}, {info['num_queries']} queries, {info['num_gallery']} gallery, "
                f"D={info['embedding_dim']}")  # fmt: skip
     if info.get("images_per_second"):

@@ -172,4 +172,6 @@ def dataset_names() -> str:
     names = list_datasets()
     # the ones that take a path
     with_path = {"bin": "bin:PATH", "imagefolder": "imagefolder:PATH", "lfw": "lfw:DIR", "pairs": "pairs:LIST.csv"}
+    with_path.update(ijbb="ijbb:DIR", ijbc="ijbc:DIR")
+    with_path["rec"] = "rec:DIR"
     return ", ".join([n for n in names if n not in with_path] + [with_path[n] for n in names if n in with_path])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import run_cli
-from ._eval_io import from_files, load_datasets, load_eval_model, write_outputs
+from ._eval_io import from_files, load_datasets, load_eval_model, onnx_input_size, write_outputs
 from ._guards import check_input_size, check_output_paths
 from ._options import LazyChoice, data_dir_default, dataset_names, drop_none, engine_option, keyword_defaults
 
@@ -85,6 +85,7 @@ class EvalOptions:
     """
 
     checkpoint: Path | None
+    onnx: Path | None
     model_name: str | None
     head: str | None
     num_classes: int | None
@@ -110,7 +111,9 @@ class EvalOptions:
     recall_k: tuple[int, ...] | None
     knn: str | None
     tta: str | None
+    detector_score: bool | None
     progress: bool | None
+    shard_gallery: bool
     as_json: bool
     output: Path | None
     plot: Path | None
@@ -135,6 +138,9 @@ class EvalOptions:
 
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Run directory or .safetensors from save_model.")
+@click.option(
+    "--onnx", type=click.Path(path_type=Path), help="A model written by `headreg export`, run by onnxruntime."
+)
 @click.option(
     "--model", "model_name", help="Backbone to build instead of a checkpoint (timm, torchvision/NAME, lenetpp)."
 )
@@ -174,7 +180,18 @@ class EvalOptions:
     "--tta",
     type=LazyChoice(_tta_modes),
     help="Test-time augmentation: the horizontal mirror's embedding added (flip-sum) or appended (flip-concat) "
-    "[default: flip-sum for face pairs (bin:, lfw:, pairs:), else none].",
+    "[default: flip-sum for face pairs (bin:, lfw:, pairs:) and IJB (ijbb:, ijbc:), else none].",
+)
+@click.option(
+    "--detector-score/--no-detector-score",
+    default=None,
+    help="IJB (ijbb:, ijbc:): weight each face by its detector score in its template [default: on, as insightface].",
+)
+@click.option(
+    "--shard-gallery",
+    is_flag=True,
+    help="Under torchrun, each rank keeps its 1/W of the embeddings and the exact k-NN search is merged across "
+    "ranks (no gather of N x D): retrieval and classification only (docs/eval.md).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON results to this file.")
@@ -189,6 +206,8 @@ def eval_cmd(**params: Any) -> None:
     headreg eval --checkpoint runs/arcface --dataset mnist --query-split test --gallery-split train
     headreg eval --embeddings emb.safetensors --json
     headreg eval --checkpoint runs/arcface --dataset bin:faces/lfw.bin
+    headreg eval --model iresnet50 --pretrained-file backbone.pth --dataset ijbc:IJB_release/IJBC
+    headreg eval --onnx arcface.onnx --dataset mnist
     torchrun --nproc_per_node=2 -m headreg eval --checkpoint runs/arcface --dataset mnist
     """
     opts = EvalOptions.parse(**params)
@@ -206,11 +225,16 @@ def eval_cmd(**params: Any) -> None:
         if opts.embeddings_file is not None:
             result = from_files(opts, metrics, device)
         else:
-            model, source = load_eval_model(opts)
-            check_input_size(model, opts.input_size)
+            model, source = load_eval_model(opts, device)
+            if opts.onnx is not None:  # its graph has a fixed size
+                opts = replace(opts, input_size=onnx_input_size(model, opts.input_size))
+            else:
+                check_input_size(model, opts.input_size)
             query, gallery, described = load_datasets(opts)
             names = ("batch_size", "workers", "limit", "input_size", "amp", "recall_k", "knn", "tta", "progress")
-            result = evaluate_model(model, query, gallery, device=device, **opts.engine_kwargs(*names, metrics=metrics))
+            names += ("detector_score",)
+            kwargs = opts.engine_kwargs(*names, metrics=metrics, shard_gallery=opts.shard_gallery or None)
+            result = evaluate_model(model, query, gallery, device=device, **kwargs)
             result.info = {**source, **described, **result.info}
         if main:
             write_outputs(result, opts)
@@ -224,7 +248,7 @@ def eval_cmd(**params: Any) -> None:
 
 def _check_options(opts: EvalOptions) -> None:
     has_file = opts.embeddings_file is not None
-    has_model = opts.checkpoint is not None or opts.model_name is not None
+    has_model = opts.checkpoint is not None or opts.model_name is not None or opts.onnx is not None
     if has_file and (has_model or opts.dataset):
         raise click.UsageError(
             "give either --embeddings FILE or a model (--checkpoint/--model) with --dataset, not both"
@@ -232,15 +256,32 @@ def _check_options(opts: EvalOptions) -> None:
     if opts.gallery_embeddings is not None and not has_file:
         raise click.UsageError("--gallery-embeddings needs --embeddings (the query file)")
     if not has_file and not has_model:
-        raise click.UsageError("nothing to evaluate: give --checkpoint PATH, --model NAME, or --embeddings FILE")
-    if opts.checkpoint is not None and opts.model_name is not None:
-        raise click.UsageError("give --checkpoint or --model, not both (a checkpoint names its own backbone)")
+        raise click.UsageError(
+            "nothing to evaluate: give --checkpoint PATH, --model NAME, --onnx FILE, or --embeddings FILE"
+        )
+    if sum(x is not None for x in (opts.checkpoint, opts.model_name, opts.onnx)) > 1:
+        raise click.UsageError("give one of --checkpoint, --model and --onnx (each names its own model)")
+    model_flags = (("--head", opts.head), ("--num-classes", opts.num_classes), ("--embedding-dim", opts.embedding_dim),
+                   ("--in-chans", opts.in_chans), ("--pretrained-file", opts.pretrained_file))  # fmt: skip
+    given = [flag for flag, value in model_flags if value is not None]
+    if opts.onnx is not None and (given or opts.pretrained):
+        raise click.UsageError(f"{(given or ['--pretrained'])[0]} does not apply to --onnx (the file is the model)")
     if has_model and not opts.dataset:
         raise click.UsageError(f"a model needs --dataset ({dataset_names()})")
     if (opts.query_split is None) != (opts.gallery_split is None):
         raise click.UsageError("--query-split and --gallery-split go together (or use --split for leave-one-out)")
+    if opts.detector_score is not None and not str(opts.dataset or "").lower().startswith(("ijbb:", "ijbc:")):
+        raise click.UsageError("--detector-score/--no-detector-score applies to IJB datasets (ijbb:DIR, ijbc:DIR)")
     if has_file and opts.tta is not None:
         raise click.UsageError("--tta applies while extracting embeddings; an --embeddings file was made already")
+    if opts.shard_gallery:
+        clash = [n for n, v in (("--embeddings", has_file), ("--save-embeddings", opts.save_embeddings),
+                                ("--plot", opts.plot)) if v]  # fmt: skip
+        if clash:
+            raise click.UsageError(
+                f"--shard-gallery keeps the embeddings spread over the ranks; {', '.join(clash)} needs all of them "
+                "in one process (drop --shard-gallery for that)"
+            )
     if has_file and opts.save_embeddings is not None:
         raise click.UsageError(
             "--save-embeddings writes a model's embeddings; with --embeddings they are already saved"

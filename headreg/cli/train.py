@@ -170,6 +170,18 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     type=click.Path(exists=True, dir_okay=False),
     help="Backbone state dict to start from (torch.save'd, e.g. insightface's backbone.pth; read weights-only).",
 )
+@config_option(
+    "--pretrained",
+    is_flag=True,
+    help="Start from the backbone's pretrained weights (local cache only; never downloads).",
+)
+@config_option("--freeze-backbone", type=int, metavar="EPOCHS", help="Train only the neck and head for EPOCHS epochs.")
+@config_option("--backbone-lr-scale", type=float, help="Learning-rate multiplier of the backbone.")
+@config_option("--clip-grad-norm", type=float, help="Clip each step's total gradient 2-norm to this value.")
+@config_option("--accumulate", type=int, metavar="N", help="Micro-batches of --batch-size per optimiser step.")
+@config_option(
+    "--max-bad-steps", type=int, help="Stop after this many non-finite steps in a row (each skipped); 0: off."
+)
 @config_option("--amp/--no-amp", help="Mixed precision.", default_text=lambda: "on for CUDA")
 @config_option("--augment/--no-augment", help="Random shifts (and flips).")
 @config_option("--device")
@@ -180,6 +192,19 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "--input-size", type=int, help="Model input side in pixels (default: the backbone's; 224 for cub200...)."
 )
 @config_option("--data-dir", type=click.Path(file_okay=False), help="Dataset root.", default_text=data_dir_default)
+@config_option(
+    "--val",
+    multiple=True,
+    metavar="PROTOCOL[,PROTOCOL...]",
+    help="Validate during training as `headreg eval` does: NAME.bin (face pairs, from --data-dir), "
+    "DATASET[@SPLIT] (retrieval, default split test) or DATASET@QUERY/GALLERY; repeatable.",
+)
+@config_option("--val-every", metavar="N|Nsteps", help="Validate every N epochs, or every N steps (500steps).")
+@config_option("--keep-best", metavar="[SET/]METRIC", help="Keep the best validation's model in RUN/best.")
+@config_option(
+    "--early-stop", type=int, metavar="PATIENCE", help="End after PATIENCE validations without a better --keep-best."
+)
+@config_option("--tensorboard/--no-tensorboard", help="Also write TensorBoard events to RUN/tensorboard.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
@@ -242,7 +267,10 @@ def train_cmd(
             ctx.exit(130)
         return
     if as_json:
-        click.echo(json.dumps({"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}))
+        out = {"run_dir": str(result.run_dir), "history": result.history, "eval": result.eval}
+        if result.validations:
+            out.update(validations=result.validations, early_stop=result.early_stop)
+        click.echo(json.dumps(out))
     else:
         last = result.history[-1] if result.history else {}
         if result.test_accuracy is None and "test_recall_at_1" in last:  # unseen test classes: retrieval

@@ -110,9 +110,15 @@ _TORCHVISION = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", True),
     "cifar100": ("CIFAR100", "cifar-100-python", True),
 }
-_PREFIXED = ("imagefolder",)
+_PREFIXED = ("imagefolder", "rec")
 #: Names that take a path and give a pairs protocol (:mod:`headreg.data._pairs`), with the form of their argument.
-_PAIRS = {"bin": ("file", "bin:PATH/lfw.bin"), "lfw": ("folder", "lfw:DIR"), "pairs": ("file", "pairs:LIST.csv")}
+_PAIRS = {
+    "bin": ("file", "bin:PATH/lfw.bin"),
+    "lfw": ("folder", "lfw:DIR"),
+    "pairs": ("file", "pairs:LIST.csv"),
+    "ijbb": ("folder", "ijbb:DIR"),  # IJB template pairs (headreg.data._ijb)
+    "ijbc": ("folder", "ijbc:DIR"),
+}
 _OTHER = ("fake",)
 #: The metric-learning retrieval benchmarks (:mod:`headreg.data._retrieval_sets`): a name under the data dir, or
 #: ``NAME:DIR`` for a folder elsewhere; ``csv`` always takes its file.
@@ -120,13 +126,14 @@ _RETRIEVAL = ("cub200", "cars196", "sop", "inshop")
 
 
 def is_pairs_dataset(name: str) -> bool:
-    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``) rather than classes."""
+    """Whether ``name`` gives an evaluation pairs protocol (``bin:``, ``lfw:``, ``pairs:``, ``ijbb:``, ``ijbc:``)
+    rather than classes."""
     return isinstance(name, str) and name.partition(":")[0].strip().lower() in _PAIRS
 
 
 def list_datasets() -> list[str]:
-    """Names :func:`create_dataset` accepts; ``imagefolder``, ``bin``, ``lfw``, ``pairs`` and ``csv`` take a path,
-    ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
+    """Names :func:`create_dataset` accepts; ``imagefolder``, ``rec``, ``bin``, ``lfw``, ``pairs``, ``ijbb``, ``ijbc``
+    and ``csv`` take a path, ``cub200``, ``cars196``, ``sop`` and ``inshop`` may (``NAME:DIR``)."""
     return sorted([*_TORCHVISION, *_OTHER, *_PREFIXED, *_PAIRS, *_RETRIEVAL, "csv"])
 
 
@@ -143,13 +150,16 @@ def create_dataset(
     Args:
         name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision's layouts under the data dir),
             ``imagefolder:PATH`` (torchvision's ImageFolder layout; ``PATH/<split>`` if that folder exists, else
-            ``PATH`` itself; a relative PATH is taken from the current directory), ``bin:PATH`` (an insightface
+            ``PATH`` itself; a relative PATH is taken from the current directory), ``rec:DIR`` (insightface's
+            MXNet RecordIO ``DIR/<split>.rec`` + ``.idx``, read without mxnet: :mod:`headreg.data._recordio`;
+            ``test`` falls back to ``train.rec``), ``bin:PATH`` (an insightface
             validation ``.bin`` such as ``lfw.bin``: a :class:`~headreg.data._pairs.PairsDataset` of face pairs,
             the same for every split), ``lfw:DIR`` (LFW's ``DIR/pairs.txt`` over ``DIR/lfw/``, likewise),
-            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), the retrieval benchmarks ``cub200``,
-            ``cars196``, ``sop``, ``inshop`` in their native layouts under the data dir (``NAME:DIR``: in DIR) and
-            ``csv:PATH`` (open-metric-learning's CSV), each an :class:`ImageListDataset` of the split's unseen
-            classes (docs/protocols.md), or ``fake`` (seeded synthetic
+            ``pairs:LIST.csv`` (a CSV ``path1,path2,issame``, likewise), ``ijbb:DIR`` / ``ijbc:DIR``
+            (insightface's IJB layout: an :class:`~headreg.data._ijb.IJBDataset` of template pairs), the retrieval
+            benchmarks ``cub200``, ``cars196``, ``sop``, ``inshop`` in their native layouts under the data dir
+            (``NAME:DIR``: in DIR) and ``csv:PATH`` (open-metric-learning's CSV), each an :class:`ImageListDataset`
+            of the split's unseen classes (docs/protocols.md), or ``fake`` (seeded synthetic
             images with learnable class structure, options ``num_classes``, ``num_samples``, ``image_size``,
             ``channels``, ``seed``).
         split: ``train`` or ``test`` (any subfolder name for ``imagefolder``).
@@ -172,8 +182,12 @@ def create_dataset(
     key = key.strip().lower()
     if key in _PREFIXED:
         if not arg:
-            raise InvalidValueError(f"dataset '{name}' needs a folder: use 'imagefolder:PATH'")
+            raise InvalidValueError(f"dataset '{name}' needs a folder: use '{key}:PATH'")
         _reject_options(name, kwargs)
+        if key == "rec":
+            from headreg.data._recordio import create_record_dataset
+
+            return create_record_dataset(name, Path(arg).expanduser(), split)
         return _create_imagefolder(name, Path(arg).expanduser(), split)
     if key in _PAIRS:
         if not arg:
@@ -201,13 +215,18 @@ def create_dataset(
         return create_fake(split, **kwargs)
     raise UnknownDatasetError(
         f"unknown dataset '{name}'{did_you_mean(key, list_datasets())} (known: {', '.join(list_datasets())}; "
-        "imagefolder is used as 'imagefolder:PATH', bin as 'bin:PATH', lfw as 'lfw:DIR', pairs as 'pairs:LIST.csv', "
-        "csv as 'csv:PATH')"
+        "imagefolder is used as 'imagefolder:PATH', rec as 'rec:DIR', bin as 'bin:PATH', lfw as 'lfw:DIR', "
+        "pairs as 'pairs:LIST.csv', ijbb and ijbc as 'ijbb:DIR', 'ijbc:DIR', csv as 'csv:PATH')"
     )
 
 
-def _create_pairs(key: str, path: Path, name: str) -> TensorImageDataset:
+def _create_pairs(key: str, path: Path, name: str) -> Any:
     from headreg.data._pairs import PairsDataset
+
+    if key in ("ijbb", "ijbc"):
+        from headreg.data._ijb import IJBDataset
+
+        return IJBDataset(path, key, name=name)
 
     if key == "bin":
         return PairsDataset.from_bin(path, name=name)

@@ -140,11 +140,14 @@ class PairsDataset(TensorImageDataset):
         issame: ``(P,)`` bool, whether pair ``p`` (images ``2p`` and ``2p + 1``) shows one identity.
         photos: True for image files of any size (:meth:`from_files`): without ``--input-size`` they are resized
             to the backbone's input size, not kept at their native size as a ``.bin``'s aligned faces are.
+        faces: True: a face protocol, whose input defaults to 112 px and mean/std 0.5 where the backbone names
+            none (:func:`~headreg.data.transforms.face_data_config`).
         protocol: ``"pairs"``, which routes :func:`headreg.engine.evaluate.evaluate_model` to the pairs protocol.
     """
 
     protocol = "pairs"
     photos = False
+    faces = True
 
     def __init__(self, images: torch.Tensor, issame: torch.Tensor, *, name: str) -> None:
         labels = torch.arange(images.shape[0]) // 2

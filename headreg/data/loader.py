@@ -23,7 +23,7 @@ from headreg._runtime import DistInfo, dist_info
 from headreg.data._datasets import TensorImageDataset
 from headreg.errors import DataFileError, InvalidValueError
 
-__all__ = ["BatchLoader", "ShardSampler", "create_loader"]
+__all__ = ["BatchLoader", "ShardSampler", "create_loader", "default_workers"]
 
 
 class ShardSampler(Sampler[int]):
@@ -256,6 +256,13 @@ def create_loader(
         pin_memory=bool(pin_memory),
         device=dev,
     )
+
+
+def default_workers() -> int:
+    """DataLoader workers for a file-backed dataset (image folders, ``rec:``) when the caller names none: up to 8."""
+    import os
+
+    return min(8, os.cpu_count() or 1)
 
 
 def _worker_message(text: str) -> str:

@@ -11,10 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from headreg.data._files import ImageFilesDataset, ImageListDataset
+from headreg.data._recordio import RecordDataset
 from headreg.data._tensor import TensorImageDataset
 from headreg.errors import InvalidInputError, InvalidValueError
 
-__all__ = ["BatchTransform", "resolve_transform"]
+__all__ = ["FACE_INPUT", "BatchTransform", "face_data_config", "resolve_transform"]
+
+#: The input of face recognition backbones (insightface's): 112x112 RGB, pixels mapped to [-1, 1].
+FACE_INPUT = {"input_size": (3, 112, 112), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 # ITU-R BT.601 luma weights, as PIL's convert("L") and torchvision's rgb_to_grayscale use.
 _LUMA = (0.299, 0.587, 0.114)
@@ -188,6 +192,22 @@ class BatchTransform(nn.Module):
         )
 
 
+def face_data_config(data_config: dict[str, Any], declared: dict[str, Any] | None) -> dict[str, Any]:
+    """The data config for a face protocol: :data:`FACE_INPUT`'s size, mean and std where the backbone names none.
+
+    Args:
+        data_config: ``timm.data.resolve_data_config(model=model)``, which fills ImageNet's values for what the
+            model does not say.
+        declared: The model's own ``pretrained_cfg`` (None or ``{}`` for a module that has none, such as
+            insightface's ``get_model`` backbones); its keys win.
+
+    Returns:
+        A new dict.
+    """
+    declared = declared or {}
+    return {**data_config, **{k: v for k, v in FACE_INPUT.items() if not declared.get(k)}}
+
+
 def resolve_transform(
     data_config: dict[str, Any],
     dataset: Any,
@@ -206,6 +226,9 @@ def resolve_transform(
     of photos of their own size (``photos`` true: ``lfw:DIR``, ``pairs:LIST.csv``) defaults to the config's size.
     Training adds a random translation of 1/8 of the image side and, where it is label-preserving (not digits),
     horizontal flips.
+
+    Aligned face crops read per sample (``aligned`` true: ``ijbb:DIR``, ``ijbc:DIR``) arrive as uint8 batches at
+    their aligned size (112x112), which is kept unless ``input_size`` says otherwise, as for a ``.bin``.
 
     For an :class:`~headreg.data.ImageFolderDataset` (any :class:`~headreg.data.ImageFilesDataset`) images are
     decoded per sample in DataLoader workers, so
@@ -252,7 +275,11 @@ def resolve_transform(
             hflip=0.5 if (train and augment and dataset.hflip) else 0.0,
             seed=seed,
         )
-    elif isinstance(dataset, ImageFilesDataset):
+    elif getattr(dataset, "aligned", False):
+        # Aligned face crops decoded per sample in DataLoader workers (ijbb:, ijbc:): uint8 batches at their
+        # aligned size, like a .bin's, normalised on the device; --input-size resizes them.
+        transform = BatchTransform(mean, std, in_chans=in_chans, size=size or dataset.image_size)
+    elif isinstance(dataset, (ImageFilesDataset, RecordDataset)):
         config = dict(data_config)
         if isinstance(dataset, ImageListDataset):
             # A retrieval benchmark's protocol: resize 256 -> centre crop 224 whatever the backbone's own

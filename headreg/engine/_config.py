@@ -60,6 +60,25 @@ class TrainConfig:
         pretrained_file: a backbone state dict to start from (insightface's ``backbone.pth``; see
             :func:`headreg.create_model`). Not written to ``run.json``: a file read back never names a
             file to open, and a resumed run takes its weights from its own state.
+        pretrained: start from the backbone's pretrained weights (timm's or torchvision's), read from the local
+            cache only: training never downloads (a cache miss is an error saying how to fill it). A resumed
+            run takes its weights from its own state and does not read them again.
+        freeze_backbone: train only the neck and the head for this many first epochs: the backbone (less the
+            embedding layer) gets no gradient and keeps its batch-norm statistics (``engine/_finetune.py``).
+        backbone_lr_scale: learning-rate multiplier of the backbone's parameters (less the embedding layer).
+        clip_grad_norm: clip the total gradient 2-norm of each step to this value (after unscaling under
+            float16); None does not clip.
+        accumulate: micro-batches of ``batch_size`` per optimiser step; the step sees the gradient of the
+            ``accumulate × batch_size`` batch (exactly, for a backbone without batch statistics).
+        max_bad_steps: a step whose loss or gradient is non-finite is skipped and counted; this many skipped
+            in a row stop the run, the last resumable state kept (``engine/_guard.py``). 0 turns the guard off.
+        val: validation sets evaluated during training by ``headreg eval``'s code path (``lfw.bin``,
+            ``mnist@test``, ``DATASET@QUERY/GALLERY``...; see :mod:`headreg.engine._valspec`).
+        val_every: how often: ``N`` (or ``Nepochs``) epochs, or ``Nsteps`` optimiser steps; the last step
+            is always validated.
+        keep_best: ``[SET/]METRIC`` whose best value keeps the model in ``best/``.
+        early_stop: end the run after this many validations without a better ``keep_best`` value.
+        tensorboard: also write TensorBoard event files to ``tensorboard/`` (the ``tensorboard`` extra).
     """
 
     model: str
@@ -93,6 +112,18 @@ class TrainConfig:
     shard_head: bool = False
     sample_rate: float = 1.0
     pretrained_file: str | None = None
+    pretrained: bool = False
+    freeze_backbone: int = 0
+    backbone_lr_scale: float = 1.0
+    clip_grad_norm: float | None = None
+    accumulate: int = 1
+    max_bad_steps: int = 10
+    # validation during training (headreg.engine._validate) and TensorBoard (headreg.engine._tensorboard)
+    val: tuple[str, ...] = ()
+    val_every: str = "1"
+    keep_best: str | None = None
+    early_stop: int | None = None
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -123,10 +154,51 @@ class TrainConfig:
         if not (isinstance(self.head_lr_scale, (int, float)) and 0 < self.head_lr_scale < float("inf")):
             raise InvalidValueError(f"head_lr_scale must be a finite number > 0, got {self.head_lr_scale!r}")
         self.head_lr_scale = float(self.head_lr_scale)
+        self._check_stability()
         self.head_warmup = {str(k): _warmup_entry(k, v) for k, v in dict(self.head_warmup or {}).items()}
         self.eval_metrics = tuple(self.eval_metrics)
         self.model_options = dict(self.model_options or {})
         self.head_options = dict(self.head_options or {})
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        from ._valspec import canonical_every, parse_protocols, parse_val, split_best
+
+        self.val = parse_val(self.val)
+        self.val_every = canonical_every(self.val_every)
+        if self.keep_best is not None:
+            split_best(self.keep_best, [p.key for p in parse_protocols(self.val)])
+        if self.early_stop is not None:
+            if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, int) or self.early_stop < 1:
+                raise InvalidValueError(f"early_stop must be a positive number of validations, got {self.early_stop!r}")
+            if self.keep_best is None:
+                raise InvalidValueError("--early-stop watches the --keep-best metric: give --keep-best METRIC too")
+        if not self.val and self.val_every != "1":
+            raise InvalidValueError(f"--val-every {self.val_every} needs --val (the sets to validate on)")
+        self.tensorboard = bool(self.tensorboard)
+
+    def _check_stability(self) -> None:
+        """The fine-tuning and step-guard fields (``pretrained`` ... ``max_bad_steps``)."""
+        for name, low in (("freeze_backbone", 0), ("accumulate", 1), ("max_bad_steps", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InvalidValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        _check_range("backbone_lr_scale", self.backbone_lr_scale, low=0.0, low_open=True)
+        self.backbone_lr_scale = float(self.backbone_lr_scale)
+        if self.clip_grad_norm is not None:
+            _check_range("clip_grad_norm", self.clip_grad_norm, low=0.0, low_open=True)
+        if self.accumulate > 1 and self.sample_rate < 1.0:
+            raise InvalidValueError(
+                f"accumulate={self.accumulate} with sample_rate={self.sample_rate:g}: each micro-batch keeps other "
+                "classes, and a step updates only the rows kept by one forward pass; use sample_rate=1 or a "
+                "larger per-process batch (docs/scale.md)"
+            )
+        if not isinstance(self.pretrained, bool):
+            raise InvalidValueError(f"pretrained must be true or false, got {self.pretrained!r}")
+        if self.pretrained and self.pretrained_file is not None:
+            raise InvalidValueError(
+                "give pretrained or pretrained_file, not both: they both load the backbone's weights"
+            )
 
     @property
     def base_lr(self) -> float:
@@ -135,6 +207,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eval_metrics"] = list(self.eval_metrics)
+        d["val"] = list(self.val)
         del d["pretrained_file"]  # see the attribute: never recorded
         return d
 
@@ -184,6 +257,8 @@ class TrainResult:
         model: the trained (unwrapped) model.
         embeddings: ``(N, D)`` test embeddings of the final model (rank 0), or None when stopped.
         labels: ``(N,)`` their labels.
+        validations: the ``metrics.jsonl`` records of the validations (``--val``).
+        early_stop: why the run ended early (``--early-stop``), else None.
     """
 
     run_dir: Path
@@ -196,6 +271,8 @@ class TrainResult:
     model: Any = None
     embeddings: Tensor | None = None
     labels: Tensor | None = None
+    validations: list[dict[str, Any]] = field(default_factory=list)
+    early_stop: str | None = None
 
     @property
     def test_accuracy(self) -> float | None:

@@ -43,30 +43,40 @@ class EpochLog:
         self.progress = progress
         self.write = log or _stderr
         self.history: list[dict[str, Any]] = []
+        self.validations: list[dict[str, Any]] = []  # the --val lines (headreg.engine._validate)
 
     def say(self, msg: str) -> None:
         """One line to the user, from rank 0."""
         if self.main:
             self.write(msg)
 
-    def bar(self, epoch: int, total: int, done: int) -> Any:
-        """The progress bar of epoch ``epoch`` (0-based) of ``total`` steps, ``done`` of them already taken."""
+    def bar(self, epoch: int, total: int, done: int, note: str = "") -> Any:
+        """The progress bar of epoch ``epoch`` (0-based) of ``total`` steps, ``done`` of them already taken.
+
+        ``note`` (the last validation, in short) follows the epoch in the bar's description.
+        """
         from tqdm import tqdm
 
         return tqdm(
-            total=total, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+            total=total, initial=done, desc=self.describe(epoch, note), unit="batch",
             disable=not (self.progress and self.main), leave=False, file=sys.stderr, dynamic_ncols=True,
         )  # fmt: skip
 
-    def resume_at(self, epoch: int) -> None:
-        """Take over the history of a resumed run up to ``epoch`` finished epochs.
+    def describe(self, epoch: int, note: str = "") -> str:
+        """The bar's description: ``epoch 3/10``, with the last validation's ``note`` after it."""
+        return f"epoch {epoch + 1}/{self.epochs}" + (f" [{note}]" if note else "")
 
-        Lines of later epochs (stopped between writing the line and the checkpoint) are dropped from
-        ``metrics.jsonl`` too: those epochs will be run again.
+    def resume_at(self, epoch: int, step: int = 0) -> None:
+        """Take over the history of a resumed run up to ``epoch`` finished epochs and global step ``step``.
+
+        Lines of later epochs, and validations after ``step`` (stopped between writing the line and the
+        checkpoint), are dropped from ``metrics.jsonl`` too: they will be run again.
         """
-        self.history = [h for h in self.run_dir.read_metrics() if h["epoch"] <= epoch]
+        kept = [h for h in self.run_dir.read_metrics() if (h["step"] <= step if "val" in h else h["epoch"] <= epoch)]
+        self.history = [h for h in kept if "val" not in h]
+        self.validations = [h for h in kept if "val" in h]
         if self.main:
-            self.run_dir.rewrite_metrics(self.history)
+            self.run_dir.rewrite_metrics(kept)
 
     def record(
         self,
@@ -78,6 +88,8 @@ class EpochLog:
         step_time: float,
         eval_time: float,
         retrieval: dict[str, Any] | None = None,
+        skipped_steps: int = 0,
+        loss_scale: float | None = None,
     ) -> dict[str, Any]:
         """Record finished epoch ``epoch`` (0-based) from its sums over all ranks; returns the record.
 
@@ -90,6 +102,8 @@ class EpochLog:
             eval_time: seconds of the test evaluation.
             retrieval: the test split's retrieval metrics when its classes are unseen in training: recorded as
                 ``test_<metric>`` instead of ``test_accuracy``, which has no meaning there.
+            skipped_steps: steps the non-finite guard skipped in the epoch (the same on every rank).
+            loss_scale: the float16 GradScaler's scale at the end of the epoch; None (and not recorded) without one.
 
         Raises:
             HeadregError: the mean loss is NaN or infinite.
@@ -107,6 +121,8 @@ class EpochLog:
             "time": step_time,
             "eval_time": eval_time,
             "images_per_s": seen / max(step_time, 1e-9),
+            "skipped_steps": skipped_steps,
+            **({"loss_scale": loss_scale} if loss_scale is not None else {}),
         }
         if retrieval is not None:
             del record["test_accuracy"]
@@ -119,8 +135,16 @@ class EpochLog:
         self.say(
             f"epoch {epoch + 1}/{self.epochs}: loss {record['loss']:.4f}  train acc {record['train_accuracy']:.4f}"
             f"  {test}  {step_time:.1f}s  {record['images_per_s']:.0f} img/s"
+            + (f"  {skipped_steps} steps skipped (non-finite)" if skipped_steps else "")
         )
         return record
+
+    def record_validation(self, record: dict[str, Any], line: str) -> None:
+        """Record one validation: its line in ``metrics.jsonl`` (``val`` marks it) and ``line`` on stderr."""
+        self.validations.append(record)
+        if self.main:
+            self.run_dir.append_metrics(record)
+        self.say(line)
 
     @property
     def train_seconds(self) -> float:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import HeadregError
 from ..metrics.classification import label_rank
+from ._guard import StepGuard
 from ._optim import lr_factor, set_lr, warmup_value
 from .runtime import autocast
 
@@ -86,10 +87,11 @@ class EpochTally:
         correct: training samples whose label ranks first under the head's margin-free logits
             (:func:`~headreg.metrics.classification.label_rank`, ties counting as hits, as at test time):
             the step's own forward pass when the head reports ``HeadOutput.top1`` (the fused heads),
-            else the head called again on the step's embeddings after the optimiser step.
+            else the head called again on the step's embeddings (before the optimiser step).
         seen: samples processed.
-        batches: steps done in this epoch (resume skips this many).
+        batches: batches (micro-batches under accumulation) consumed in this epoch (resume skips this many).
         seconds: training time spent in this epoch so far.
+        skipped: steps skipped by the non-finite guard in this epoch (their samples are not in the sums).
     """
 
     loss_sum: Tensor
@@ -97,6 +99,7 @@ class EpochTally:
     seen: Tensor
     batches: int = 0
     seconds: float = 0.0
+    skipped: int = 0
 
     @classmethod
     def zeros(cls, device: torch.device) -> EpochTally:
@@ -110,6 +113,7 @@ class EpochTally:
             "seen": float(self.seen),
             "batches": self.batches,
             "seconds": self.seconds,
+            "skipped": self.skipped,
         }
 
     @classmethod
@@ -119,6 +123,7 @@ class EpochTally:
         t.correct.fill_(state["correct"])
         t.seen.fill_(state["seen"])
         t.batches, t.seconds = int(state["batches"]), float(state["seconds"])
+        t.skipped = int(state.get("skipped", 0))  # states saved before the guard have none
         return t
 
 
@@ -144,6 +149,11 @@ class StepContext:
         head_targets: the configured value of each warmed-up attribute (reached at the fraction).
         on_step: called with the global step after each step (tests, custom logging).
         in_step: a step is in flight (a second Ctrl-C then keeps the last saved state).
+        accumulate: micro-batches per optimiser step (their gradients summed, each loss divided by it).
+        guard: clipping and the non-finite guard (:class:`~headreg.engine._guard.StepGuard`); None takes
+            plain steps.
+        frozen: a module held in eval mode while it is frozen (the backbone under ``freeze_backbone``);
+            re-asserted before every step, as an evaluation in between puts the model back in training mode.
     """
 
     model: nn.Module
@@ -163,6 +173,9 @@ class StepContext:
     head_targets: dict[str, float] = field(default_factory=dict)
     on_step: Callable[[int], None] | None = None
     in_step: bool = field(default=False)
+    accumulate: int = 1
+    guard: StepGuard | None = None
+    frozen: nn.Module | None = None
 
     def restore_head(self) -> None:
         """Put every warmed-up head attribute back to its configured value (after the run, or when it stops)."""
@@ -184,58 +197,68 @@ def run_epoch(
     Returns False when a stop was requested (Ctrl-C, ``stop_at_step`` reached); the state after the
     last completed step is then consistent and can be saved.
     """
-    skip = tally.batches
+    skip, acc = tally.batches, ctx.accumulate
+    usable = (len(loader) // acc) * acc  # micro-batches short of a whole step at the end are dropped
     non_blocking = ctx.device.type == "cuda"
     next_refresh = time.perf_counter() + 0.5
     start = time.perf_counter()
     finished = True
+    group: list[tuple[Tensor, Tensor, int]] = []  # this step's (loss × n, correct, n), counted if the step is taken
     for i, (images, labels) in enumerate(loader):
         if i < skip:
             continue
-        if stop.synced(ctx.distributed, ctx.device) or (stop_at_step is not None and ctx.global_step >= stop_at_step):
-            if not stop.requested:
-                stop.request(f"stopped after step {ctx.global_step} as asked")
-            finished = False
+        if i >= usable:
             break
-        ctx.in_step = True
+        if i % acc == 0:  # a step begins: stop here, between steps, never inside one
+            if stop.synced(ctx.distributed, ctx.device) or (
+                stop_at_step is not None and ctx.global_step >= stop_at_step
+            ):
+                if not stop.requested:
+                    stop.request(f"stopped after step {ctx.global_step} as asked")
+                finished = False
+                break
+            ctx.in_step = True
+            _begin_step(ctx)
+            group = []
+        last = i % acc == acc - 1
         images = images.to(ctx.device, non_blocking=non_blocking)
         labels = labels.to(ctx.device, non_blocking=non_blocking)
         x = ctx.transform(images)
-        set_lr(ctx.optimizer, ctx.base_lr * lr_factor(ctx.schedule, ctx.global_step, ctx.total_steps, ctx.warmup_steps))
-        for name, (first, fraction) in ctx.head_warmup.items():
-            value = warmup_value(first, ctx.head_targets[name], fraction, ctx.global_step, ctx.total_steps)
-            setattr(ctx.head, name, value)
-        with autocast(ctx.device, ctx.autocast_dtype):
-            out = ctx.model(x, labels)
-        loss = out.loss
-        ctx.optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
-            ctx.scaler.step(ctx.optimizer)
-            ctx.scaler.update()
-        else:
-            loss.backward()
-            ctx.optimizer.step()
+        with _maybe_no_sync(ctx.model, not last):
+            with autocast(ctx.device, ctx.autocast_dtype):
+                out = ctx.model(x, labels)
+            loss = out.loss if acc == 1 else out.loss / acc
+            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+        if ctx.guard is not None:
+            ctx.guard.observe(x, out)
         n = labels.shape[0]
-        tally.loss_sum += loss.detach().double() * n
-        if out.top1 is not None:  # found by the head in its forward pass (the fused heads): free
-            tally.correct += out.top1.sum()
-        else:
-            with torch.no_grad():  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
-                sharded_rank = getattr(ctx.head, "label_rank", None)  # a sampled sharded head ranks from its shards
-                if callable(sharded_rank) and out.embeddings is not None:
-                    tally.correct += (sharded_rank(out.embeddings.detach(), labels) == 0).sum()
-                else:
-                    logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
-                    tally.correct += (label_rank(logits, labels) == 0).sum()
-        tally.seen += n
+        with torch.no_grad():
+            if out.top1 is not None:  # found by the head in its forward pass (the fused heads): free
+                correct = out.top1.sum()
+            elif callable(getattr(ctx.head, "label_rank", None)) and out.embeddings is not None:
+                correct = (ctx.head.label_rank(out.embeddings.detach(), labels) == 0).sum()  # a sampled sharded head
+            else:  # accuracy of the margin-free logits, as at test time; O(B·C·D), no backbone
+                logits = ctx.head(out.embeddings.detach()) if out.embeddings is not None else out.logits
+                correct = (label_rank(logits, labels) == 0).sum()
+        group.append((out.loss.detach().double() * n, correct, n))
         tally.batches += 1
+        if bar is not None:
+            bar.update(1)
+        if not last:
+            continue
+        taken = _finish_step(ctx)
+        if taken:
+            for loss_n, correct, n in group:
+                tally.loss_sum += loss_n
+                tally.correct += correct
+                tally.seen += n
+        else:
+            tally.skipped += 1
         ctx.global_step += 1
         ctx.in_step = False
         if ctx.on_step is not None:
             ctx.on_step(ctx.global_step)
         if bar is not None:
-            bar.update(1)
             now = time.perf_counter()
             if now >= next_refresh:  # one device sync per refresh, not per step
                 next_refresh = now + 0.5
@@ -246,10 +269,42 @@ def run_epoch(
                     loss=f"{mean:.4f}",
                     acc=f"{float(tally.correct) / max(seen, 1.0):.3f}",
                     img_s=f"{seen / max(tally.seconds + now - start, 1e-9):.0f}",
+                    **({"skipped": tally.skipped} if tally.skipped else {}),
                     refresh=False,
                 )
     tally.seconds += time.perf_counter() - start
     return finished
+
+
+def _begin_step(ctx: StepContext) -> None:
+    """Learning rate and head warm-ups for the step about to run; fresh gradients; the guard's snapshot."""
+    set_lr(ctx.optimizer, ctx.base_lr * lr_factor(ctx.schedule, ctx.global_step, ctx.total_steps, ctx.warmup_steps))
+    for name, (first, fraction) in ctx.head_warmup.items():
+        value = warmup_value(first, ctx.head_targets[name], fraction, ctx.global_step, ctx.total_steps)
+        setattr(ctx.head, name, value)
+    if ctx.frozen is not None and ctx.frozen.training:
+        ctx.frozen.eval()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.guard is not None:
+        ctx.guard.begin()
+
+
+def _finish_step(ctx: StepContext) -> bool:
+    """The optimiser step on the summed gradients, through the guard when there is one; True when taken."""
+    if ctx.guard is not None:
+        return ctx.guard.step(ctx.optimizer, ctx.scaler, ctx.global_step + 1)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    return True
+
+
+def _maybe_no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP's ``no_sync`` for the micro-batches before a step's last: their gradients are reduced once, with it."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if skip_sync and callable(no_sync) else contextlib.nullcontext()
 
 
 def check_finite(loss: float, step: int) -> None:

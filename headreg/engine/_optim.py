@@ -14,7 +14,16 @@ from torch import nn
 
 from ..errors import InvalidValueError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "DEFAULT_LR", "build_optimizer", "lr_factor", "set_lr", "warmup_value"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "DEFAULT_LR",
+    "backbone_parameters",
+    "build_optimizer",
+    "lr_factor",
+    "set_lr",
+    "warmup_value",
+]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -35,6 +44,7 @@ def build_optimizer(
     weight_decay: float,
     momentum: float = 0.9,
     head_lr_scale: float = 1.0,
+    backbone_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """SGD (Nesterov-free momentum) or AdamW over every trainable parameter, head included.
 
@@ -42,7 +52,8 @@ def build_optimizer(
     weights and SGD-learned centres), not to biases, norm and PReLU weights or scales.
     Each parameter group carries an ``lr_scale`` that :func:`set_lr` multiplies in:
     ``head_lr_scale`` for the head's parameters and the model's embedding layer
-    (``model.embedding_layer()``), 1 for the rest.
+    (``model.embedding_layer()``), ``backbone_lr_scale`` for the rest of the backbone
+    (:func:`backbone_parameters`), 1 for the rest (the neck's batch norm).
 
     Args:
         model: the (unwrapped) model.
@@ -51,6 +62,8 @@ def build_optimizer(
         weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
         momentum: SGD momentum.
         head_lr_scale: learning-rate multiplier of the head and the embedding layer.
+        backbone_lr_scale: learning-rate multiplier of the backbone's other parameters (fine-tuning a
+            pretrained backbone more gently than the new head).
     """
     if name not in OPTIMIZERS:
         raise InvalidValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
@@ -58,19 +71,36 @@ def build_optimizer(
         raise InvalidValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (weight_decay >= 0 and math.isfinite(weight_decay)):
         raise InvalidValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    fast = _head_side_params(model) if head_lr_scale != 1.0 else set()
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    # Each trainable parameter falls in one of three kinds: 0 the rest, 1 head side, 2 backbone. A scale of 1
+    # leaves its kind in the rest, so the groups (and a saved optimiser state) are those of a run without it.
+    kind: dict[int, int] = {}
+    if backbone_lr_scale != 1.0:
+        kind.update((id(p), 2) for p in backbone_parameters(model))
+    if head_lr_scale != 1.0:
+        kind.update(dict.fromkeys(_head_side_params(model), 1))
+    scales = {0: 1.0, 1: head_lr_scale, 2: backbone_lr_scale}
+    buckets: dict[tuple[bool, int], list[nn.Parameter]] = {}
     for pname, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((_no_decay(pname, p), id(p) in fast), []).append(p)
+            buckets.setdefault((_no_decay(pname, p), kind.get(id(p), 0)), []).append(p)
     groups = [
-        {"params": buckets[key], "weight_decay": 0.0 if key[0] else weight_decay,
-         "lr_scale": head_lr_scale if key[1] else 1.0}
-        for key in ((False, False), (True, False), (False, True), (True, True)) if key in buckets
-    ]  # fmt: skip
+        {"params": buckets[key], "weight_decay": 0.0 if key[0] else weight_decay, "lr_scale": scales[key[1]]}
+        for key in sorted(buckets, key=lambda k: (k[1], k[0]))
+    ]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The backbone's parameters, less the embedding layer's: what ``--freeze-backbone`` freezes and
+    ``backbone_lr_scale`` scales (the neck and the head are trained as new layers). Empty for a model
+    without a ``backbone`` attribute."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        return []
+    head_side = _head_side_params(model)
+    return [p for p in backbone.parameters() if id(p) not in head_side]
 
 
 def _head_side_params(model: nn.Module) -> set[int]:

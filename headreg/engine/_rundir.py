@@ -6,6 +6,8 @@ A run directory holds
 - ``model.safetensors`` + ``config.json``: the model, as :func:`headreg.save_model` writes it;
 - ``metrics.jsonl``: one JSON line per finished epoch;
 - ``eval.json``: the final evaluation;
+- ``best/``: the model of the best validation (``--keep-best``), ``model.safetensors`` + ``config.json``;
+- ``tensorboard/``: TensorBoard event files (``--tensorboard``);
 - ``resume.json`` + ``resume-<generation>.safetensors``: everything needed to continue exactly (see
   :mod:`headreg.engine._checkpoint` for how nested state becomes tensors + JSON);
 - ``headreg.lock``: the lock that keeps a second writer out (:mod:`headreg.engine._lock`).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,8 @@ RESUME_JSON = "resume.json"
 RESUME_GENERATION = re.compile(r"^resume-([1-9][0-9]*)\.safetensors$")
 #: Files a training run writes; ``--overwrite`` removes exactly these (and the generations), nothing else.
 RUN_FILES = (RUN_CONFIG, "model.safetensors", "config.json", METRICS, EVAL, RESUME_TENSORS, RESUME_JSON)
+#: Sub-directories a training run writes whole; ``--overwrite`` removes them with the files.
+RUN_SUBDIRS = ("best", "tensorboard")
 RUN_FORMAT = "headreg.run/1"
 RESUME_FORMAT = "headreg.resume/2"
 _RESUME_FORMATS = ("headreg.resume/1", RESUME_FORMAT)  # /1: one resume.safetensors, replaced in place
@@ -80,12 +85,14 @@ class OutLayout:
         run_subdirs: sub-directories holding a training run belong too (``compare``'s one per head; each is
             guarded by its own training run, so ``--overwrite`` leaves them); an empty one is ignored.
         pattern: further file names the command writes (the resume generations), removed as ``files`` are.
+        subdirs: names of sub-directories the command writes whole (a run's ``best/``); removed as ``files`` are.
     """
 
     noun: str
     files: frozenset[str]
     run_subdirs: bool = False
     pattern: re.Pattern[str] | None = None
+    subdirs: frozenset[str] = frozenset()
 
     def writes(self, name: str) -> bool:
         """Whether the command writes a file of this name: an output, or what a killed atomic write of one leaves."""
@@ -99,7 +106,7 @@ class OutLayout:
 
     def owns(self, entry: Path) -> bool:
         """Whether ``entry`` is something this command wrote (its lock file included)."""
-        if entry.name == LOCK_NAME or self.writes(entry.name):
+        if entry.name == LOCK_NAME or self.writes(entry.name) or (entry.name in self.subdirs and entry.is_dir()):
             return True
         return self.run_subdirs and entry.is_dir() and (entry / RUN_CONFIG).exists()
 
@@ -108,7 +115,7 @@ class OutLayout:
         return entry.name == LOCK_NAME or (self.writes(entry.name) and not self._output(entry.name))
 
 
-RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES), pattern=RESUME_GENERATION)
+RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES), pattern=RESUME_GENERATION, subdirs=frozenset(RUN_SUBDIRS))
 
 
 def claim_out_dir(
@@ -148,6 +155,8 @@ def claim_out_dir(
         for entry in present:
             if entry.name != LOCK_NAME and layout.writes(entry.name) and (entry.is_file() or entry.is_symlink()):
                 entry.unlink()
+            elif entry.name in layout.subdirs and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
         path.mkdir(parents=True, exist_ok=True)
     except BaseException:
         if lock is not None:  # a refused claim holds nothing
@@ -190,7 +199,7 @@ class RunDir:
 
         Every JSON read of a run directory comes through here: where a schema check of the content goes.
         """
-        from .._schema import check_run_file
+        from .._schema_backbone import check_run_file
 
         path = self.path / name
         if not path.is_file():
@@ -229,7 +238,8 @@ class RunDir:
 
     def clear_leftovers(self) -> None:
         """Remove the temporary files a killed write left behind (a resumed run's first step)."""
-        for entry in self.path.iterdir():
+        best = self.path / "best"
+        for entry in [*self.path.iterdir(), *(best.iterdir() if best.is_dir() else ())]:
             if entry.name != LOCK_NAME and RUN_LAYOUT.leftover(entry) and entry.is_file():
                 entry.unlink(missing_ok=True)
 
@@ -288,6 +298,15 @@ class RunDir:
         from ..models import save_model
 
         save_model(model, self.path, metadata=metadata, state=state)
+
+    def save_best(self, model: Any, metadata: dict[str, Any]) -> None:
+        """Write ``best/model.safetensors`` + ``config.json``, the best validation's model (``--keep-best``).
+
+        The weights file carries its own config and is replaced atomically, so ``best/`` always loads.
+        """
+        from ..models import save_model
+
+        save_model(model, self.path / "best", metadata=metadata)
 
     # -------------------------------------------------------------------------------------- resumable state
     def save_state(self, state: dict[str, Any]) -> None:

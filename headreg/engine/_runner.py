@@ -12,6 +12,7 @@ each epoch then records the retrieval metrics ``headreg eval`` reports for it, a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -26,12 +27,14 @@ from ._checkpoint import capture_rng, restore_rng
 from ._config import TrainConfig, TrainResult
 from ._distributed import Ranks
 from ._epochlog import EpochLog
-from ._jsonsafe import json_safe
+from ._final_eval import evaluate_split, final_evaluation
+from ._guard import NonFiniteStop
 from ._loop import EpochTally, StopFlag, run_epoch
-from ._roles import dataset_recall_k, dataset_roles
 from ._rundir import RunDir
 from ._setup import Session, build_session
 from ._shard_head import is_sharded, load_train_state, train_state
+from ._tensorboard import Board, require_tensorboard
+from ._validate import Validator
 from .extract import Extraction, extract_embeddings, gather_extraction
 from .runtime import run_on_main
 
@@ -54,6 +57,8 @@ def run_training(
 
     ``verify=False`` resumes from a state whose recorded SHA-256 does not match (``--no-verify``).
     """
+    if config.tensorboard:
+        require_tensorboard()  # the missing extra is named before anything starts
     ranks = Ranks.join(config.device, config.batch_size)
     directory = RunDir(run_dir)
     # Only rank 0 touches the directory, and holds its lock for the whole run; the others learn whether
@@ -63,7 +68,9 @@ def run_training(
         state = run_on_main(work, share=False)
         if resume and not ranks.main and directory.has_state():
             state = directory.load_state(verify=verify)
-        run = Run(config, directory, ranks, build_session(config, ranks), progress=progress, log=log)
+        # A resumed state holds the weights: the backbone's pretrained ones are not read again.
+        session = build_session(dataclasses.replace(config, pretrained=False) if state else config, ranks)
+        run = Run(config, directory, ranks, session, progress=progress, log=log)
         if state is not None:
             run.restore(state)
         elif resume:
@@ -117,6 +124,13 @@ class Run:
         self.epoch = 0  # epochs finished
         self.tally: EpochTally | None = None  # running sums of the epoch in progress (None between epochs)
         self.extra_record: dict[str, Any] = {}  # further run.json keys (the DDP replica check)
+        self.committed: str | None = None  # the last resumable state, for messages
+        if self.ctx.guard is not None:
+            self.ctx.guard.log = self.log.say
+        self.validator = Validator.build(config, run_dir, self.log, ranks)  # None without --val
+        self.board = Board(run_dir.path, enabled=False)
+        self.bar: Any = None
+        self.val_seconds = 0.0  # validation time inside the current run_epoch call (not training time)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a stopped run's state: weights, optimiser, scaler, every RNG, progress; check it still fits."""
@@ -144,7 +158,10 @@ class Run:
         self.epoch = int(prog["epoch"])
         if prog["tally"]:
             self.tally = EpochTally.from_state(prog["tally"], self.ranks.device)
-        self.log.resume_at(self.epoch)
+        self.committed = f"epoch {self.epoch}, step {self.ctx.global_step}"
+        if self.validator is not None:
+            self.validator.restore(state.get("validation"))
+        self.log.resume_at(self.epoch, self.ctx.global_step)
         self.log.say(f"resuming {self.run_dir.path} at epoch {self.epoch + 1}, step {self.ctx.global_step}")
 
     def start_over(self) -> None:
@@ -155,25 +172,36 @@ class Run:
     # ------------------------------------------------------------------------------------------ the epochs
     def execute(self, *, stop_after_steps: int | None, on_step: Callable[[int], None] | None) -> TrainResult:
         """Train the remaining epochs (or until a stop), evaluate and save; returns the result on every rank."""
-        cfg, ctx = self.config, self.ctx
-        ctx.on_step = on_step
-        self._write_record("running")
+        cfg, ctx, v = self.config, self.ctx, self.validator
         stop = StopFlag()
+        ctx.on_step = self._step_hook(on_step, stop)
+        # A resumed run hides the events the stopped one wrote after its committed step.
+        purge = ctx.global_step + 1 if ctx.global_step else None
+        self.board = Board(self.run_dir.path, enabled=cfg.tensorboard and self.ranks.main, purge_step=purge)
+        self._write_record("running")
         last: Extraction | None = None  # the final epoch's test pass, for the final evaluation
         status = "completed"
+        if v is not None and v.ended:
+            self.log.say(f"the run ended early ({v.ended}); nothing left to train")
         with stop.catch_sigint():
             try:
-                while self.epoch < cfg.epochs:
+                while self.epoch < cfg.epochs and not (v is not None and v.ended):
                     e = self.epoch
                     tally = self.tally = self.tally or EpochTally.zeros(self.ranks.device)
                     loader = self.session.train_loader
                     loader.set_epoch(e)
-                    bar = self.log.bar(e, len(loader), tally.batches)
+                    self.session.freeze.enter(
+                        e, ctx, wrap=self.ranks.wrap if self.ranks.distributed else None, say=self.log.say
+                    )
+                    bar = self.bar = self.log.bar(e, len(loader), tally.batches, v.summary if v else "")
+                    self.val_seconds = 0.0
                     try:
                         finished = run_epoch(ctx, loader, tally, stop, stop_at_step=stop_after_steps, bar=bar)
                     finally:
                         bar.close()
-                    if not finished:
+                        self.bar = None
+                    tally.seconds -= self.val_seconds  # validations inside the epoch are no training time
+                    if not finished and not (v is not None and v.ended):
                         status = "stopped"
                         self._save(e, tally, "stopped")
                         resume_cmd = f"`headreg train --resume {self.run_dir.path}`"
@@ -181,7 +209,15 @@ class Run:
                         break
                     last = self._end_epoch(e, tally)
                     self.epoch, self.tally = e + 1, None
+                    if v is not None and v.due_at_epoch_end(self.epoch, ctx.global_step, last=self.epoch == cfg.epochs):
+                        self._validate(self.epoch, ctx.global_step)
                     self._save(self.epoch, None, "running")
+                    if v is not None and v.ended:
+                        self.log.say(f"{v.ended}; the best model is in {self.run_dir.path / 'best'}")
+            except NonFiniteStop as exc:
+                ctx.restore_head()
+                self._write_record("stopped")
+                raise exc.resumable_from(self.committed, self.run_dir.path) from None
             except KeyboardInterrupt:
                 ctx.restore_head()
                 if ctx.in_step:
@@ -190,6 +226,8 @@ class Run:
                     self._save(self.epoch, self.tally, "stopped")
                     self.log.say("interrupted: resumable state saved")
                 raise
+            finally:
+                self.board.close()
         ctx.restore_head()  # the configured scale/margin, not a warm-up value, from here on
         final: dict[str, Any] = {}
         emb = labels = None
@@ -201,8 +239,33 @@ class Run:
         return TrainResult(
             run_dir=self.run_dir.path, status=status, epochs_done=self.epoch, global_step=ctx.global_step,
             history=list(self.log.history), eval=final, train_seconds=self.log.train_seconds, model=self.model,
-            embeddings=emb, labels=labels,
+            embeddings=emb, labels=labels, validations=list(self.log.validations), early_stop=v.ended if v else None,
         )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _step_hook(self, user: Callable[[int], None] | None, stop: StopFlag) -> Callable[[int], None]:
+        """What runs after every step: TensorBoard, a step-counted validation (which may end the run), ``on_step``."""
+
+        def hook(step: int) -> None:
+            self.board.step(step, self.ctx, self.tally)
+            v = self.validator
+            if v is not None and v.due_after_step(step):
+                t0 = time.perf_counter()
+                self._validate(self.epoch + 1, step)
+                self.val_seconds += time.perf_counter() - t0
+                if self.bar is not None:
+                    self.bar.set_description(self.log.describe(self.epoch, v.summary), refresh=False)
+                if v.ended:
+                    stop.request(v.ended)
+            if user is not None:
+                user(step)
+
+        return hook
+
+    def _validate(self, epoch: int, step: int) -> None:
+        assert self.validator is not None
+        record, results = self.validator.run(self.model, epoch, step)
+        self.board.validation(record, results)
 
     def _test_pass(self) -> Extraction:
         """This rank's shard of the test split through the model: embeddings, labels, label ranks under the head.
@@ -230,7 +293,7 @@ class Run:
         retrieval = None
         if self.unseen:
             whole = gather_extraction(ext)  # a collective: every rank, before rank 0 computes
-            retrieval = run_on_main(lambda: self._evaluate(whole, ("retrieval",), per_category=False)[0])
+            retrieval = run_on_main(lambda: evaluate_split(whole, self.session.test_loader.dataset, ("retrieval",))[0])
         test_correct = (ext.label_rank == 0).sum().double()
         test_count = torch.tensor(float(ext.images), dtype=torch.float64, device=test_correct.device)
         dev = self.ranks.device
@@ -238,10 +301,13 @@ class Run:
         seconds = torch.tensor([tally.seconds], dtype=torch.float64, device=dev)
         self.ranks.sum_(sums)
         self.ranks.max_(seconds)
-        self.log.record(
+        record = self.log.record(
             e, self.ctx.global_step, sums.tolist(), lr=self.session.optimizer.param_groups[0]["lr"],
             step_time=float(seconds.item()), eval_time=time.perf_counter() - t0, retrieval=retrieval,
+            skipped_steps=tally.skipped,
+            loss_scale=self.ctx.scaler.get_scale() if self.ctx.scaler is not None else None,
         )  # fmt: skip
+        self.board.epoch(record)
         return ext
 
     @property
@@ -249,53 +315,10 @@ class Run:
         """Whether the test split's classes are unseen in training (retrieval, not accuracy, measures them)."""
         return bool(getattr(self.session.test_loader.dataset, "unseen_classes", False))
 
-    def _evaluate(
-        self, whole: Extraction, metrics: tuple[str, ...], *, per_category: bool = True, limit: int | None = None
-    ) -> tuple[dict[str, Any], list[str]]:
-        """``headreg eval``'s metrics of a gathered test pass: the dataset's query/gallery roles and Recall@K k."""
-        from .evaluate import evaluate_embeddings
-
-        ds = self.session.test_loader.dataset
-        emb, labels = whole.embeddings.cpu(), whole.labels.cpu()
-        is_query, is_gallery, categories = dataset_roles(ds, None if whole.indices is None else whole.indices.cpu())
-        if limit is not None and limit < labels.numel():
-            pick = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(self.config.seed))[:limit]
-            emb, labels = emb[pick], labels[pick]
-            is_query, is_gallery = (None if m is None else m[pick] for m in (is_query, is_gallery))
-            categories = None if categories is None else [categories[i] for i in pick.tolist()]
-        return evaluate_embeddings(
-            emb, labels, is_query=is_query, is_gallery=is_gallery, metrics=metrics, recall_k=dataset_recall_k(ds),
-            categories=categories if per_category else None,
-        )  # fmt: skip
-
     # ------------------------------------------------------------------------------------------ the end
     def _final_eval(self, last: Extraction | None) -> tuple[dict[str, Any], Tensor, Tensor]:
         """Gather the last test pass, compute the metrics on rank 0 and write ``eval.json``."""
-        if last is None:  # resumed after the last epoch: one more pass for the embeddings
-            last = self._test_pass()
-        whole = gather_extraction(last)
-        emb, labels = whole.embeddings.cpu(), whole.labels.cpu()
-        result: dict[str, Any] = {}
-        if self.ranks.main:
-            cfg = self.config
-            metrics, notes = (
-                self._evaluate(whole, cfg.eval_metrics, limit=cfg.eval_limit) if cfg.eval_metrics else ({}, [])
-            )
-            acc = self.log.history[-1].get("test_accuracy") if self.log.history else None
-            result = {
-                "dataset": cfg.dataset,
-                "split": "test",
-                "samples": int(labels.numel()),
-                "metric_samples": min(int(labels.numel()), cfg.eval_limit or int(labels.numel())),
-                "test_accuracy": acc,
-                "metrics": json_safe(metrics),
-                "warnings": notes,
-            }
-            self.run_dir.write_eval(result)
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
-            head = "unseen classes" if acc is None else f"accuracy {acc:.4f}"
-            self.log.say(f"final test evaluation: {head}, {shown}")
-        return result, emb, labels
+        return final_evaluation(self, last if last is not None else self._test_pass())
 
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, epoch: int, tally: EpochTally | None, status: str) -> None:
@@ -321,8 +344,10 @@ class Run:
                 "world_size": self.ranks.info.world_size,
                 "tally": tally.to_state() if tally is not None else None,
             },
+            "validation": self.validator.state() if self.validator is not None else None,
         }
         self.run_dir.save_state(state)
+        self.committed = f"epoch {epoch}, step {self.ctx.global_step}"
         self._write_record(status)
 
     def _write_record(self, status: str) -> None:
@@ -343,6 +368,7 @@ class Run:
                 "num_classes": self.session.num_classes,
                 "headreg_version": __version__,
                 "torch_version": torch.__version__,
+                **({"early_stop": self.validator.ended} if self.validator is not None and self.validator.ended else {}),
                 **self.extra_record,
             }
         )

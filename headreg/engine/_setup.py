@@ -6,7 +6,6 @@ same objects; :meth:`headreg.engine._runner.Run.restore` then loads a resumed ru
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from ..errors import InvalidValueError
 from ._config import TrainConfig
 from ._distributed import Ranks
 from ._feasibility import MarginFeasibilityWarning, TrainingWarning, margin_feasibility
+from ._finetune import BackboneFreeze
+from ._guard import StepGuard
 from ._loop import StepContext
 from ._optim import build_optimizer
 from ._shard_head import wrap_for_training
@@ -40,6 +41,7 @@ class Session:
         optimizer: the optimiser over every trainable parameter.
         autocast_dtype: the training's autocast dtype, None for float32.
         ctx: what a step needs (the model DDP-wrapped under several ranks).
+        freeze: the backbone's frozen phase (``freeze_backbone``), set by the runner at each epoch.
     """
 
     model: nn.Module
@@ -51,6 +53,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     autocast_dtype: torch.dtype | None
     ctx: StepContext
+    freeze: BackboneFreeze
 
 
 def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
@@ -60,7 +63,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         InvalidValueError: labels outside the head's classes, a batch larger than the training set, a head
             attribute the head cannot warm up.
     """
-    from ..data import TensorImageDataset, create_dataset, create_loader, is_pairs_dataset, resolve_transform
+    from ..data import create_dataset, create_loader, is_pairs_dataset, resolve_transform
+    from ..data.loader import default_workers
     from ..models import create_model
 
     if is_pairs_dataset(cfg.dataset):
@@ -83,6 +87,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
         embedding_dim=cfg.embedding_dim,
         head_options=cfg.head_options,
         neck=cfg.neck,
+        pretrained=cfg.pretrained,
+        download=False,
         pretrained_file=cfg.pretrained_file,
         shard_head=cfg.shard_head,
         sample_rate=cfg.sample_rate,
@@ -91,8 +97,8 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     model = model.to(dev).train()
     per_rank_batch = cfg.batch_size // ranks.info.world_size
     on_device = dev if dev.type != "cpu" else None
-    # Image files (imagefolder, the retrieval benchmarks) are decoded in DataLoader workers, never held decoded.
-    workers = 0 if isinstance(train_ds, TensorImageDataset) else min(8, os.cpu_count() or 1)
+    # File-backed datasets (image folders, the retrieval benchmarks, rec:) decode in workers; in-memory ones ignore it.
+    workers = default_workers()
     train_loader = create_loader(
         train_ds, batch_size=per_rank_batch, shuffle=True, seed=cfg.seed, drop_last=True, limit=cfg.limit,
         device=on_device, num_workers=workers,
@@ -115,22 +121,34 @@ def build_session(cfg: TrainConfig, ranks: Ranks) -> Session:
     )
     test_tf = resolve_transform(data_cfg, test_ds, train=False, input_size=size)
     optimizer = build_optimizer(
-        model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale
-    )
+        model, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.momentum, head_lr_scale=cfg.head_lr_scale,
+        backbone_lr_scale=cfg.backbone_lr_scale,
+    )  # fmt: skip
     head_targets = _check_head_warmup(model.head, cfg.head, cfg.head_warmup)
     autocast_dtype = _amp_dtype(cfg.amp, dev)
     scaler = torch.amp.GradScaler(dev.type) if autocast_dtype == torch.float16 else None
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // cfg.accumulate
+    if steps_per_epoch == 0:
+        raise InvalidValueError(
+            f"accumulate={cfg.accumulate} needs that many batches per step, but an epoch has {len(train_loader)} "
+            f"batches of {cfg.batch_size}; lower --accumulate or --batch-size, or raise --limit"
+        )
     step_model = wrap_for_training(model, ranks.wrap, optimizer)  # DDP; a sharded head stays out of it
+    guard = StepGuard(
+        model, max_bad_steps=cfg.max_bad_steps, clip_grad_norm=cfg.clip_grad_norm, distributed=ranks.distributed,
+        amp_dtype=autocast_dtype,
+    )  # fmt: skip
     ctx = StepContext(
         model=step_model, optimizer=optimizer, transform=train_tf, device=dev, base_lr=cfg.base_lr,
         schedule=cfg.schedule, total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), autocast_dtype=autocast_dtype, scaler=scaler,
         distributed=ranks.distributed, head=model.head, head_warmup=cfg.head_warmup, head_targets=head_targets,
+        accumulate=cfg.accumulate, guard=guard if guard.enabled or guard.clip is not None else None,
     )  # fmt: skip
     return Session(
         model=model, num_classes=num_classes, train_loader=train_loader, test_loader=test_loader,
         train_transform=train_tf, test_transform=test_tf, optimizer=optimizer, autocast_dtype=autocast_dtype, ctx=ctx,
+        freeze=BackboneFreeze(model, cfg.freeze_backbone),
     )  # fmt: skip
 
 

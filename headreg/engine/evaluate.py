@@ -13,7 +13,7 @@ metrics and broadcasts them (errors included, so no rank waits forever), and eve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,18 +21,17 @@ from torch import Tensor, nn
 
 from headreg._checks import (
     check_choice,
-    check_embeddings,
-    check_labels,
     check_mask,
-    check_same_width,
     resolve_device,
 )
+from headreg.engine._eval_inputs import classification_accuracy, combine_query_gallery, validate_embeddings
 from headreg.engine._jsonsafe import json_safe
 from headreg.engine._roles import dataset_recall_k, dataset_roles
 from headreg.engine.extract import Extraction, extract_dataset, extraction_info, gather_extraction
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._knn import KNN_BACKENDS
-from headreg.metrics.retrieval import RetrievalOptions, _positive_counts
+from headreg.metrics.classification import labels_outside_head
+from headreg.metrics.retrieval import RetrievalOptions, positive_warnings
 
 __all__ = [
     "ALL_METRICS",
@@ -94,59 +93,6 @@ def parse_metric_names(spec: str | Sequence[str] | None) -> tuple[str, ...] | No
     if bad or not names:
         raise InvalidValueError(f"metrics must be a comma-separated subset of {','.join(ALL_METRICS)}, got {spec!r}")
     return tuple(dict.fromkeys(names))
-
-
-def validate_embeddings(embeddings: Any, labels: Any, *, what: str = "embeddings") -> tuple[Tensor, Tensor]:
-    """Check ``(N, D)`` finite float embeddings and ``(N,)`` integer labels; return them (labels as int64).
-
-    The checks of :mod:`headreg._checks`, kept under this name for callers of the engine API.
-
-    Raises:
-        InvalidInputError: with the argument, the value received and what was expected.
-    """
-    embeddings = check_embeddings(embeddings, what)
-    return embeddings, check_labels(labels, embeddings.shape[0], f"labels of {what}")
-
-
-def combine_query_gallery(
-    query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Stack query rows then gallery rows; return ``(embeddings, labels, is_query, is_gallery)``.
-
-    Checks shapes and dtypes only: the evaluation of the result scans it for NaN / Inf, once.
-
-    Raises:
-        InvalidInputError: the two sets have different widths, or bad shapes.
-    """
-    check_embeddings(query, "query embeddings", finite=False)
-    query_labels = check_labels(query_labels, query.shape[0], "labels of query embeddings")
-    check_embeddings(gallery, "gallery embeddings", finite=False)
-    gallery_labels = check_labels(gallery_labels, gallery.shape[0], "labels of gallery embeddings")
-    check_same_width(query, gallery, "gallery embeddings")
-    nq, ng = query.shape[0], gallery.shape[0]
-    device = query.device
-    is_query = torch.cat([torch.ones(nq, dtype=torch.bool), torch.zeros(ng, dtype=torch.bool)]).to(device)
-    embeddings = torch.cat([query, gallery.to(device, query.dtype)])
-    labels = torch.cat([query_labels, gallery_labels.to(query_labels.device)])
-    return embeddings, labels, is_query, ~is_query
-
-
-def classification_accuracy(label_rank: Tensor, top_k: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy of the head from each sample's label rank.
-
-    The one definition of :func:`headreg.metrics.classification.label_rank` (a hit when fewer than k classes
-    score strictly above the label), from ranks instead of ``N x C`` logits.
-
-    Args:
-        label_rank: ``(N,)`` int64 classes scored strictly above each label (see :class:`Extraction`).
-        top_k: The k values.
-
-    Returns:
-        ``{"top1_accuracy": ..., "top5_accuracy": ...}`` (one key per k).
-    """
-    from headreg.metrics.classification import topk_from_ranks
-
-    return topk_from_ranks(label_rank, tuple(top_k))
 
 
 def evaluate_embeddings(
@@ -215,22 +161,9 @@ def evaluate_embeddings(
     dev = resolve_device(device, embeddings)
     qm = torch.ones(n, dtype=torch.bool) if is_query is None else is_query.cpu()
     gm = torch.ones(n, dtype=torch.bool) if is_gallery is None else is_gallery.cpu()
-    warnings: list[str] = []
     lab = labels.cpu()
-    q_lab = lab[qm]
-    count = _positive_counts(q_lab, lab[gm]) - (qm & gm)[qm].long()  # a sample in both is never its own neighbour
-    lonely = int((count <= 0).sum())
-    if lonely:
-        first = int(q_lab[count <= 0][0])
-        warnings.append(
-            f"{lonely} of {q_lab.numel()} queries have no other sample of their class in the gallery "
-            f"(e.g. label {first}); they are left out of the retrieval averages"
-        )
-    if lonely == q_lab.numel():
-        raise InvalidInputError(
-            f"no query has another sample of its class in the gallery ({lonely} queries, "
-            f"{int(torch.unique(lab[gm]).numel())} gallery classes): retrieval metrics are undefined"
-        )
+    # A sample in both is never its own neighbour.
+    warnings: list[str] = positive_warnings(lab[qm], lab[gm], (qm & gm)[qm])
     if "verification" in names and int(torch.unique(lab).numel()) < 2:
         names = tuple(m for m in names if m != "verification")
         warnings.append("all samples carry one label, so there are no impostor pairs: verification is skipped")
@@ -273,7 +206,9 @@ def evaluate_model(
     recall_k: Sequence[int] | None = None,
     knn: str = "torch",
     tta: str | None = None,
+    detector_score: bool = True,
     progress: bool | None = None,
+    shard_gallery: bool = False,
 ) -> EvalResult:
     """Extract embeddings of ``query`` (and ``gallery``) with ``model`` and compute the metrics.
 
@@ -293,11 +228,15 @@ def evaluate_model(
         knn: See :func:`evaluate_embeddings`.
         tta: Test-time augmentation, one of :data:`~headreg.engine.extract.TTA_MODES`; None: ``none``, or
             ``flip-sum`` for a pairs dataset (``bin:PATH``), which runs the pairs protocol
-            (:mod:`headreg.engine._pairs`).
+            (:mod:`headreg.engine._pairs`); ``flip-sum`` too for IJB (``ijbb:DIR``, :mod:`headreg.engine._ijb`).
+        detector_score: IJB only: weight each face by its detector score in its template (insightface's default).
         progress: Progress bars; None shows them when stderr is a terminal (and on rank 0 only).
+        shard_gallery: Keep each rank's embeddings where they were extracted and run the exact k-NN search
+            gallery-sharded (:mod:`headreg.engine._shard_eval`): retrieval and classification only, and the
+            result's tensors hold this rank's rows.
 
     Returns:
-        The same :class:`EvalResult` on every rank.
+        The same :class:`EvalResult` on every rank (its metrics, under ``shard_gallery``).
     """
     from headreg.engine.runtime import dist_info, resolve_device
 
@@ -309,12 +248,24 @@ def evaluate_model(
     if info.rank != 0:
         show = False
     common = dict(device=dev, batch_size=batch_size, workers=workers, limit=limit, input_size=input_size, amp=amp)
+    if shard_gallery:
+        from headreg.engine._shard_eval import check_sharded_metrics, evaluate_sharded
+
+        check_sharded_metrics(parse_metric_names(metrics), knn, query)  # before any extraction, alike on every rank
     if getattr(query, "issame", None) is not None:
         from headreg.engine._pairs import evaluate_pairs_model
 
         fields = evaluate_pairs_model(
             model, query, gallery, common=common, metrics=parse_metric_names(metrics), tta=tta,
             progress=_tqdm_flag(show), world_size=info.world_size,
+        )  # fmt: skip
+        return EvalResult(**fields)
+    if getattr(query, "protocol", None) == "ijb":
+        from headreg.engine._ijb import evaluate_ijb_model
+
+        fields = evaluate_ijb_model(
+            model, query, gallery, common=common, metrics=parse_metric_names(metrics), tta=tta,
+            detector_score=detector_score, progress=_tqdm_flag(show), world_size=info.world_size,
         )  # fmt: skip
         return EvalResult(**fields)
     if tta is not None:
@@ -325,7 +276,18 @@ def evaluate_model(
             continue
         desc = "extract" if gallery is None else f"extract {name}"
         part = extract_dataset(model, ds, progress=_tqdm_flag(show), desc=desc, **common)  # type: ignore[arg-type]
-        parts.append(gather_extraction(part))
+        parts.append(part if shard_gallery else gather_extraction(part))
+    if shard_gallery:
+        if getattr(query, "unseen_classes", False):  # no head was trained on these classes: no top-k accuracy
+            parts = [replace(p, label_rank=None) for p in parts]
+        fields = evaluate_sharded(
+            parts, metrics=parse_metric_names(metrics), recall_k=dataset_recall_k(query, recall_k), device=dev,
+            world_size=info.world_size, num_classes=int(getattr(model, "num_classes", 0) or 0),
+            progress=bool(_tqdm_flag(show)),
+        )  # fmt: skip
+        if getattr(query, "categories", None) is not None:
+            fields["warnings"] = [*fields["warnings"], "per-category metrics are left out under --shard-gallery"]
+        return EvalResult(**fields)
     categories = None
     if len(parts) == 1:
         # A dataset may carry query/gallery roles (In-shop, a CSV) and categories: of the rows extracted.
@@ -356,14 +318,8 @@ def evaluate_model(
         )
 
     values, warnings = broadcast_from_main(compute)
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    if label_rank is not None and num_classes and int(labels.max()) >= num_classes:
-        outside = int((labels >= num_classes).sum())
-        warnings = [
-            *warnings,
-            f"{outside} samples have labels outside the head's {num_classes} classes (max label {int(labels.max())}); "
-            "they count as misses in top-k accuracy",
-        ]
+    if label_rank is not None:
+        warnings = [*warnings, *labels_outside_head(labels, int(getattr(model, "num_classes", 0) or 0))]
     run_info = {
         "protocol": "leave-one-out" if is_query is None else "query/gallery",
         "num_samples": int(embeddings.shape[0]),

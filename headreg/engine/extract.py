@@ -84,20 +84,15 @@ _PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_precision(device: torch.device, amp: bool | None) -> tuple[bool, bool]:
-    """Decide ``(bf16 autocast, channels_last)`` for a device.
+    """Decide ``(use_bf16, use_channels_last)`` for a device.
 
     Args:
         device: The extraction device.
         amp: None: bf16 autocast and channels_last on CUDA only; True: both on any device (CPU included);
             False: neither (plain float32).
-
-    Returns:
-        ``(use_bf16, use_channels_last)``.
     """
-    if amp is None:
-        on = device.type == "cuda"
-        return on, on
-    return bool(amp), bool(amp)
+    on = device.type == "cuda" if amp is None else bool(amp)
+    return on, on
 
 
 def autocast_context(
@@ -134,19 +129,17 @@ def _embed_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return model
 
 
-def _label_ranks(head: nn.Module, embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """:func:`label_rank` of every row, computing the head's logits in blocks of at most 64 MiB.
+def _split(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
+    """Float32 embeddings, and the logits of a model that returns ``(embeddings, logits)`` (else None)."""
+    return (out[0].float(), out[1]) if isinstance(out, tuple) else (out.float(), None)
 
-    A class-sharded head ranks from its shards (its ``label_rank``, a collective every rank joins).
-    """
-    sharded_rank = getattr(head, "label_rank", None)
-    if callable(sharded_rank):
-        return sharded_rank(embeddings, labels)
-    rows = max(1, (64 * 2**20) // (4 * max(int(num_classes), 1)))
-    parts = [
-        label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, embeddings.shape[0], rows)
-    ]
-    return torch.cat(parts)
+
+def _label_ranks(head: nn.Module, embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """:func:`label_rank` of every row, logits in 64 MiB blocks; a sharded head's own ``label_rank`` (collective)."""
+    if callable(getattr(head, "label_rank", None)):
+        return head.label_rank(embeddings, labels)
+    n, rows = embeddings.shape[0], max(1, (64 * 2**20) // (4 * max(int(num_classes), 1)))
+    return torch.cat([label_rank(head(embeddings[s : s + rows]), labels[s : s + rows]) for s in range(0, n, rows)])
 
 
 def extract_embeddings(
@@ -170,7 +163,8 @@ def extract_embeddings(
 
     Args:
         model: A :class:`~headreg.HeadModel` (``embed`` + ``head``), a timm model (``forward_features`` /
-            ``forward_head``), or any module mapping images to ``(B, D)``.
+            ``forward_head``), or any module mapping images to ``(B, D)``, or to ``(embeddings, logits)`` (an
+            exported model with its head, :class:`~headreg.engine._onnx.OnnxModel`: ranks from those logits).
         loader: Iterable of ``(images, labels)``: ``(B, C, H, W)`` uint8 or float images, ``(B,)`` int labels,
             e.g. from :func:`headreg.data.create_loader`.
         device: Where the model runs.
@@ -210,6 +204,7 @@ def extract_embeddings(
     total = getattr(loader, "num_samples", None)
     embs: list[Tensor] = []
     labs: list[Tensor] = []
+    batch_ranks: list[Tensor] = []  # from the logits of a model that returns them (an exported one with its head)
     ranks: Tensor | None = None
     embeddings: Tensor | None = None
     all_labels: Tensor | None = None
@@ -235,9 +230,11 @@ def extract_embeddings(
                             x = transform(x, memory_format=torch.channels_last) if direct_layout else transform(x)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)  # a no-op when already so
-                    emb = embed(x).float()
+                    emb, logits = _split(embed(x))
+                    if logits is not None and with_predictions and tta == "none":
+                        batch_ranks.append(label_rank(logits.float(), y))
                     if tta != "none":
-                        mirror = embed(x.flip(-1).contiguous(memory_format=fmt)).float()
+                        mirror = _split(embed(x.flip(-1).contiguous(memory_format=fmt)))[0]
                         emb = emb + mirror if tta == "flip-sum" else torch.cat([emb, mirror], 1)
                     embs.append(emb)
                     labs.append(y)
@@ -253,6 +250,8 @@ def extract_embeddings(
                 # normalised once per block instead of once per batch. The head computes in float32
                 # whatever the autocast state, so this equals doing it batch by batch.
                 ranks = _label_ranks(head, embeddings, all_labels, getattr(model, "num_classes", 1))
+            elif batch_ranks:
+                ranks = torch.cat(batch_ranks)
         _synchronize(device)
     finally:
         bar.close()
@@ -311,11 +310,11 @@ def extract_dataset(
     Returns:
         This rank's :class:`Extraction` (call :func:`gather_extraction` for the whole set).
     """
-    import os
-
     from timm.data import resolve_data_config
 
     from headreg.data import TensorImageDataset, create_loader, resolve_transform
+    from headreg.data.loader import default_workers
+    from headreg.data.transforms import face_data_config
     from headreg.engine.runtime import dist_info
 
     device = torch.device(device)
@@ -328,8 +327,10 @@ def extract_dataset(
             "use more samples (--limit) or fewer processes"
         )
     if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+        workers = default_workers()
     config = resolve_data_config(model=model)
+    if getattr(dataset, "faces", False):  # face pairs, IJB: 112 px and mean/std 0.5 unless the backbone says
+        config = face_data_config(config, getattr(model, "pretrained_cfg", None))
     transform = resolve_transform(config, dataset, train=False, input_size=input_size)
     in_memory = isinstance(dataset, TensorImageDataset)
     loader = create_loader(

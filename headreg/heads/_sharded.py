@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidInputError, InvalidValueError
 from ._fused import fused_margin_cross_entropy
-from .base import NOT_SHARDABLE, HeadOutput, check_embeddings, check_labels, check_number, float32_region
+from .base import HeadOutput, check_embeddings, check_labels, check_number, float32_region
 
 __all__ = ["ShardedHead", "head_shard_refusal", "shard_bounds"]
 
@@ -113,7 +113,7 @@ class ShardedHead(nn.Module):
 
     Args:
         build: ``n ↦`` the head built for ``n`` classes (its options bound); it must be ``shardable``
-            (:meth:`~headreg.heads.Head.shard_refusal`).
+            (:func:`head_shard_refusal`).
         name: its registry name, for messages.
         in_features: embedding width ``D``.
         num_classes: all classes ``C``, at least the world size.
@@ -321,12 +321,16 @@ def _unsharded_state(head: nn.Module, n_local: int) -> str:
     return ""
 
 
-def head_shard_refusal(head: nn.Module) -> str:
-    """Why ``head`` cannot be class-sharded (its :meth:`Head.shard_refusal`), ``""`` when it can.
+#: Why a head that says nothing about sharding is not sharded.
+NOT_SHARDABLE = "it does not declare itself shardable (shardable = True with fused_terms; docs/scale.md)"
 
-    A plugin head that is not a :class:`Head` answers with its own ``shard_refusal`` or ``shardable``.
+
+def head_shard_refusal(head: nn.Module) -> str:
+    """Why ``head`` cannot be class-sharded, ``""`` when it can: its class's ``shardable``, then its options.
+
+    Built-in and plugin heads alike: ``shardable = True`` on the class, and optionally a ``shard_refusal()``
+    method giving the reason (an option that breaks it; or, on a head that is not shardable, why not).
     """
     refusal = getattr(head, "shard_refusal", None)
-    if callable(refusal):
-        return str(refusal())
-    return "" if getattr(type(head), "shardable", False) else NOT_SHARDABLE
+    why = str(refusal()) if callable(refusal) else ""
+    return why if getattr(type(head), "shardable", False) else why or NOT_SHARDABLE

@@ -8,7 +8,7 @@ subclass anything here; the helpers are public so that they can reuse them.
 A head describes itself to the rest of headreg through optional class attributes, read
 with the ``head_*`` functions below so that a plain ``nn.Module`` without them gets the
 defaults :class:`Head` declares: ``angular``, ``settings_2d``, ``margin_feasibility``,
-``warmup_attributes`` and ``shardable`` (with :meth:`Head.shard_refusal`). Nothing outside
+``warmup_attributes`` and ``shardable`` (with ``shard_refusal``). Nothing outside
 ``headreg.heads`` keeps lists of head names.
 """
 
@@ -31,6 +31,7 @@ from ._fused import FusedTerms
 
 __all__ = [
     "HeadOutput",
+    "kept_logits",
     "Head",
     "check_embeddings",
     "check_labels",
@@ -86,6 +87,13 @@ def _set_logits(self: HeadOutput, value: Tensor | None) -> None:
 
 # A property over the dataclass field: HeadOutput(loss, logits) still works, and unkept logits are built on demand.
 HeadOutput.logits = property(_get_logits, _set_logits, doc="The margin logits, kept or rebuilt on demand.")  # type: ignore[assignment,method-assign]
+
+
+def kept_logits(out: Any) -> Tensor | None:
+    """The logits ``out`` holds, without rebuilding a fused head's unkept ones (None then): for per-step checks."""
+    if isinstance(out, HeadOutput):
+        return out.__dict__.get("_logits")
+    return getattr(out, "logits", None)
 
 
 def check_embeddings(embeddings: Tensor, in_features: int) -> None:
@@ -254,10 +262,6 @@ def float32_region(x: Tensor) -> Iterator[torch.dtype]:
         yield dtype
 
 
-#: Why a head that says nothing about sharding is not sharded.
-NOT_SHARDABLE = "it does not declare itself shardable (shardable = True with fused_terms; docs/scale.md)"
-
-
 class Head(nn.Module):
     """Base class of the built-in heads: stores the sizes and validates inputs.
 
@@ -285,7 +289,8 @@ class Head(nn.Module):
     #: The classes may be split into contiguous row blocks over the ranks (Partial FC; docs/scale.md): the loss
     #: is the cross-entropy whose column ``c`` needs class ``c``'s own rows only (weight, bias, centre), margin on
     #: the target column, given by :meth:`shard_terms`; every parameter and buffer is per class (first dimension
-    #: a multiple of ``num_classes``) or a 0-d buffer every rank advances alike. Else :meth:`shard_refusal` says why.
+    #: a multiple of ``num_classes``) or a 0-d buffer every rank advances alike. A shardable head whose options
+    #: break this defines ``shard_refusal(self) -> str``, the reason (``""`` when they do not).
     shardable: ClassVar[bool] = False
 
     @classmethod
@@ -348,17 +353,10 @@ class Head(nn.Module):
     def inference_logits(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def shard_refusal(self) -> str:
-        """Why this head, with its options, cannot be class-sharded; ``""`` when it can (see ``shardable``)."""
-        return "" if self.shardable else NOT_SHARDABLE
-
     def shard_terms(self, x: Tensor) -> FusedTerms | None:
-        """The cross-entropy part of the loss for the class-sharded wrapper (``shardable`` heads).
-
-        :meth:`fused_terms` unless the loss is more than that cross-entropy: center loss returns its softmax
-        part here and the rest from ``partial_penalty(x, labels, sharded=)`` (``Σ`` over the rows whose class
-        ``labels[b] >= 0`` is this block's; the wrapper sums it over the ranks and divides by the batch).
-        """
+        """The cross-entropy part of the loss for the class-sharded wrapper: :meth:`fused_terms` unless the loss is
+        more (center loss: its softmax part; ``partial_penalty(x, labels, sharded=)`` gives the rest, a sum over
+        the rows whose class ``labels[b] >= 0`` is the block's, which the wrapper sums over the ranks)."""
         return self.fused_terms(x)
 
     def training_output(self, x: Tensor, labels: Tensor) -> HeadOutput:  # pragma: no cover - abstract

@@ -84,7 +84,12 @@ def cosine_linear(x: Tensor, weight: Tensor, eps: float = 1e-12) -> Tensor:
     Returns:
         ``(B, C)`` cosines in ``[-1, 1]`` (up to rounding).
     """
-    return _CosineLinear.apply(normalize(x, eps), weight, eps)
+    x = normalize(x, eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _CosineLinear.apply(x, weight, eps)
+    # No gradient to shape: the same arithmetic without the autograd Function, which TorchScript's tracer
+    # cannot record (headreg export --format torchscript traces under no_grad).
+    return torch.mm(x, weight.t()).mul_(torch.linalg.vector_norm(weight, dim=1).clamp_min(eps).reciprocal())
 
 
 def margin_logits(terms: FusedTerms, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -61,6 +61,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from headreg.errors import InvalidValueError
 from headreg.metrics._knn_base import (
@@ -186,45 +187,103 @@ def iter_ranked_neighbours(
     """
     num_query, num_gallery = query.shape[0], gallery.shape[0]
     device = query.device
-    has_self = torch.zeros(num_query, dtype=torch.bool, device=device)
-    if self_index is not None:
-        self_index = self_index.to(device)
-        has_self = self_index >= 0
-    available = num_gallery - has_self.long()
-    k_all = torch.minimum(k_per_query.to(device).clamp(min=1), available).clamp(min=0)
     auto_chunk, auto_tile = plan_chunks(num_gallery, device)
     chunk_size = chunk_size or auto_chunk
-    tile_size = tile_size or auto_tile
     if backend == "faiss":
-        yield from iter_faiss(query, gallery, k_all, self_index, chunk_size)
+        yield from iter_faiss(query, gallery, clamp_k(k_per_query, self_index, num_gallery), self_index, chunk_size)
         return
     if backend != "torch":
         raise InvalidValueError(f"knn_backend must be one of {', '.join(KNN_BACKENDS)}, got {backend!r}")
-
-    sampled = num_gallery >= _MIN_SAMPLED_GALLERY
-    layout = Layout(gallery, gallery_groups, seed, stride=_SAMPLE_STRIDE if sampled else 0)
-    scan = _tile_scan(layout, chunk_size, tile_size)
-    stages = Stages(stats, device)
+    search = GallerySearch(
+        gallery, chunk_size=chunk_size, tile_size=tile_size or auto_tile, seed=seed, stats=stats, groups=gallery_groups
+    )
     for start in range(0, num_query, chunk_size):
         stop = min(start + chunk_size, num_query)
-        rows = stop - start
-        k = k_all[start:stop]
+        own = None if self_index is None else self_index[start:stop]
+        yield start, search.search(query[start:stop], k_per_query[start:stop], own)[0]
+
+
+def clamp_k(k_per_query: torch.Tensor, self_index: torch.Tensor | None, num_gallery: int) -> torch.Tensor:
+    """`K_q` clamped to `[1, items the query may match]` (`N_g`, less its own entry); 0 for an empty gallery."""
+    k = k_per_query.clamp(min=1)
+    available = torch.full_like(k, num_gallery)
+    if self_index is not None:
+        available -= (self_index.to(k.device) >= 0).long()
+    return torch.minimum(k, available).clamp(min=0)
+
+
+class GallerySearch:
+    """`iter_ranked_neighbours`'s exact search over one gallery, for query chunks that arrive one at a time.
+
+    The layout (step 0) and the back end are built once; `search` runs steps 1-4 on one chunk.
+    The gallery-sharded evaluation (`engine/_shard_eval.py`) keeps one per rank, over that
+    rank's part of the gallery, and feeds it every chunk of queries.
+
+    Args:
+        gallery: `(N_g, D)` float gallery embeddings, L2-normalised unless `normalize`.
+        chunk_size: the most queries one `search` call receives.
+        tile_size: gallery items per similarity tile.
+        seed, stats, groups: as `iter_ranked_neighbours` (`groups` = `gallery_groups`).
+        normalize: L2-normalise the layout's own copy of the gallery in place (the caller's tensor is
+            untouched), so that the gallery is held once more, not twice; `rows` then gives normalised rows.
+    """
+
+    def __init__(
+        self,
+        gallery: torch.Tensor,
+        *,
+        chunk_size: int,
+        tile_size: int,
+        seed: int = 0,
+        stats: dict[str, float] | None = None,
+        groups: torch.Tensor | None = None,
+        normalize: bool = False,
+    ) -> None:
+        self.size = gallery.shape[0]
+        self.device = gallery.device
+        sampled = self.size >= _MIN_SAMPLED_GALLERY
+        self.layout = Layout(gallery, groups, seed, stride=_SAMPLE_STRIDE if sampled else 0)
+        if normalize:  # row by row, the same bits as normalising the caller's tensor first
+            F.normalize(self.layout.gallery, dim=1, out=self.layout.gallery)
+        self.scan = _tile_scan(self.layout, chunk_size, tile_size)
+        self.stages = Stages(stats, self.device)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The gallery items `index` (original indices), as the search holds them, `(len(index), D)`."""
+        return self.layout.gallery[self.layout.orig_to_col[index]]
+
+    def search(
+        self, query: torch.Tensor, k_per_query: torch.Tensor, self_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `K_q` nearest gallery items of each query of one chunk, with their similarities.
+
+        Args:
+            query: `(rows, D)` L2-normalised queries, `rows <= chunk_size`, same device and dtype as the gallery.
+            k_per_query: `(rows,)` int64 neighbours wanted (clamped as in `iter_ranked_neighbours`).
+            self_index: `(rows,)` int64 index of each query inside the gallery, `-1` for none; or `None`.
+
+        Returns:
+            `(neighbours, similarities)`, both `(rows, L)`: gallery indices best first, padded with `-1`,
+            and their similarities (the very values that ranked them), padded with `-inf`.
+        """
+        rows, device = query.shape[0], self.device
+        k = clamp_k(k_per_query.to(device), self_index, self.size)
         k_max = int(k.max()) if rows else 0
         if k_max == 0:
-            yield start, torch.full((rows, 0), -1, dtype=torch.long, device=device)
-            continue
+            empty = torch.full((rows, 0), -1, dtype=torch.long, device=device)
+            return empty, torch.zeros((rows, 0), dtype=query.dtype, device=device)
         # Column of each query's own entry in the layout, -1 for none.
         own = torch.full((rows,), -1, dtype=torch.long, device=device)
         if self_index is not None:
-            s = self_index[start:stop]
-            own = torch.where(s >= 0, layout.orig_to_col[s.clamp(min=0)], own)
-        yield start, _scan_chunk(scan, stages, query[start:stop], k, k_max, own)
+            s = self_index.to(device)
+            own = torch.where(s >= 0, self.layout.orig_to_col[s.clamp(min=0)], own)
+        return _scan_chunk(self.scan, self.stages, query, k, k_max, own)
 
 
 def _scan_chunk(
     scan: TileScan, stages: Stages, q: torch.Tensor, k: torch.Tensor, k_max: int, own: torch.Tensor
-) -> torch.Tensor:
-    """Steps 1-4 of the module docstring for one chunk: `(rows, k_max)` original indices, padded with -1.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-4 of the module docstring for one chunk: `(rows, k_max)` original indices (padded with -1), values.
 
     Args:
         scan: the back end.

@@ -178,8 +178,9 @@ class TileScan(Protocol[Candidates]):
         """Step 3: all candidates, rows with fewer than `k_r` redone exactly; and how many were."""
         ...
 
-    def rank(self, cands: Candidates, k: torch.Tensor, k_max: int) -> torch.Tensor:
-        """Step 4: `(rows, k_max)` original indices of each row's `k_r` best candidates, padded with -1."""
+    def rank(self, cands: Candidates, k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 4: `(rows, k_max)` original indices of each row's `k_r` best candidates (padded with -1), and
+        their similarities (padded with -inf): the values that ranked them, bit for bit."""
         ...
 
 

@@ -112,13 +112,26 @@ class KeyCandidates:
 
     def rank(self, keys: np.ndarray, k: torch.Tensor, k_max: int) -> torch.Tensor:
         """`(rows, k_max)` original indices of each row's best `k_r` keys, padded with -1."""
+        best, valid = self._best(keys, k, k_max)
+        return torch.from_numpy(np.where(valid, best & ((1 << self.keys.col_bits) - 1), -1))
+
+    def rank_values(self, keys: np.ndarray, k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rank`, and the float32 similarity of each entry (`-inf` in the padding), decoded from its key."""
+        best, valid = self._best(keys, k, k_max)
+        idx = np.where(valid, best & ((1 << self.keys.col_bits) - 1), -1)
+        # The inverse of `_kernels._key`'s map (-0.0 came in folded into +0.0).
+        ordered = (0x7FFFFFFF - ((best >> self.keys.col_bits) & 0xFFFFFFFF)).astype(np.int32)
+        values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(np.float32)
+        return torch.from_numpy(idx), torch.from_numpy(np.where(valid, values, np.float32(-np.inf)))
+
+    def _best(self, keys: np.ndarray, k: torch.Tensor, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(rows, k_max)` keys of each row's best `k_r`, and which of them are real (the rest repeat one)."""
         keys.sort()  # numpy's SIMD sort: row, then similarity descending, then original index
         counts = np.bincount(keys >> self.keys.shift, minlength=k.shape[0])
         # Row r's candidates are keys[start_r : start_r + counts_r], best first; take k_r of them.
         idx = (np.cumsum(counts) - counts)[:, None] + np.arange(k_max)
         valid = np.arange(k_max) < k.numpy()[:, None]
-        col_mask = (1 << self.keys.col_bits) - 1
-        return torch.from_numpy(np.where(valid, keys[np.minimum(idx, keys.size - 1)] & col_mask, -1))
+        return keys[np.minimum(idx, keys.size - 1)], valid
 
 
 class CpuTileScan:
@@ -158,5 +171,5 @@ class CpuTileScan:
     ) -> tuple[np.ndarray, int]:
         return self.cands.complete(parts, k, q, own)
 
-    def rank(self, cands: np.ndarray, k: torch.Tensor, k_max: int) -> torch.Tensor:
-        return self.cands.rank(cands, k, k_max)
+    def rank(self, cands: np.ndarray, k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cands.rank_values(cands, k, k_max)

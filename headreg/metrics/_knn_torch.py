@@ -28,25 +28,24 @@ def _ordered_desc_bits(values: torch.Tensor) -> torch.Tensor:
     return 0x7FFFFFFF - ordered
 
 
-def _sorted_by_key(keys: KeyLayout) -> Callable[[Triples], tuple[torch.Tensor, torch.Tensor]]:
-    """Order triples by one sort of their packed keys; returns `(row, original index)` in that order."""
-    col_mask = (1 << keys.col_bits) - 1
+def _sorted_by_key(keys: KeyLayout) -> Callable[[Triples], Triples]:
+    """Order triples by one sort of their packed keys; returns them in that order."""
 
-    def order(cands: Triples) -> tuple[torch.Tensor, torch.Tensor]:
+    def order(cands: Triples) -> Triples:
         row, orig, val = cands
-        packed = torch.sort((row << keys.shift) | (_ordered_desc_bits(val) << keys.col_bits) | orig).values
-        return packed >> keys.shift, packed & col_mask
+        packed, perm = torch.sort((row << keys.shift) | (_ordered_desc_bits(val) << keys.col_bits) | orig)
+        return packed >> keys.shift, packed & ((1 << keys.col_bits) - 1), val[perm]
 
     return order
 
 
-def _sorted_stably(cands: Triples) -> tuple[torch.Tensor, torch.Tensor]:
+def _sorted_stably(cands: Triples) -> Triples:
     """The same order by three stable sorts: original index, then similarity descending, then row."""
     row, orig, val = cands
     order = torch.argsort(orig, stable=True)
     order = order[torch.argsort(val[order], descending=True, stable=True)]
     order = order[torch.argsort(row[order], stable=True)]
-    return row[order], orig[order]
+    return row[order], orig[order], val[order]
 
 
 class TorchScan:
@@ -112,12 +111,14 @@ class TorchScan:
             parts.append((rows[r], orig, val))  # the sub-batch's row numbers become the chunk's
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
-    def rank(self, cands: Triples, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    def rank(self, cands: Triples, k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows, device = k.shape[0], k.device
-        row, orig = self._sorted(cands)
+        row, orig, val = self._sorted(cands)
         counts = torch.bincount(row, minlength=rows)
         pos = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[row]
         keep = pos < k[row]
         out = torch.full((rows, k_max), -1, dtype=torch.long, device=device)
         out[row[keep], pos[keep]] = orig[keep]
-        return out
+        values = torch.full((rows, k_max), float("-inf"), dtype=val.dtype, device=device)
+        values[row[keep], pos[keep]] = val[keep]
+        return out, values

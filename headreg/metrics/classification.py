@@ -6,7 +6,7 @@ import torch
 
 from headreg._checks import check_logits, check_positive_ints
 
-__all__ = ["label_rank", "topk_accuracy", "topk_from_ranks", "topk_hits"]
+__all__ = ["label_rank", "labels_outside_head", "topk_accuracy", "topk_from_ranks", "topk_hits"]
 
 
 def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -58,3 +58,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, top_k: tuple[int, 
     top_k = check_positive_ints(top_k, "top_k")
     logits, labels = check_logits(logits, labels)
     return topk_from_ranks(label_rank(logits, labels), top_k)
+
+
+def labels_outside_head(labels: torch.Tensor, num_classes: int) -> list[str]:
+    """A warning when some of ``labels`` (``(N,)`` int64) fall outside a head's ``num_classes`` (0: unknown)."""
+    if not num_classes or not labels.numel() or int(labels.max()) < num_classes:
+        return []
+    outside = int((labels >= num_classes).sum())
+    return [
+        f"{outside} samples have labels outside the head's {num_classes} classes (max label {int(labels.max())}); "
+        "they count as misses in top-k accuracy"
+    ]

@@ -26,9 +26,9 @@ from headreg._checks import (
 )
 from headreg.errors import InvalidInputError
 from headreg.metrics._knn import KNN_BACKENDS, iter_ranked_neighbours, iter_self_neighbours
-from headreg.metrics._retrieval_sums import _chunk_sums
+from headreg.metrics._retrieval_sums import RetrievalSums
 
-__all__ = ["retrieval_metrics", "retrieval_with_masks"]
+__all__ = ["positive_warnings", "retrieval_metrics", "retrieval_result", "retrieval_with_masks"]
 
 
 def _positive_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> torch.Tensor:
@@ -158,10 +158,9 @@ def _retrieval(
     has_pos = r > 0
     kept = has_pos.nonzero().squeeze(1)
     num_without = int((~has_pos).sum())
-    out: dict[str, float | int] = {}
     n_kept = int(kept.numel())
     k_small = max(max(recall_k), knn_k, 1)
-    sums = torch.zeros(3 + len(recall_k) + 1, dtype=torch.float64, device=dev)
+    sums = RetrievalSums(recall_k, knn_k, r_metrics, dev)
     if n_kept:
         qk, rk, lk = q[kept], r[kept], ql[kept]
         sk = None if self_idx is None else self_idx[kept]
@@ -187,22 +186,56 @@ def _retrieval(
         t_metrics = 0.0
         for rows, nbr in chunks:
             t0 = time.perf_counter()
-            sums += _chunk_sums(nbr, gl, lk[rows], rk[rows], recall_k, knn_k, r_metrics)
+            sums.add(nbr, gl, lk[rows], rk[rows])
             t_metrics += time.perf_counter() - t0
         if stats is not None:
             stats["metrics"] = stats.get("metrics", 0.0) + t_metrics
+    return retrieval_result(sums.totals(), n_kept, opts, int(q.shape[0]), int(g.shape[0]), num_without)
+
+
+def retrieval_result(
+    sums: torch.Tensor, n_kept: int, opts: RetrievalOptions, num_queries: int, num_gallery: int, num_without: int
+) -> dict[str, float | int]:
+    """The metrics dict of `retrieval_metrics` from `RetrievalSums.totals()` over every query kept."""
     means = (sums / n_kept).tolist() if n_kept else [float("nan")] * sums.numel()
-    out["precision_at_1"] = means[0]
-    if r_metrics:
+    out: dict[str, float | int] = {"precision_at_1": means[0]}
+    if opts.r_metrics:
         out["r_precision"] = means[1]
         out["mean_average_precision_at_r"] = means[2]
-    for i, k in enumerate(recall_k):
+    for i, k in enumerate(opts.recall_k):
         out[f"recall_at_{k}"] = means[3 + i]
     out["knn_accuracy"] = means[-1]
-    out["num_queries"] = int(q.shape[0])
-    out["num_gallery"] = int(g.shape[0])
+    out["num_queries"] = num_queries
+    out["num_gallery"] = num_gallery
     out["num_queries_without_positive"] = num_without
     return out
+
+
+def positive_warnings(query_labels: torch.Tensor, gallery_labels: torch.Tensor, in_both: torch.Tensor) -> list[str]:
+    """Warn about queries with no positive in the gallery; raise when no query has one.
+
+    Args:
+        query_labels: `(Q,)` int64 labels of the queries.
+        gallery_labels: `(N,)` int64 labels of the gallery.
+        in_both: `(Q,)` bool, which queries are also in the gallery (never their own neighbour).
+
+    Raises:
+        InvalidInputError: no query has a positive: the retrieval metrics are undefined.
+    """
+    count = _positive_counts(query_labels, gallery_labels) - in_both.long()
+    lonely = int((count <= 0).sum())
+    if lonely == query_labels.numel():
+        raise InvalidInputError(
+            f"no query has another sample of its class in the gallery ({lonely} queries, "
+            f"{int(torch.unique(gallery_labels).numel())} gallery classes): retrieval metrics are undefined"
+        )
+    if not lonely:
+        return []
+    first = int(query_labels[count <= 0][0])
+    return [
+        f"{lonely} of {query_labels.numel()} queries have no other sample of their class in the gallery "
+        f"(e.g. label {first}); they are left out of the retrieval averages"
+    ]
 
 
 def retrieval_with_masks(

@@ -16,7 +16,7 @@ from headreg._checks import check_embeddings, check_labels, resolve_device
 from headreg.errors import InvalidInputError, InvalidValueError
 from headreg.metrics._base import stage_bar
 
-__all__ = ["roc_curve", "sample_pairs", "verification_metrics", "verification_from_scores"]
+__all__ = ["roc_counts", "roc_curve", "sample_pairs", "verification_metrics", "verification_from_scores"]
 
 DEFAULT_MAX_PAIRS = 1_000_000
 # A normalised copy of all rows is made when it fits in this many float32 entries (128 MiB).
@@ -46,18 +46,32 @@ def roc_curve(scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         `thresholds[t]`. The first point accepts nothing; its threshold is the next float above the
         highest score.
     """
-    s = scores.double()
-    order = torch.argsort(s, descending=True, stable=True)
-    s, y = s[order], same[order].double()
-    # The last pair of each run of equal scores: the ROC moves only between distinct scores.
-    last = torch.cat([torch.nonzero(s[1:] != s[:-1]).squeeze(1), torch.tensor([s.numel() - 1])])
-    tps = torch.cumsum(y, 0)[last]
-    fps = (last + 1).double() - tps
+    fps, tps, thresholds = roc_counts(scores, same)
     zero = torch.zeros(1, dtype=torch.float64)
     tpr = torch.cat([zero, tps / tps[-1]])
     fpr = torch.cat([zero, fps / fps[-1]])
-    top = torch.nextafter(s[:1], torch.full((1,), math.inf, dtype=torch.float64))
-    return fpr, tpr, torch.cat([top, s[last]])
+    top = torch.nextafter(thresholds[:1], torch.full((1,), math.inf, dtype=torch.float64))
+    return fpr, tpr, torch.cat([top, thresholds])
+
+
+def roc_counts(scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """False and true accepts at each distinct score, highest first (scikit-learn's ``_binary_clf_curve``).
+
+    Returns:
+        ``(fps, tps, thresholds)``, float64 ``(T,)``: accepting the pairs scoring at least ``thresholds[t]``
+        accepts ``fps[t]`` different and ``tps[t]`` same pairs (exact integers).
+    """
+    s = scores.double()
+    order = torch.argsort(s, descending=True, stable=True)
+    s = s[order]
+    accepted = torch.cumsum(same[order], 0, dtype=torch.float64)  # exact integers; one (P,) buffer less
+    del order
+    # The last pair of each run of equal scores: the ROC moves only between distinct scores.
+    last = torch.cat([torch.nonzero(s[1:] != s[:-1]).squeeze(1), torch.tensor([s.numel() - 1], device=s.device)])
+    tps = accepted[last]
+    del accepted
+    fps = last.double().add_(1).sub_(tps)
+    return fps, tps, s[last]
 
 
 def verification_from_scores(

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_output, atomic_write_text
-from .._schema import MODEL_CONFIG, check_backbone_kwargs, validate
+from .._schema import MODEL_CONFIG, validate
+from .._schema_backbone import check_backbone_kwargs
 from ..errors import CheckpointError
 from .head_model import HeadModel
 

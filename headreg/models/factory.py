@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import HeadregError, InvalidValueError, UnknownBackboneError, did_you_mean
 from . import lenetpp as _lenetpp  # noqa: F401 - registers LeNet++ into timm
+from ._cache import NotCachedError, cache_only
 from .head_model import BackboneAdapter, HeadModel, Neck
 
 __all__ = ["create_model", "list_backbones", "create_backbone", "load_pretrained_file"]
@@ -36,6 +37,14 @@ def list_backbones(filter: str = "", torchvision: bool = True) -> list[str]:
 
 
 def _pretrained_error(name: str, exc: Exception) -> HeadregError:
+    if isinstance(exc, NotCachedError) or type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return HeadregError(
+            f"could not load pretrained weights for backbone '{name}': they are not in the local cache, and "
+            f"headreg does not download ({type(exc).__name__}: {exc}). Fetch them once on a machine with "
+            f"internet, e.g. `python -c \"import headreg; headreg.create_model('{name}', pretrained=True)\"`, "
+            "and copy the Hugging Face cache ($HF_HOME/hub) or the torch hub cache ($TORCH_HOME/hub/checkpoints); "
+            "or give the weights as a file with --pretrained-file"
+        )
     return HeadregError(
         f"could not load pretrained weights for backbone '{name}': {type(exc).__name__}: {exc}. "
         "headreg never downloads during tests; on an offline machine put the weights in the "
@@ -88,6 +97,7 @@ def _torchvision_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -
         _adapt_first_conv(model, in_chans)
     size = 299 if name.startswith("inception") else 224
     cfg = {"input_size": (in_chans, size, size), "interpolation": "bilinear", "crop_pct": 0.875, **_IMAGENET}
+    cfg["num_classes"] = int(fc.out_features)  # the removed classifier's classes (its weights', when pretrained)
     return model, int(fc.in_features), cfg
 
 
@@ -157,7 +167,7 @@ def load_pretrained_file(module: nn.Module, path: str | os.PathLike[str], *, cla
 
 
 def create_backbone(
-    backbone: str | nn.Module, *, pretrained: bool = False, **kwargs: Any
+    backbone: str | nn.Module, *, pretrained: bool = False, download: bool = True, **kwargs: Any
 ) -> tuple[BackboneAdapter, dict[str, Any]]:
     """Resolve a backbone to a :class:`BackboneAdapter` and its timm-style data config.
 
@@ -165,8 +175,13 @@ def create_backbone(
         backbone: timm name, ``torchvision/<name>``, ``lenetpp``, or an ``nn.Module``
             (with ``num_features``, or ``forward_features``/``forward_head`` as timm).
         pretrained: load pretrained weights (timm/torchvision; never downloaded in tests).
+        download: with ``pretrained``, False reads the weights from the local caches only, never from the
+            network (:func:`headreg.models._cache.cache_only`); a cache miss is an error saying how to fill it.
         **kwargs: backbone arguments, e.g. ``in_chans``, ``drop_rate``.
     """
+    if pretrained and not download:
+        with cache_only():
+            return create_backbone(backbone, pretrained=True, **kwargs)
     if isinstance(backbone, nn.Module):
         num_features = getattr(backbone, "num_features", None)
         if not isinstance(num_features, int):
@@ -193,6 +208,18 @@ def create_backbone(
     return BackboneAdapter(module, width), cfg
 
 
+def _default_classes(backbone: str | nn.Module, head: str, cfg: dict[str, Any]) -> int:
+    """The class count of the backbone's pretrained config, as timm's ``create_model`` defaults to it."""
+    n = cfg.get("num_classes")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        name = backbone if isinstance(backbone, str) else type(backbone).__name__
+        raise InvalidValueError(
+            f"num_classes is required with head '{head}': backbone '{name}' has no class count in its pretrained "
+            "config to default to; give num_classes=C (your data's classes)"
+        )
+    return n
+
+
 def create_model(
     backbone: str | nn.Module,
     head: str | None = None,
@@ -200,6 +227,7 @@ def create_model(
     num_classes: int | None = None,
     embedding_dim: int | None = None,
     pretrained: bool = False,
+    download: bool = True,
     pretrained_file: str | os.PathLike[str] | None = None,
     head_options: dict[str, Any] | None = None,
     neck: str | None = None,
@@ -208,16 +236,24 @@ def create_model(
     sample_rate: float = 1.0,
     **backbone_kwargs: Any,
 ) -> HeadModel:
-    """Build backbone → neck → head, e.g. ``create_model("resnet18", head="arcface", num_classes=10)``.
+    """Build backbone → neck → head, e.g. ``create_model("resnet18", head="arcface")``.
+
+    As ``timm.create_model("resnet18")``, a head without ``num_classes`` gets the class count of the
+    backbone's pretrained config (1000 for ImageNet backbones, 10 for LeNet++; torchvision's: its
+    classifier's); a backbone whose config has none (the face backbones) needs ``num_classes``. To train
+    on other classes, give ``num_classes`` here or resize later with
+    ``model.reset_classifier(num_classes, head=...)``, which replaces the head (new, untrained weights).
 
     Args:
         backbone: a timm name (``timm.list_models()``), ``torchvision/<name>``, headreg's
             ``lenetpp``/``lenetpp_bn``, or an ``nn.Module``.
         head: a registered head name (``headreg.list_heads()``); None gives an embedding model.
-        num_classes: classes of the head; required with a head.
+        num_classes: classes of the head; None takes the backbone's pretrained config's ``num_classes``.
         embedding_dim: embedding width ``D``; None keeps the backbone's width. For LeNet++
             it sets the embedding layer itself.
         pretrained: load the backbone's pretrained weights (no download is attempted offline).
+        download: with ``pretrained``, False loads them from the local caches only (the CLI's
+            ``--pretrained``); a cache miss is then an error that says how to fill the cache.
         pretrained_file: a state dict of the backbone saved by ``torch.save`` (insightface's
             ``backbone.pth``, say), read with ``torch.load(weights_only=True)``, never unpickled in
             full; the backbone's ``checkpoint_filter_fn`` renames its keys (insightface's IResNet
@@ -239,9 +275,9 @@ def create_model(
     backbone_kwargs = {k: v for k, v in backbone_kwargs.items() if v is not None}
     head_options = {k: v for k, v in (head_options or {}).items() if v is not None}
     if head is not None:
-        if num_classes is None:
-            raise InvalidValueError(f"num_classes is required with head '{head}', got None")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
             raise InvalidValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         from ..registry import get_head_class
 
@@ -261,7 +297,9 @@ def create_model(
         backbone_kwargs["embed_dim"] = embedding_dim
     if pretrained_file is not None and pretrained:
         raise InvalidValueError("give pretrained=True or pretrained_file, not both: they both load the weights")
-    adapter, cfg = create_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
+    adapter, cfg = create_backbone(backbone, pretrained=pretrained, download=download, **backbone_kwargs)
+    if head is not None and num_classes is None:
+        num_classes = _default_classes(backbone, head, cfg)
     if pretrained_file is not None:
         load_pretrained_file(adapter.module, pretrained_file, classifier=cfg.get("classifier"))
     if in_chans is not None and "input_size" in cfg:

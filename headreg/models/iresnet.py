@@ -102,7 +102,10 @@ class IResNet(FaceClassifierMixin, nn.Module):
         input_size: ``(H, W)`` the flattened feature size is computed for (``(112, 112)``).
         fp16: run the body (stem, stages, final BN) under CUDA fp16 autocast and the embedding tail in
             float32, as insightface's ``fp16=True``; no effect on CPU.
-        zero_init_residual: zero the last BN of each block so blocks start as identities.
+        zero_init_residual: zero the last BN of each block so blocks start as identities (the default, as timm's
+            ``zero_init_last``). ``False`` is insightface's own initialisation; its randomly initialised
+            ``iresnet100`` and ``iresnet200`` overflow float32 in eval mode (docs/backbones.md). Loaded or trained
+            weights are unaffected either way.
         global_pool: ``""`` leaves out the embedding tail, so ``forward`` returns the ``(B, 512, 7, 7)``
             map (timm's "no pooling"); any other value keeps it.
     """
@@ -119,7 +122,7 @@ class IResNet(FaceClassifierMixin, nn.Module):
         input_size: Sequence[int] = (112, 112),
         fp16: bool = False,
         global_pool: str = "embed",
-        zero_init_residual: bool = False,
+        zero_init_residual: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
