@@ -99,3 +99,23 @@ def test_sharded_resume_on_other_world_sizes(tmp_path):
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["global_step"] == 6 and record["world_size"] == 1
     _assert_same_weights(run, single)
+
+
+@pytest.mark.slow
+def test_sampled_run_is_reproducible(tmp_path):
+    """--sample-rate 0.5 with AdamW on 2 ranks: it trains, the checkpoint loads, and a rerun gives the same weights."""
+    args = [*ARGS, *OPTIMIZERS["adamw"], "--shard-head", "--sample-rate", "0.5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train([*args, "--out", str(a)], 2)
+    _train([*args, "--out", str(b)], 2)
+    run = json.loads((a / "run.json").read_text())
+    assert run["config"]["sample_rate"] == 0.5 and run["global_step"] == 6
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # seeded: the same negatives, the same steps
+    single = tmp_path / "single"
+    _train([*ARGS, *OPTIMIZERS["adamw"], "--out", str(single)], 1)
+    ws = load_file(str(single / "model.safetensors"))
+    assert not torch.equal(wa["head.weight"], ws["head.weight"])  # sampling changed the steps
+    import headreg
+
+    assert headreg.load_model(a).head.weight.shape == (10, 4)
