@@ -185,10 +185,15 @@ def _estimate_gib(mode: str, rate: float | None, world: int, args: argparse.Name
         # weight, gradient, DDP's gradient bucket copy, optimiser state; the (B/W, C) fused buffer
         per = 4 * c * d * (3 + state) + 4 * (b // world) * c
     else:
+        from headreg.heads._sharded import EXACT_INIT_MAX
+
         local = -(-c // world)
         kept = local if rate is None or rate >= 1 else max(int(rate * local), 1)
-        # the transient whole head at construction, then weight, gradient, state; the kept rows' copy; buffer
-        per = max(4 * c * d, 4 * local * d * (2 + state) + 4 * kept * d * 2 + 4 * b * kept)
+        # weight, gradient, state; below r = 1 the kept rows' copies (forward, and the hooked step); buffer
+        copies = 0 if kept == local else 4 * kept * d * (4 + 2 * state)
+        per = 4 * local * d * (2 + state) + copies + 4 * b * kept
+        if c * d <= EXACT_INIT_MAX:  # a small head is drawn whole on every rank first (transient)
+            per = max(per, 4 * c * d * 2)
     return world * (per / GIB + 0.5)  # + the interpreter and torch
 
 
