@@ -28,18 +28,28 @@ from headreg.registry import create_head, list_heads
 C, D, B = 7, 5, 12
 
 
+#: Heads checked with options besides their defaults: "name+variant" -> (name, options).
+VARIANTS = {"normface+learned_s": ("normface", {"learn_scale": True})}
+
+
 def _shardable_heads() -> list[str]:
     return [n for n in list_heads() if not head_shard_refusal(create_head(n, D, C))]
 
 
-def _sharded(name: str, sample_rate: float = 1.0) -> ShardedHead:
+def _spec(key: str) -> tuple[str, dict[str, object]]:
+    return VARIANTS.get(key, (key, {}))
+
+
+def _sharded(key: str, sample_rate: float = 1.0) -> ShardedHead:
+    name, options = _spec(key)
     torch.manual_seed(1)  # the same initial rows as the whole head built after the same seed
-    return ShardedHead(lambda n: create_head(name, D, n), name, D, C, sample_rate=sample_rate).double()
+    return ShardedHead(lambda n: create_head(name, D, n, **options), name, D, C, sample_rate=sample_rate).double()
 
 
-def _whole(name: str) -> torch.nn.Module:
+def _whole(key: str) -> torch.nn.Module:
+    name, options = _spec(key)
     torch.manual_seed(1)
-    return create_head(name, D, C).double()
+    return create_head(name, D, C, **options).double()
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +61,7 @@ def _references() -> dict[str, dict[str, object]]:
     """The whole heads' results, computed before the process group exists (so nothing is all-reduced)."""
     x, y = _batch()
     refs = {}
-    for name in _shardable_heads():
+    for name in [*_shardable_heads(), *VARIANTS]:
         whole = _whole(name)
         xw = x.clone().requires_grad_()
         out = whole(xw, y)
@@ -235,14 +245,12 @@ def test_shard_bounds_are_contiguous_and_uneven():
 
 def test_world_of_one_equals_the_whole_head():
     x, y = _batch()
-    for name in _shardable_heads():
+    for name in [*_shardable_heads(), *VARIANTS]:
         whole, sharded = _whole(name), _sharded(name)
         torch.testing.assert_close(sharded(x, y).loss, whole(x, y).loss, msg=name)
 
 
 def test_a_head_that_cannot_shard_says_why():
-    with pytest.raises(InvalidValueError, match=r"head 'normface' cannot be class-sharded.*learn_scale"):
-        headreg.create_model("lenetpp", "normface", num_classes=4, head_options={"learn_scale": True}, shard_head=True)
     with pytest.raises(InvalidValueError, match=r"head 'sphereface' cannot be class-sharded.*focal"):
         headreg.create_model("lenetpp", "sphereface", num_classes=4, head_options={"focal_gamma": 2.0}, shard_head=True)
     if "subcenter_arcface" in list_heads():

@@ -119,3 +119,22 @@ def test_sampled_run_is_reproducible(tmp_path):
     import headreg
 
     assert headreg.load_model(a).head.weight.shape == (10, 4)
+
+
+@pytest.mark.slow
+def test_learned_scale_matches_one_process(tmp_path):
+    """NormFace with a learned s: each rank's classes add to its gradient (summed over the ranks), W = 2 == 1."""
+    args = [a for a in ARGS if a not in ("arcface", "scale=16")]
+    args[args.index("--head") + 1 : args.index("--head") + 1] = ["normface"]
+    args[args.index("--head-option") + 1 : args.index("--head-option") + 1] = ["learn_scale=true"]
+    single, out = tmp_path / "single", tmp_path / "w2"
+    _train([*args, *OPTIMIZERS["sgd"], "--out", str(single)], 1)
+    _train([*args, *OPTIMIZERS["sgd"], "--shard-head", "--out", str(out)], 2)
+    a = load_file(str(out / "model.safetensors"))
+    assert "head.log_scale" in a and float(a["head.log_scale"]) != pytest.approx(float(torch.tensor(16.0).log()))
+    _assert_same_weights(out, single)
+    # Its optimiser state (a 0-d momentum) is replicated, not split: a resume on 3 processes ends alike.
+    run = tmp_path / "run"
+    _train([*args, *OPTIMIZERS["sgd"], "--shard-head", "--out", str(run), "--max-steps", "3"], 2)
+    _train(["--resume", str(run)], 3)
+    _assert_same_weights(run, single)

@@ -83,7 +83,7 @@ class StepGuard:
         self.named = list(model.named_parameters())
         # A class-sharded head's rows differ per rank: their squared norms add up over the ranks.
         head = getattr(model, "head", None)
-        self.sharded = {id(p) for p in head.inner.parameters()} if isinstance(head, ShardedHead) else set()
+        self.sharded = {id(p) for p in head.inner.parameters() if p.ndim} if isinstance(head, ShardedHead) else set()
         self.buffers = [b for b in model.buffers()]
         self.saved: list[Tensor] = [b.detach().clone() for b in self.buffers] if self.enabled else []
         self.flags: Tensor | None = None  # running AND of the forward flags of this step's micro-batches

@@ -79,7 +79,7 @@ def wrap_for_training(
 
 def hold_unsampled_rows(optimizer: torch.optim.Optimizer, head: ShardedHead) -> None:
     """Hook ``optimizer`` so that each step updates only the rows ``head`` kept in its last forward."""
-    rows = {id(p) for p in head.inner.parameters()}
+    rows = {id(p) for p in head.inner.parameters() if p.ndim}  # 0-d: replicated, stepped by the main step
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: _step_kept_rows(opt, head, rows))
 
 
@@ -123,7 +123,7 @@ def _rows(v: Any, p: Tensor, idx: Tensor) -> Any:
 # ---------------------------------------------------------------------------------------------- state
 def _row_params(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[set[int], list[Tensor]]:
     params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
-    return {id(p) for p in model.head.inner.parameters()}, params
+    return {id(p) for p in model.head.inner.parameters() if p.ndim}, params  # 0-d (a learned scale): replicated
 
 
 def train_state(

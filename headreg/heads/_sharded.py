@@ -73,6 +73,19 @@ class _SumOverRanks(torch.autograd.Function):
         return grad
 
 
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient: for a scalar every rank holds (a learned
+    scale), whose gradient each rank computes over its own classes only."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return _all_reduce(grad.contiguous().clone())
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather of ``(n_r, D)`` blocks in rank order (sizes may differ); backward returns this rank's rows.
 
@@ -173,8 +186,11 @@ class ShardedHead(nn.Module):
             hook = getattr(self.inner, "shard_terms", None) or self.inner.fused_terms  # plugin heads: fused_terms
             terms = hook(x)
             bias = getattr(self.inner, "bias", None) if not terms.normalize_weight else None
+            scale = terms.scale
+            if isinstance(scale, Tensor) and scale.dim() == 0 and scale.requires_grad:
+                scale = _SumGradOverRanks.apply(scale)  # learned: every rank's classes add to its gradient
             res = fused_margin_cross_entropy(
-                terms.embeddings, self.inner.weight.to(dtype), y, terms.margin_target, terms.scale,
+                terms.embeddings, self.inner.weight.to(dtype), y, terms.margin_target, scale,
                 bias=None if bias is None else bias.to(dtype), normalize_weight=terms.normalize_weight,
                 class_offset=self.lo, index=rows, group=dist.group.WORLD if self.world_size > 1 else None,
             )  # fmt: skip
@@ -311,9 +327,9 @@ def _unsharded_state(head: nn.Module, n_local: int) -> str:
     """Why a head's parameters or buffers cannot be split by class ("" when all can, see ``shardable``)."""
     for kind, named in (("parameter", head.named_parameters()), ("buffer", head.named_buffers())):
         for pname, t in named:
-            if t.ndim == 0 and kind == "buffer":
-                continue  # a step counter every rank advances alike
-            if t.ndim == 0 or t.shape[0] % n_local:
+            if t.ndim == 0:
+                continue  # a step counter every rank advances alike; a learned scale, its gradient summed
+            if t.shape[0] % n_local:
                 return (
                     f"its {kind} {pname!r} of shape {tuple(t.shape)} is not per class, so no rank alone "
                     "could compute its gradient or update"

@@ -92,11 +92,6 @@ class AngularMarginHead(Head):
     def inference_logits(self, x: Tensor) -> Tensor:
         return cosine_linear(x, self.weight.to(x.dtype)) * self._scale(x.dtype)
 
-    def shard_refusal(self) -> str:
-        if self.learn_scale:
-            return "learn_scale=True: the gradient of the one learned s would need every rank's logits"
-        return ""
-
     def fused_terms(self, x: Tensor) -> FusedTerms:
         """``x̂``, ``s`` and :meth:`margin_target` (None when a subclass keeps the identity: no margin)."""
         psi = None if type(self).margin_target is AngularMarginHead.margin_target else self.margin_target
