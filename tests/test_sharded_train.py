@@ -138,3 +138,16 @@ def test_learned_scale_matches_one_process(tmp_path):
     _train([*args, *OPTIMIZERS["sgd"], "--shard-head", "--out", str(run), "--max-steps", "3"], 2)
     _train(["--resume", str(run)], 3)
     _assert_same_weights(run, single)
+
+
+@pytest.mark.slow
+def test_keep_best_saves_the_logical_head(tmp_path):
+    """--val/--keep-best on 2 ranks: every rank gathers the head for rank 0, so best/ loads as the whole model."""
+    out = tmp_path / "run"
+    val = ["--val", "fake@test", "--val-every", "2steps", "--keep-best", "fake@test/precision_at_1"]
+    _train([*ARGS, *OPTIMIZERS["sgd"], "--shard-head", *val, "--out", str(out)], 2)
+    import headreg
+
+    best = headreg.load_model(out / "best")
+    assert type(best.head).__name__ == "ArcFaceHead" and best.head.weight.shape == (10, 4)
+    assert load_file(str(out / "best" / "model.safetensors")).keys() == load_file(str(out / "model.safetensors")).keys()

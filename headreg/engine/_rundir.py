@@ -299,14 +299,15 @@ class RunDir:
 
         save_model(model, self.path, metadata=metadata, state=state)
 
-    def save_best(self, model: Any, metadata: dict[str, Any]) -> None:
+    def save_best(self, model: Any, metadata: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         """Write ``best/model.safetensors`` + ``config.json``, the best validation's model (``--keep-best``).
 
         The weights file carries its own config and is replaced atomically, so ``best/`` always loads.
+        ``state``: its weights (a class-sharded head's, gathered).
         """
         from ..models import save_model
 
-        save_model(model, self.path / "best", metadata=metadata)
+        save_model(model, self.path / "best", metadata=metadata, state=state)
 
     # -------------------------------------------------------------------------------------- resumable state
     def save_state(self, state: dict[str, Any]) -> None:
