@@ -282,6 +282,15 @@ def test_a_plugin_head_declaring_shardable_needs_fused_terms():
     assert "does not declare itself shardable" in head_shard_refusal(Opts(D, C))
 
 
+def test_warmup_attributes_reach_the_wrapped_head():
+    sharded = _sharded("arcface")
+    assert "margin" in sharded.warmup_attributes and sharded.margin == sharded.inner.margin
+    sharded.margin = 0.125  # what headreg train --head-warmup margin=START:FRACTION does each step
+    assert sharded.inner.margin == 0.125 and sharded.margin == 0.125 and "margin" not in sharded.__dict__
+    with pytest.raises(InvalidValueError, match="margin"):
+        sharded.margin = -1.0  # the head's own setter checks it
+
+
 def test_sampling_refuses_gradient_accumulation():
     from headreg.engine._config import TrainConfig
 

@@ -204,6 +204,22 @@ class ShardedHead(nn.Module):
         top1 = res.top1[lo : lo + sizes[self.rank]] if rows is None else None
         return HeadOutput(loss=loss, top1=top1)
 
+    @property
+    def warmup_attributes(self) -> tuple[str, ...]:
+        """The wrapped head's (``headreg train --head-warmup``): read and set through the wrapper."""
+        return tuple(getattr(self.__dict__.get("_modules", {}).get("inner"), "warmup_attributes", ()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.warmup_attributes:
+            return getattr(self.__dict__["_modules"]["inner"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.warmup_attributes:
+            setattr(self.__dict__["_modules"]["inner"], name, value)  # every rank ramps its block's copy alike
+        else:
+            super().__setattr__(name, value)
+
     def class_counts(self) -> list[int]:
         """Classes held by each rank, in rank order."""
         return [
