@@ -155,6 +155,14 @@ def save_model(
             "this model was built from an nn.Module backbone, which a JSON config cannot rebuild; "
             "save its state_dict yourself, or build it from a timm/torchvision name"
         )
+    from ..heads._sharded import ShardedHead
+
+    if state is None and isinstance(model.head, ShardedHead):  # this rank's rows only
+        raise CheckpointError(
+            "this model's head is class-sharded: this process holds some of its rows. Gather the logical "
+            "weights on every rank (headreg.engine._shard_head.train_state(model, None)) and pass them as "
+            "save_model(..., state=) on rank 0; headreg train does this"
+        )
     config = {"format": FORMAT, "headreg_version": __version__, **model.config, "metadata": metadata or {}}
     state = _state_dict(model if state is None else state)
     try:
