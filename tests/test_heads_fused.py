@@ -304,8 +304,8 @@ def _sharded_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _run_ranks(tmp_path: Path, world: int) -> list[dict]:
-    # Forked from this process, torch already imported: a fresh interpreter per rank costs seconds each.
-    ctx = mp.get_context("fork")
+    # Spawned, not forked: a fork of a process whose thread pools are running (as in the full suite) can deadlock.
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "store"), str(tmp_path))) for r in range(world)]
     for p in procs:
         p.start()

@@ -272,6 +272,14 @@ def run_on_main(fn: Callable[[], T], *, share: bool = True) -> T | None:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if one is initialised; safe to call always."""
+    """Destroy the process group if one is initialised; safe to call always.
+
+    Unreachable objects are collected first: a DistributedDataParallel wrapper and the collectives' work
+    objects sit in reference cycles, and left to the interpreter's shutdown, gloo's threads can release them
+    after Python is gone, which aborts the process ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
