@@ -31,15 +31,13 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import launch_ranks
 
 GIB = 2**30
 MODES = {"replicated": None, "sharded r=1": 1.0, "sharded r=0.1": 0.1}
@@ -80,14 +78,6 @@ class _Replicated(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.head(self.embedder(x), labels).loss
-
-
-def _worker(rank: int, cfg: dict[str, Any], init: str, results: Any) -> None:
-    try:
-        results.put(_run(rank, cfg, init))
-    except BaseException:
-        results.put({"rank": rank, "error": traceback.format_exc()})
-        raise
 
 
 def _run(rank: int, cfg: dict[str, Any], init: str) -> dict[str, Any]:
@@ -197,28 +187,6 @@ def _estimate_gib(mode: str, rate: float | None, world: int, args: argparse.Name
     return world * (per / GIB + 0.5)  # + the interpreter and torch
 
 
-def _launch(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{tmp}/store"
-        procs = [ctx.Process(target=_worker, args=(r, cfg, init, results)) for r in range(cfg["world"])]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=cfg["timeout"])
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        out = []
-        while not results.empty():
-            out.append(results.get())
-    errors = [r["error"] for r in out if "error" in r]
-    if errors or len(out) != cfg["world"]:
-        raise RuntimeError("a worker failed:\n" + ("\n".join(errors) or f"{len(out)} of {cfg['world']} reported"))
-    return sorted(out, key=lambda r: r["rank"])
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_scale.py head", description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=1_000_000)
@@ -263,7 +231,7 @@ def main(argv: list[str]) -> int:
                 rows.append(row)
                 continue
             cfg = {**vars(args), "world": world, "mode": mode, "rate": rate or 1.0, "backend": backend}
-            ranks = _launch(cfg)
+            ranks = launch_ranks(_run, cfg, cfg["timeout"])
             step = statistics.median(statistics.median(r["step_s"]) for r in ranks)
             row.update(
                 step_ms=1000 * step,

@@ -17,15 +17,13 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import launch_ranks
 
 IN = 64
 
@@ -40,14 +38,6 @@ def _data(cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     x_train = centres[y_train] + cfg["noise"] * torch.randn(len(y_train), IN, generator=g)
     x_test = centres[y_test] + cfg["noise"] * torch.randn(len(y_test), IN, generator=g)
     return x_train, y_train, x_test, y_test
-
-
-def _worker(rank: int, cfg: dict[str, Any], init: str, results: Any) -> None:
-    try:
-        results.put(_run(rank, cfg, init))
-    except BaseException:
-        results.put({"rank": rank, "error": traceback.format_exc()})
-        raise
 
 
 def _run(rank: int, cfg: dict[str, Any], init: str) -> dict[str, Any]:
@@ -115,29 +105,6 @@ def _run(rank: int, cfg: dict[str, Any], init: str) -> dict[str, Any]:
         dist.destroy_process_group()
 
 
-def _launch(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [
-            ctx.Process(target=_worker, args=(r, cfg, f"file://{tmp}/store", results)) for r in range(cfg["world"])
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=3600)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        out = []
-        while not results.empty():
-            out.append(results.get())
-    errors = [r["error"] for r in out if "error" in r]
-    if errors or len(out) != cfg["world"]:
-        raise RuntimeError("a worker failed:\n" + ("\n".join(errors) or f"{len(out)} of {cfg['world']} reported"))
-    return sorted(out, key=lambda r: r["rank"])
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_scale.py sampling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="1,0.5,0.1")
@@ -162,7 +129,7 @@ def main(argv: list[str]) -> int:
     )
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
-        ranks = _launch({**vars(args), "rate": rate})
+        ranks = launch_ranks(_run, {**vars(args), "rate": rate}, 3600)
         row = {
             "sample_rate": rate,
             "kept_per_rank": max(math.ceil(rate * (args.classes // args.world)), 1),
