@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _dist import free_port
 from safetensors.torch import load_file
 
 import headreg
@@ -23,19 +23,13 @@ ARGS = ("--dataset", "fake", "--limit", "200", "--batch-size", "50", "--json", "
 METRICS = ("--metrics", "retrieval,verification,clustering,classification")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(*args: str, nproc: int) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "headreg", "eval", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        cmd += [f"--master_port={_free_port()}", "-m", "headreg", "eval", *args]
+        cmd += [f"--master_port={free_port()}", "-m", "headreg", "eval", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist import free_port
 from click.testing import CliRunner
 from torch import nn
 
@@ -318,7 +319,7 @@ def test_two_gloo_processes_accumulate_freeze_and_guard_like_one(tmp_path: Path)
             "--test-limit", "64", "--optimizer", "sgd", "--lr", "0.05", "--no-augment", "--device", "cpu",
             "--no-progress", "--freeze-backbone", "1", "--clip-grad-norm", "5"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", "-m", "headreg", "train", *args, "--out", str(tmp_path / "ddp")]  # fmt: skip
     proc = subprocess.run(ddp, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -331,12 +332,3 @@ def test_two_gloo_processes_accumulate_freeze_and_guard_like_one(tmp_path: Path)
     b = load_file(str(tmp_path / "one" / "model.safetensors"))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-
-
-def _free_port() -> int:
-    """A free local TCP port for torchrun's rendezvous."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from _dist import launch_workers
 
 from headreg.engine import runtime
 from headreg.engine.runtime import (
@@ -27,9 +23,6 @@ from headreg.engine.runtime import (
     run_on_main,
 )
 from headreg.errors import InvalidValueError
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------- devices
 
@@ -176,45 +169,9 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo(tmp_path: Path) -> None:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    world, port = 2, _free_port()
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            # What torchrun sets for each worker.
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0].decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world))
+    world = 2
+    r0, r1 = launch_workers(WORKER, tmp_path, world, timeout=120)
 
     assert (r0["rank"], r0["world"], r0["is_dist"], r0["main"], r0["device"]) == (0, 2, True, True, "cpu")
     assert (r1["rank"], r1["local_rank"], r1["main"]) == (1, 1, False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist import free_port, launch_workers
 
 from headreg.metrics._knn import GallerySearch, iter_ranked_neighbours
 from headreg.metrics._knn_merge import merge_ranked
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
@@ -141,39 +140,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(tmp_path: Path, world: int) -> list[dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        cmd = [sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = []
-    try:
-        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return launch_workers(WORKER, tmp_path, world, str(Path(__file__).parent))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -219,7 +187,7 @@ def test_cli_under_torchrun_matches_one_process(ckpt: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "headreg", *args], capture_output=True,
                          text=True, env=env, timeout=240)  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     two = subprocess.run([*launch, "-m", "headreg", *args, "--shard-gallery"], capture_output=True, text=True,
                          env=env, timeout=240)  # fmt: skip
     assert one.returncode == 0, one.stderr

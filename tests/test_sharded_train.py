@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from _dist import free_port
 from safetensors.torch import load_file
 
 ARGS = ["--model", "lenetpp", "--model-option", "widths=[4,8,8]", "--head", "arcface", "--head-option", "scale=16",
@@ -32,18 +32,12 @@ OPTIMIZERS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(args: list[str], nproc: int) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "headreg"]
     if nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                  f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "headreg"]  # fmt: skip
+                  f"--master_port={free_port()}", "--master_addr=127.0.0.1", "-m", "headreg"]  # fmt: skip
     proc = subprocess.run([*launch, "train", *args], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

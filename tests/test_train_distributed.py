@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from _dist import free_port
 from safetensors.torch import load_file
 
 ARGS = ["--model", "lenetpp", "--model-option", "widths=[4,8,8]", "--head", "center", "--dataset", "fake",
         "--embedding-dim", "2", "--epochs", "1", "--batch-size", "32", "--limit", "128", "--test-limit", "100",
         "--optimizer", "sgd", "--lr", "0.05", "--no-augment", "--device", "cpu", "--no-progress"]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -38,7 +32,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", "-m", "headreg", "train", *ARGS, "--out", str(ddp_dir)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

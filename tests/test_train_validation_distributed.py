@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from test_train_distributed import ARGS, _env, _free_port
+from _dist import free_port
+from test_train_distributed import ARGS, _env
 from test_train_validation import val_lines, write_small_bin
 
 VAL = ["--val", "fake@test,lfw.bin", "--val-every", "2steps", "--keep-best", "fake@test/precision_at_1"]
@@ -22,7 +23,7 @@ def test_two_gloo_processes_validate_as_one(tmp_path):
     write_small_bin(data / "lfw.bin")
     ddp_dir = tmp_path / "ddp"
     args = [*ARGS, *VAL, "--data-dir", str(data)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", "-m", "headreg", "train", *args, "--out", str(ddp_dir)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
