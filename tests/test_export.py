@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _cli import invoke
-from click.testing import CliRunner
+from click.testing import Result
 
 import headreg
-from headreg.cli import main
 from headreg.engine import export as export_mod
 from headreg.engine._export_formats import read_exported
 from headreg.engine.export import MIN_COSINE, export_model
@@ -28,14 +27,8 @@ DATA = Path(os.environ.get("HEADREG_DATA_DIR", Path(__file__).resolve().parents[
 HAS_MNIST = (DATA / "MNIST" / "raw").is_dir()
 
 
-def export_cli(*args: str | Path, ok: bool = True):
-    result = CliRunner().invoke(main, ["export", *map(str, args)])
-    if ok:
-        assert result.exit_code == 0, result.output
-    else:
-        assert result.exit_code != 0, result.output
-        assert isinstance(result.exception, SystemExit), f"traceback instead of a message: {result.exception!r}"
-    return result
+def export_cli(*args: str | Path, ok: bool = True) -> Result:
+    return invoke(*args, ok=ok, command="export")
 
 
 @pytest.fixture(scope="module")
