@@ -28,6 +28,7 @@ __all__ = [
     "MODEL_CONFIG",
     "RUN_RECORD",
     "RESUME_META",
+    "SHARD_INDEX",
     "METRICS_LINE",
 ]
 
@@ -282,12 +283,30 @@ _PROGRESS: Mapping[str, Field] = {
     "tally": Field("any", nullable=True),
 }
 
+#: A sharded checkpoint's index (``model.safetensors.index.json``; ``resume.json``'s ``shards``), see
+#: :mod:`headreg.models._shards`. The file names are checked there against the shard-file pattern.
+SHARD_INDEX: Mapping[str, Field] = {
+    "metadata": Field(
+        "dict",
+        required=True,
+        schema={
+            "format": Field("str", required=True),
+            "generation": Field("int", required=True, check=at_least(1)),
+            "num_classes": Field("int", required=True, check=at_least(1)),
+            "sha256": Field("dict", required=True, values=Field("str", check=_sha256_hex)),
+        },
+    ),
+    "weight_map": Field("dict", required=True, values=Field("str")),
+    "row_shards": Field("dict", required=True, values=Field("list", items=Field("list"))),
+}
+
 #: ``resume.json``: the JSON half of the resumable state (``RunDir.save_state``).
 RESUME_META: Mapping[str, Field] = {
     "format": Field("str", required=True),
     "global_step": Field("str", required=True),
     "generation": Field("int", check=at_least(0)),  # which resume-<N>.safetensors holds the tensors
     "weights_sha256": Field("str", check=_sha256_hex),
+    "shards": Field("dict"),  # a class-sharded run's files, checked against SHARD_INDEX when read
     "state": Field(
         "dict",
         required=True,

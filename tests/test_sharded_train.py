@@ -3,10 +3,11 @@
 Exact by design, as tests/test_train_distributed.py: LeNet++ without batch norm, no augmentation, and a
 global batch of 12 split over W ranks in which rank r takes shuffle positions r, r + W, ...: the ranks'
 step-k batches together are the single process's step-k batch. ArcFace over C = 10 classes, so W = 3 holds
-4 + 3 + 3 rows. The saved ``model.safetensors`` must equal the single process's tensor by tensor, to 1e-5
+4 + 3 + 3 rows. The saved model (one file per rank and an index, read whole by ``headreg.load_model``) must
+equal the single process's ``model.safetensors`` tensor by tensor, to 1e-5
 relative in float32 (‖a − b‖ / ‖b‖ per tensor), after 6 SGD steps and after 6 AdamW steps; and a sharded run
 stopped and resumed on 2, then 3, then 1 process (optimiser state resharded each time) ends where the
-uninterrupted run does.
+uninterrupted run does, each save one file per rank holding that rank's rows.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sys
 import pytest
 import torch
 from _dist import free_port
-from safetensors.torch import load_file
 
 ARGS = ["--model", "lenetpp", "--model-option", "widths=[4,8,8]", "--head", "arcface", "--head-option", "scale=16",
         "--dataset", "fake", "--embedding-dim", "4", "--epochs", "1", "--batch-size", "12", "--limit", "72",
@@ -43,8 +43,15 @@ def _train(args: list[str], nproc: int) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def _weights(run) -> dict[str, torch.Tensor]:
+    """A run's saved weights under the unsharded names: one file, or a sharded run's files read whole."""
+    import headreg
+
+    return headreg.load_model(run).state_dict()
+
+
 def _assert_same_weights(a_dir, b_dir) -> None:
-    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    a, b = _weights(a_dir), _weights(b_dir)
     assert a.keys() == b.keys()
     assert a["head.weight"].shape == (10, 4)  # the logical head, whatever the world size
     for k in a:
@@ -88,11 +95,31 @@ def test_sharded_resume_on_other_world_sizes(tmp_path):
     _train([*ARGS, *opt, "--shard-head", "--out", str(run), "--max-steps", "2"], 2)
     state = json.loads((run / "resume.json").read_text())
     assert state["global_step"] == "2"
+    _assert_rank_files(run, 2)
     _train(["--resume", str(run), "--max-steps", "4"], 3)
+    _assert_rank_files(run, 3)
     _train(["--resume", str(run)], 1)
+    _assert_rank_files(run, 1)
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["global_step"] == 6 and record["world_size"] == 1
     _assert_same_weights(run, single)
+
+
+def _assert_rank_files(run, world: int) -> None:
+    """The run's model and resumable state are one file per rank, each holding that rank's rows only."""
+    from headreg.heads._sharded import shard_bounds
+
+    state = json.loads((run / "resume.json").read_text())["shards"]
+    index = json.loads((run / "model.safetensors.index.json").read_text())
+    for stem, shards in (("resume", state), ("model", index)):
+        gen = shards["metadata"]["generation"]
+        files = [f"{stem}-{gen}-{r + 1:05d}-of-{world:05d}.safetensors" for r in range(world)]
+        assert sorted(shards["metadata"]["sha256"]) == files
+        assert sorted(p.name for p in run.glob(f"{stem}-*.safetensors")) == files  # the older generations gone
+        for key, parts in shards["row_shards"].items():  # the head's weight; SGD's momentum of it
+            assert parts == [[files[r], *shard_bounds(10, world, r)] for r in range(world)], key
+        assert any("momentum_buffer" in k for k in shards["row_shards"]) == (stem == "resume")
+    assert not (run / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -104,11 +131,11 @@ def test_sampled_run_is_reproducible(tmp_path):
     _train([*args, "--out", str(b)], 2)
     run = json.loads((a / "run.json").read_text())
     assert run["config"]["sample_rate"] == 0.5 and run["global_step"] == 6
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # seeded: the same negatives, the same steps
     single = tmp_path / "single"
     _train([*ARGS, *OPTIMIZERS["adamw"], "--out", str(single)], 1)
-    ws = load_file(str(single / "model.safetensors"))
+    ws = _weights(single)
     assert not torch.equal(wa["head.weight"], ws["head.weight"])  # sampling changed the steps
     import headreg
 
@@ -124,7 +151,7 @@ def test_learned_scale_matches_one_process(tmp_path):
     single, out = tmp_path / "single", tmp_path / "w2"
     _train([*args, *OPTIMIZERS["sgd"], "--out", str(single)], 1)
     _train([*args, *OPTIMIZERS["sgd"], "--shard-head", "--out", str(out)], 2)
-    a = load_file(str(out / "model.safetensors"))
+    a = _weights(out)
     assert "head.log_scale" in a and float(a["head.log_scale"]) != pytest.approx(float(torch.tensor(16.0).log()))
     _assert_same_weights(out, single)
     # Its optimiser state (a 0-d momentum) is replicated, not split: a resume on 3 processes ends alike.
@@ -136,7 +163,7 @@ def test_learned_scale_matches_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_keep_best_saves_the_logical_head(tmp_path):
-    """--val/--keep-best on 2 ranks: every rank gathers the head for rank 0, so best/ loads as the whole model."""
+    """--val/--keep-best on 2 ranks: every rank writes its rows to best/, which loads as the whole model."""
     out = tmp_path / "run"
     val = ["--val", "fake@test", "--val-every", "2steps", "--keep-best", "fake@test/precision_at_1"]
     _train([*ARGS, *OPTIMIZERS["sgd"], "--shard-head", *val, "--out", str(out)], 2)
@@ -144,4 +171,6 @@ def test_keep_best_saves_the_logical_head(tmp_path):
 
     best = headreg.load_model(out / "best")
     assert type(best.head).__name__ == "ArcFaceHead" and best.head.weight.shape == (10, 4)
-    assert load_file(str(out / "best" / "model.safetensors")).keys() == load_file(str(out / "model.safetensors")).keys()
+    assert _weights(out / "best").keys() == _weights(out).keys()
+    best_index = json.loads((out / "best" / "model.safetensors.index.json").read_text())
+    assert len(best_index["metadata"]["sha256"]) == 2  # one file per rank

@@ -16,7 +16,10 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["split_state", "join_state", "capture_rng", "restore_rng"]
+__all__ = ["STATE_PREFIX", "state_key", "split_state", "join_state", "capture_rng", "restore_rng"]
+
+#: The prefix of every tensor key of the resumable state (``split_state(state, tensors, STATE_PREFIX)``).
+STATE_PREFIX = "s"
 
 _TENSOR = "__tensor__"
 _ITEMS = "__items__"
@@ -24,6 +27,12 @@ _TUPLE = "__tuple__"
 
 
 # ---------------------------------------------------------------------------------------------- nested state
+def state_key(*path: Any) -> str:
+    """The key :func:`split_state` gives, under :data:`STATE_PREFIX`, to the tensor at ``path`` of the state
+    (``state_key("optimizer", "state", 3, "exp_avg")`` is ``"s.optimizer.state.3.exp_avg"``)."""
+    return ".".join([STATE_PREFIX, *map(str, path)])
+
+
 def split_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
     """Replace every tensor in a nested structure by a placeholder, collecting it in ``tensors``."""
     if isinstance(obj, torch.Tensor):

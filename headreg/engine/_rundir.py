@@ -3,13 +3,16 @@
 A run directory holds
 
 - ``run.json``: the run record: config, status (``running``, ``stopped``, ``completed``), progress;
-- ``model.safetensors`` + ``config.json``: the model, as :func:`headreg.save_model` writes it;
+- ``model.safetensors`` + ``config.json``: the model, as :func:`headreg.save_model` writes it (a class-sharded
+  head's: ``model.safetensors.index.json`` + ``model-<N>-<r>-of-<W>.safetensors``, one file per rank);
 - ``metrics.jsonl``: one JSON line per finished epoch;
 - ``eval.json``: the final evaluation;
 - ``best/``: the model of the best validation (``--keep-best``), ``model.safetensors`` + ``config.json``;
 - ``tensorboard/``: TensorBoard event files (``--tensorboard``);
 - ``resume.json`` + ``resume-<generation>.safetensors``: everything needed to continue exactly (see
-  :mod:`headreg.engine._checkpoint` for how nested state becomes tensors + JSON);
+  :mod:`headreg.engine._checkpoint` for how nested state becomes tensors + JSON); a class-sharded head's run
+  writes ``resume-<generation>-<r>-of-<W>.safetensors``, one per rank, which ``resume.json`` indexes
+  (:mod:`headreg.models._shards`);
 - ``headreg.lock``: the lock that keeps a second writer out (:mod:`headreg.engine._lock`).
 
 :class:`RunDir` is the only code that touches these files; ``train``, ``resume`` and ``compare`` go
@@ -38,6 +41,7 @@ from typing import Any
 
 from .._atomic import atomic_output, atomic_write_text, temp_target
 from ..errors import CheckpointError, InvalidValueError
+from ..models._shards import INDEX_NAME, SHARD_FILE, RowSplit, ShardSet, read_shards, write_shards
 from ._lock import LOCK_NAME, DirLock
 
 __all__ = ["RUN_FILES", "RUN_LAYOUT", "OutLayout", "RunDir", "atomic_write_text", "claim_out_dir", "write_json"]
@@ -49,8 +53,10 @@ RESUME_TENSORS = "resume.safetensors"  # the layout before generations (format h
 RESUME_JSON = "resume.json"
 #: One generation of the resumable state's tensors; ``resume.json`` names the one in force.
 RESUME_GENERATION = re.compile(r"^resume-([1-9][0-9]*)\.safetensors$")
+#: The generations, and a sharded run's per-rank files (``model-<N>-<r>-of-<W>``, ``resume-<N>-<r>-of-<W>``).
+_GENERATED = re.compile(f"{RESUME_GENERATION.pattern}|{SHARD_FILE.pattern}")
 #: Files a training run writes; ``--overwrite`` removes exactly these (and the generations), nothing else.
-RUN_FILES = (RUN_CONFIG, "model.safetensors", "config.json", METRICS, EVAL, RESUME_TENSORS, RESUME_JSON)
+RUN_FILES = (RUN_CONFIG, "model.safetensors", INDEX_NAME, "config.json", METRICS, EVAL, RESUME_TENSORS, RESUME_JSON)
 #: Sub-directories a training run writes whole; ``--overwrite`` removes them with the files.
 RUN_SUBDIRS = ("best", "tensorboard")
 RUN_FORMAT = "headreg.run/1"
@@ -115,7 +121,7 @@ class OutLayout:
         return entry.name == LOCK_NAME or (self.writes(entry.name) and not self._output(entry.name))
 
 
-RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES), pattern=RESUME_GENERATION, subdirs=frozenset(RUN_SUBDIRS))
+RUN_LAYOUT = OutLayout("run", frozenset(RUN_FILES), pattern=_GENERATED, subdirs=frozenset(RUN_SUBDIRS))
 
 
 def claim_out_dir(
@@ -293,36 +299,49 @@ class RunDir:
         atomic_write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
     # -------------------------------------------------------------------------------------- model
-    def save_model(self, model: Any, metadata: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (:func:`headreg.save_model`; ``state``: its weights)."""
-        from ..models import save_model
+    def save_model(self, model: Any, metadata: dict[str, Any]) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (:func:`headreg.save_model`).
 
-        save_model(model, self.path, metadata=metadata, state=state)
-
-    def save_best(self, model: Any, metadata: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        """Write ``best/model.safetensors`` + ``config.json``, the best validation's model (``--keep-best``).
-
-        The weights file carries its own config and is replaced atomically, so ``best/`` always loads.
-        ``state``: its weights (a class-sharded head's, gathered).
+        Rank 0 calls it; under a class-sharded head every rank does (each writes its own rows).
         """
         from ..models import save_model
 
-        save_model(model, self.path / "best", metadata=metadata, state=state)
+        save_model(model, self.path, metadata=metadata)
+
+    def save_best(self, model: Any, metadata: dict[str, Any]) -> None:
+        """Write ``best/model.safetensors`` + ``config.json``, the best validation's model (``--keep-best``).
+
+        The weights file carries its own config and is replaced atomically (a sharded head's index is), so
+        ``best/`` always loads. Called as :meth:`save_model` is.
+        """
+        from ..models import save_model
+
+        save_model(model, self.path / "best", metadata=metadata)
 
     # -------------------------------------------------------------------------------------- resumable state
-    def save_state(self, state: dict[str, Any]) -> None:
+    def save_state(self, state: dict[str, Any], split: RowSplit | None = None) -> None:
         """Commit the resumable ``state``: a new tensors generation, then ``resume.json`` naming it, atomically.
 
         See the module docstring for why no kill can leave a ``resume.json`` and tensors that disagree.
+
+        Args:
+            state: the state (rank 0's, whole), or on another rank of a class-sharded run its model and
+                optimiser state, of which only the keys ``split`` names are written.
+            split: a class-sharded run's per-row tensors (:func:`~headreg.engine._shard_head.train_state`):
+                then every rank calls this (a collective) and writes its own file, and ``resume.json`` indexes
+                them.
         """
         from safetensors.torch import save_file
 
         from ..models.checkpoint import tensors_sha256
-        from ._checkpoint import split_state
+        from ._checkpoint import STATE_PREFIX, split_state
 
         tensors: dict[str, Any] = {}
-        tree = split_state(state, tensors, "s")
+        tree = split_state(state, tensors, STATE_PREFIX)
         step = str(state.get("progress", {}).get("global_step", -1))
+        if split is not None:
+            self._save_state_shards(tree, tensors, step, split)
+            return
         generation = max([0, *self._generations()]) + 1
         with atomic_output(self.path / _generation_name(generation)) as tmp:
             save_file(tensors, str(tmp), metadata={"format": RESUME_FORMAT, "global_step": step})
@@ -333,6 +352,15 @@ class RunDir:
             if old != generation:
                 (self.path / _generation_name(old)).unlink(missing_ok=True)
 
+    def _save_state_shards(self, tree: Any, tensors: dict[str, Any], step: str, split: RowSplit) -> None:
+        def commit(shards: ShardSet) -> None:
+            meta = {"format": RESUME_FORMAT, "global_step": step, "state": tree, "shards": shards.to_json()}
+            write_json(self.path / RESUME_JSON, meta)  # the commit
+            for old in [*self._generations(), 0]:  # a one-file state it replaces
+                (self.path / _generation_name(old)).unlink(missing_ok=True)
+
+        write_shards(self.path, "resume", tensors, split, commit)
+
     def _generations(self) -> list[int]:
         """The tensor generations on disk (complete files only: a killed write leaves a temporary name)."""
         found = (RESUME_GENERATION.match(p.name) for p in self.path.iterdir()) if self.path.is_dir() else ()
@@ -342,11 +370,14 @@ class RunDir:
         """Whether a resumable state was ever committed here (else a resumed run starts from the beginning)."""
         return (self.path / RESUME_JSON).is_file()
 
-    def load_state(self, verify: bool = True) -> dict[str, Any]:
+    def load_state(self, verify: bool = True, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """Read the state :meth:`save_state` committed; CheckpointError when missing, torn or foreign.
 
         Args:
             verify: check the tensors against their recorded SHA-256 (``--no-verify`` skips it).
+            rank: this process's rank, and
+            world_size: the number of processes now: of a class-sharded run's per-row tensors only the rows
+                of this rank's block of classes are read (:func:`~headreg.heads._sharded.shard_bounds`).
         """
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -360,6 +391,8 @@ class RunDir:
             raise CheckpointError(f"{where}: no resumable state ({RESUME_JSON} and its tensors) in that directory")
         try:
             meta = self.read_json(RESUME_JSON, missing="")
+            if "shards" in meta:
+                return self._load_state_shards(meta, verify, rank, world_size)
             ts = self.path / _generation_name(meta.get("generation", 0))
             if not ts.is_file():
                 raise CheckpointError(f"{ts.name}, which {RESUME_JSON} names, is missing")
@@ -383,6 +416,19 @@ class RunDir:
         if "weights_sha256" in meta:  # recorded since headreg.resume/2
             verify_tensors(tensors, meta["weights_sha256"], where=str(ts), verify=verify)
         return join_state(meta["state"], tensors)
+
+    def _load_state_shards(self, meta: dict[str, Any], verify: bool, rank: int, world_size: int) -> dict[str, Any]:
+        from ..heads._sharded import shard_bounds
+        from ._checkpoint import join_state
+
+        where = str(self.path / RESUME_JSON)
+        if meta.get("format") != RESUME_FORMAT:
+            raise CheckpointError(f"format {meta.get('format')!r}, expected {RESUME_FORMAT!r}")
+        shards = ShardSet.from_json(meta["shards"], where)
+        if shards.num_classes < world_size:
+            raise CheckpointError(f"the run's {shards.num_classes} classes cannot be split over {world_size} processes")
+        classes = shard_bounds(shards.num_classes, world_size, rank)
+        return join_state(meta["state"], read_shards(self.path, shards, classes=classes, verify=verify, where=where))
 
 
 def _generation_name(generation: Any) -> str:

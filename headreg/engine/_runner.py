@@ -63,11 +63,12 @@ def run_training(
     directory = RunDir(run_dir)
     # Only rank 0 touches the directory, and holds its lock for the whole run; the others learn whether
     # that worked, then read the state themselves.
-    work = functools.partial(_open, directory, config, resume=resume, overwrite=overwrite, verify=verify)
+    where = {"rank": ranks.info.rank, "world_size": ranks.info.world_size}  # a sharded head's rows to read
+    work = functools.partial(_open, directory, config, resume=resume, overwrite=overwrite, verify=verify, **where)
     try:
         state = run_on_main(work, share=False)
         if resume and not ranks.main and directory.has_state():
-            state = directory.load_state(verify=verify)
+            state = directory.load_state(verify=verify, **where)
         # A resumed state holds the weights: the backbone's pretrained ones are not read again.
         session = build_session(dataclasses.replace(config, pretrained=False) if state else config, ranks)
         run = Run(config, directory, ranks, session, progress=progress, log=log)
@@ -81,7 +82,7 @@ def run_training(
 
 
 def _open(
-    directory: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool, verify: bool
+    directory: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool, verify: bool, rank: int, world_size: int
 ) -> dict[str, Any] | None:
     """Lock the run directory (claiming it for a new run); a resumed run's committed state, if it has one."""
     if not resume:
@@ -89,7 +90,7 @@ def _open(
         return None
     directory.lock.acquire()
     directory.clear_leftovers()
-    return directory.load_state(verify=verify) if directory.has_state() else None
+    return directory.load_state(verify=verify, rank=rank, world_size=world_size) if directory.has_state() else None
 
 
 class Run:
@@ -325,12 +326,16 @@ class Run:
         """Write the model, the resumable state at ``epoch`` (+ ``tally`` mid-epoch) and the run record."""
         s = self.session
         gathered = self.ranks.gather_objects([capture_rng(), s.train_transform.generator.get_state()])
-        model_state, optimizer_state = train_state(self.model, s.optimizer)  # a sharded head's, gathered
-        if not self.ranks.main:
+        # Under a sharded head every rank writes its own rows (split says which); otherwise rank 0 writes.
+        model_state, optimizer_state, split = train_state(self.model, s.optimizer)
+        if not self.ranks.main and split is None:
             return
         last = self.log.history[-1] if self.log.history else {}
         meta = {"epoch": len(self.log.history), **{k: last[k] for k in ("loss", "test_accuracy") if k in last}}
-        self.run_dir.save_model(self.model, meta, state=model_state if is_sharded(self.model) else None)
+        self.run_dir.save_model(self.model, meta)
+        if not self.ranks.main:  # its rows of the model's and the optimiser's state: the rest is rank 0's
+            self.run_dir.save_state({"model": model_state, "optimizer": optimizer_state}, split)
+            return
         state = {
             "model": model_state,
             "optimizer": optimizer_state,
@@ -346,7 +351,7 @@ class Run:
             },
             "validation": self.validator.state() if self.validator is not None else None,
         }
-        self.run_dir.save_state(state)
+        self.run_dir.save_state(state, split)
         self.committed = f"epoch {epoch}, step {self.ctx.global_step}"
         self._write_record(status)
 

@@ -8,10 +8,11 @@ optimiser's update of the sampled rows, and world-size-independent state.
   slice of the state, and their gradient is then cleared so the main step skips them: rows not sampled get
   no update, neither from SGD's momentum and weight decay nor from AdamW's moments and decay (a "lazy"
   AdamW: a row's moments move only on the steps that sample it; the bias correction counts every step).
-- **State independent of the world size.** A checkpoint and the resumable state hold the logical head (one
-  ``(C, D)`` tensor per parameter, under the unsharded names, and the optimiser's per-row state likewise),
-  gathered on rank 0 one shard after another. Loading slices this rank's rows, so ``--resume`` works on
-  another number of processes.
+- **State independent of the world size.** Nothing is gathered: each rank writes its rows of the head and
+  of the optimiser's per-row state to its own file, under the unsharded names, and rank 0 commits an index
+  of the files (:mod:`headreg.models._shards`); the index describes the logical ``(C, D)`` tensors. Loading
+  reads this rank's rows from whichever files hold them, so ``--resume`` works on another number of
+  processes and no rank ever holds more than its own shard.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import InvalidValueError
 from ..heads._sharded import ShardedHead, shard_bounds
+from ..models._shards import RowSplit, logical_state, row_range
+from ._checkpoint import state_key
 
 __all__ = ["ShardedStep", "wrap_for_training", "hold_unsampled_rows", "train_state", "load_train_state", "is_sharded"]
 
@@ -128,50 +131,29 @@ def _row_params(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
 
 def train_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
-    """The model's and the optimiser's state dicts, the head's shards gathered into logical tensors.
+) -> tuple[dict[str, Tensor], dict[str, Any] | None, RowSplit | None]:
+    """The model's and the optimiser's state dicts, and for a sharded head which tensors hold this rank's rows.
 
-    Collective under a sharded head; then the result is on rank 0 and None elsewhere. Without a sharded head,
-    the plain state dicts (on every rank).
+    No collective, nothing gathered: under a sharded head the model's state is named as the unsharded
+    model's (``head.weight``) but holds this rank's rows, and so does the optimiser's per-row state. The
+    :class:`~headreg.models._shards.RowSplit` names them by their key in the saved state
+    (:func:`~headreg.engine._checkpoint.state_key`), with the logical rows each holds, for
+    :meth:`~headreg.engine._rundir.RunDir.save_state` to write one file per rank.
     """
     opt_state = optimizer.state_dict() if optimizer is not None else None
-    if not is_sharded(model):
-        return model.state_dict(), opt_state
+    model_state, split = logical_state(model)
+    if split is None:
+        return model_state, opt_state, None
     head: ShardedHead = model.head
-    main = head.rank == 0
-    model_state: dict[str, Tensor] = {}
-    for key, t in model.state_dict().items():
-        if key.startswith(_INNER):
-            full = _gather_rows(t, head) if t.ndim else t
-            if main:
-                model_state[_HEAD + key[len(_INNER) :]] = full
-        elif main:
-            model_state[key] = t
+    rows = {state_key("model", k): r for k, r in split.rows.items()}
     if opt_state is not None:
-        rows, params = _row_params(model, optimizer)
+        row_ids, params = _row_params(model, optimizer)
         for i, p in enumerate(params):
-            if id(p) in rows and i in opt_state["state"]:
-                entry = opt_state["state"][i]
-                for k, v in list(entry.items()):
+            if id(p) in row_ids and i in opt_state["state"]:
+                for k, v in opt_state["state"][i].items():
                     if isinstance(v, Tensor) and v.shape == p.shape:
-                        entry[k] = _gather_rows(v, head)
-    return (model_state, opt_state) if main else (None, None)
-
-
-def _gather_rows(t: Tensor, head: ShardedHead) -> Tensor | None:
-    """Every rank's rows of ``t`` concatenated on rank 0 (CPU), one shard at a time; None elsewhere."""
-    counts = head.class_counts()
-    per = t.shape[0] // (head.hi - head.lo)
-    device = t.device
-    if head.rank != 0:
-        dist.send(t.detach().contiguous(), dst=0)
-        return None
-    parts = [t.detach().to("cpu").clone()]
-    for r in range(1, head.world_size):
-        buf = torch.empty((counts[r] * per, *t.shape[1:]), dtype=t.dtype, device=device)
-        dist.recv(buf, src=r)
-        parts.append(buf.to("cpu"))
-    return torch.cat(parts)
+                        rows[state_key("optimizer", "state", i, k)] = row_range(v.shape[0], head)
+    return model_state, opt_state, RowSplit(rows, head.num_classes)
 
 
 def load_train_state(
@@ -181,32 +163,41 @@ def load_train_state(
     opt_state: dict[str, Any],
     device: torch.device,
 ) -> None:
-    """Load logical state dicts (:func:`train_state`'s) into this rank's model and optimiser, slicing its rows."""
+    """Load :func:`train_state`'s state dicts into this rank's model and optimiser.
+
+    Under a sharded head the per-row tensors hold this rank's rows already (``RunDir.load_state`` read only
+    those); a logical tensor (a state saved whole, before per-rank files) is sliced here.
+    """
     if not is_sharded(model):
         model.load_state_dict({k: v.to(device) for k, v in model_state.items()})
         optimizer.load_state_dict(opt_state)
         return
     head: ShardedHead = model.head
+    own = model.state_dict()
     mine: dict[str, Tensor] = {}
     for key, t in model_state.items():
-        if key.startswith(_HEAD):
-            mine[_INNER + key[len(_HEAD) :]] = _slice_rows(t, head) if t.ndim else t
-        else:
-            mine[key] = t
+        name = _INNER + key[len(_HEAD) :] if key.startswith(_HEAD) else key
+        mine[name] = _local_rows(t, own[name], head, name) if name.startswith(_INNER) and t.ndim and name in own else t
     model.load_state_dict({k: v.to(device) for k, v in mine.items()})
-    rows, params = _row_params(model, optimizer)
+    row_ids, params = _row_params(model, optimizer)
     for i, p in enumerate(params):
-        if id(p) in rows and i in opt_state["state"]:
+        if id(p) in row_ids and i in opt_state["state"]:
             entry = opt_state["state"][i]
-            logical = (p.shape[0] // (head.hi - head.lo)) * head.num_classes
             for k, v in list(entry.items()):
-                if isinstance(v, Tensor) and v.ndim and v.shape[0] == logical and v.shape[1:] == p.shape[1:]:
-                    entry[k] = _slice_rows(v, head)
+                if isinstance(v, Tensor) and v.ndim and v.shape[1:] == p.shape[1:]:
+                    entry[k] = _local_rows(v, p, head, f"optimizer state {k} of {_HEAD}")
     optimizer.load_state_dict(opt_state)
 
 
-def _slice_rows(t: Tensor, head: ShardedHead) -> Tensor:
-    """This rank's rows of a logical per-class tensor."""
-    per = t.shape[0] // head.num_classes
-    lo, hi = shard_bounds(head.num_classes, head.world_size, head.rank)
-    return t[lo * per : hi * per].clone()
+def _local_rows(t: Tensor, own: Tensor, head: ShardedHead, name: str) -> Tensor:
+    """``t`` when it holds this rank's rows already; this rank's rows of a logical tensor; else a clear error."""
+    if t.shape == own.shape:
+        return t
+    per = own.shape[0] // (head.hi - head.lo)
+    if t.shape[1:] == own.shape[1:] and t.shape[0] == per * head.num_classes:
+        lo, hi = shard_bounds(head.num_classes, head.world_size, head.rank)
+        return t[lo * per : hi * per].clone()
+    raise InvalidValueError(
+        f"--resume: the saved {name} has shape {tuple(t.shape)}, this process's block of {head.num_classes} "
+        f"classes needs {tuple(own.shape)}; did the data's classes change since the run was stopped?"
+    )

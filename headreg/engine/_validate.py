@@ -29,7 +29,7 @@ from ._distributed import Ranks
 from ._epochlog import EpochLog
 from ._jsonsafe import json_safe
 from ._rundir import RunDir
-from ._shard_head import is_sharded, train_state
+from ._shard_head import is_sharded
 from ._valspec import ValProtocol, higher_is_better, parse_every, parse_protocols, split_best
 
 __all__ = ["Validator"]
@@ -148,11 +148,10 @@ class Validator:
         improved = value is not None and (self.best is None or (value > self.best if better else value < self.best))
         if improved:
             self.best, self.best_epoch, self.best_step, self.bad = float(value), epoch, step, 0
-            # A sharded head's logical weights are gathered by every rank (a collective) for rank 0 to write.
-            state = train_state(model, None)[0] if is_sharded(model) else None
-            if self.main:
+            # Under a sharded head every rank writes its rows (a collective); otherwise rank 0 writes.
+            if self.main or is_sharded(model):
                 meta = {"epoch": epoch, "step": step, "metric": f"{key}/{metric}", "value": float(value)}
-                self.run_dir.save_best(model, meta, state=state)
+                self.run_dir.save_best(model, meta)
         else:
             self.bad += 1
         if self.patience is not None and self.bad >= self.patience:

@@ -12,6 +12,10 @@ config: ``weights_sha256`` over the tensors (names, dtypes, shapes and bytes, so
 file's own header) and ``config_sha256`` over the keys that rebuild the model; ``load_model`` checks
 both (``verify=False`` skips it), so a flipped byte or a head edited into ``config.json`` is a
 "checksum mismatch", not a model that silently computes garbage. See docs/reliability.md.
+
+A model with a class-sharded head (``shard_head=True``) is saved by every rank at once, one file per rank
+and an index (``model.safetensors.index.json``, :mod:`headreg.models._shards`) beside ``config.json``; the
+index records each file's digest. ``load_model`` reads either layout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .._atomic import atomic_output, atomic_write_text
 from .._schema import MODEL_CONFIG, validate
 from .._schema_backbone import check_backbone_kwargs
 from ..errors import CheckpointError
+from ..heads._sharded import ShardedHead
+from ._shards import INDEX_NAME, SHARD_FILE, ShardSet, fill_model, logical_state, write_shards
 from .head_model import HeadModel
 
 __all__ = [
@@ -119,6 +125,25 @@ def _weights_path(path: str | Path) -> Path:
     return p if p.suffix == ".safetensors" else p / WEIGHTS_NAME
 
 
+def _shards_dir(path: str | Path) -> Path | None:
+    """The directory of a sharded checkpoint at ``path`` (the directory or its index file), else None."""
+    p = Path(path)
+    if p.name == INDEX_NAME:
+        return p.parent
+    return p if p.suffix != ".safetensors" and (p / INDEX_NAME).is_file() else None
+
+
+def _read_index(directory: Path) -> ShardSet:
+    index = directory / INDEX_NAME
+    try:
+        obj = json.loads(index.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {index}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index} is not valid JSON: {exc}") from None
+    return ShardSet.from_json(obj, str(index))
+
+
 def _state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage; clone so each is its own.
     state = model.state_dict() if isinstance(model, nn.Module) else model
@@ -134,15 +159,21 @@ def save_model(
 ) -> Path:
     """Write ``model`` as safetensors weights plus its rebuild config.
 
+    A model whose head is class-sharded (``shard_head=True`` under a process group) is saved by every rank
+    at once (a collective: call it on all of them): each writes its rows, ``model-<N>-<r>-of-<W>.safetensors``,
+    and rank 0 the replicated weights, ``config.json`` and ``model.safetensors.index.json``. No rank holds
+    more than its own shard; :func:`load_model` on one process rebuilds the whole model.
+
     Args:
         model: a :class:`HeadModel` built by :func:`headreg.create_model` from a backbone name.
-        path: a ``.safetensors`` file, or a directory (created) for ``model.safetensors`` + ``config.json``.
+        path: a ``.safetensors`` file, or a directory (created) for ``model.safetensors`` + ``config.json``
+            (a directory only, for a sharded head).
         metadata: extra JSON-able information stored beside the config (e.g. training metrics).
-        state: the weights to write instead of ``model.state_dict()`` (a class-sharded head's logical
-            tensors, gathered by the training engine).
+        state: the weights to write instead of ``model.state_dict()`` (the logical tensors of a sharded
+            head, when the caller has them whole: then one file).
 
     Returns:
-        The path of the weights file.
+        The path of the weights file (of the index, for a sharded head).
     """
     from safetensors.torch import save_file
 
@@ -155,30 +186,52 @@ def save_model(
             "this model was built from an nn.Module backbone, which a JSON config cannot rebuild; "
             "save its state_dict yourself, or build it from a timm/torchvision name"
         )
-    from ..heads._sharded import ShardedHead
-
-    if state is None and isinstance(model.head, ShardedHead):  # this rank's rows only
-        raise CheckpointError(
-            "this model's head is class-sharded: this process holds some of its rows. Gather the logical "
-            "weights on every rank (headreg.engine._shard_head.train_state(model, None)) and pass them as "
-            "save_model(..., state=) on rank 0; headreg train does this"
-        )
     config = {"format": FORMAT, "headreg_version": __version__, **model.config, "metadata": metadata or {}}
-    state = _state_dict(model if state is None else state)
     try:
         # The digest of the config as a reader will see it (tuples read back as lists).
         config["config_sha256"] = _config_sha256(json.loads(json.dumps(config)))
-        config["weights_sha256"] = tensors_sha256(state)
-        text = json.dumps(config, sort_keys=True)
     except TypeError as exc:
         raise CheckpointError(f"the model config is not JSON-serialisable: {exc}") from None
+    if state is None and isinstance(model.head, ShardedHead):
+        return _save_shards(model, Path(path), config)
+    state = _state_dict(model if state is None else state)
+    config["weights_sha256"] = tensors_sha256(state)
+    text = json.dumps(config, sort_keys=True)
     weights = _weights_path(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(weights) as tmp:  # never a half-written checkpoint under the real name, even after a kill
         save_file(state, str(tmp), metadata={_META_KEY: text})
     if weights.name == WEIGHTS_NAME and Path(path).suffix != ".safetensors":
         atomic_write_text(weights.parent / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _remove_shards(weights.parent)  # a sharded checkpoint this one replaces
     return weights
+
+
+def _save_shards(model: HeadModel, directory: Path, config: dict[str, Any]) -> Path:
+    """A sharded head's checkpoint: every rank's file, then ``config.json`` and the index on rank 0."""
+    if directory.suffix == ".safetensors":
+        raise CheckpointError(
+            f"a class-sharded model is saved as a directory (one file per rank and an index), not {directory}"
+        )
+    tensors, split = logical_state(model)
+    assert split is not None
+
+    def commit(shards: ShardSet) -> None:
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / INDEX_NAME, json.dumps(shards.to_json(), indent=2) + "\n")  # the commit
+        (directory / WEIGHTS_NAME).unlink(missing_ok=True)  # a one-file checkpoint this one replaces
+
+    write_shards(directory, "model", tensors, split, commit)
+    return directory / INDEX_NAME
+
+
+def _remove_shards(directory: Path) -> None:
+    """Remove a sharded model checkpoint's index and files from ``directory``."""
+    (directory / INDEX_NAME).unlink(missing_ok=True)
+    for p in directory.glob("model-*-of-*.safetensors"):
+        m = SHARD_FILE.match(p.name)
+        if m and m.group(1) == "model":
+            p.unlink(missing_ok=True)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -189,17 +242,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
             out of range, or a backbone argument a file may not carry (``checkpoint_path``, ``pretrained``...).
     """
     weights = _weights_path(path)
-    if not weights.is_file():
+    sharded = _shards_dir(path)
+    if sharded is not None:
+        weights, meta = sharded / INDEX_NAME, {}  # the config is config.json's
+    elif not weights.is_file():
         raise CheckpointError(f"no checkpoint at {weights} (expected a .safetensors file or a run directory)")
-    from safetensors import safe_open
+    else:
+        from safetensors import safe_open
 
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(
+                f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}"
+            ) from None
     text, where = meta.get(_META_KEY), f"the config stored in {weights}"
-    if text is None and weights.name == WEIGHTS_NAME and (weights.parent / CONFIG_NAME).is_file():
+    if text is None and weights.name in (WEIGHTS_NAME, INDEX_NAME) and (weights.parent / CONFIG_NAME).is_file():
         where = str(weights.parent / CONFIG_NAME)
         try:
             text = (weights.parent / CONFIG_NAME).read_text()
@@ -251,8 +310,11 @@ def _fit(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, strict
     model.load_state_dict(state, strict=strict)
 
 
-def _verify(config: dict[str, Any], state: dict[str, torch.Tensor], weights: Path, verify: bool) -> None:
-    """Check the tensors and the rebuild config against the digests ``save_model`` recorded."""
+def _verify(config: dict[str, Any], state: dict[str, torch.Tensor] | None, weights: Path, verify: bool) -> None:
+    """Check the tensors and the rebuild config against the digests ``save_model`` recorded.
+
+    ``state`` None: a sharded checkpoint, whose files are checked against the index's digests as they are read.
+    """
     if not verify:
         return
     recorded = config.get("config_sha256")
@@ -262,7 +324,8 @@ def _verify(config: dict[str, Any], state: dict[str, torch.Tensor], weights: Pat
             f"{config.get('head')!r}, ...) is not the one the weights were saved with; was config.json edited? "
             "(--no-verify / verify=False loads it anyway)"
         )
-    verify_tensors(state, config.get("weights_sha256"), where=str(weights))
+    if state is not None:
+        verify_tensors(state, config.get("weights_sha256"), where=str(weights))
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True, *, verify: bool = True) -> None:
@@ -271,10 +334,15 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True, *, ver
     Args:
         model: the model to fill.
         path: the ``.safetensors`` file or the run directory.
-        strict: every tensor of the model must be in the checkpoint and none other.
+        strict: every tensor of the model must be in the checkpoint and none other (always, for a sharded
+            checkpoint).
         verify: check the tensors against the digests recorded in the checkpoint's headreg config (a plain
             safetensors file without one loads unchecked).
     """
+    sharded = _shards_dir(path)
+    if sharded is not None:  # every tensor of the model, file by file (strict)
+        fill_model(model, sharded, _read_index(sharded), verify=verify, where=str(sharded / INDEX_NAME))
+        return
     weights = _weights_path(path)
     state = _read_tensors(weights)
     if verify:
@@ -301,7 +369,7 @@ def load_model(
     then checked against the digests recorded at save time, before the model is built.
 
     Args:
-        path: the ``.safetensors`` file or the run directory.
+        path: the ``.safetensors`` file, the run directory, or a sharded checkpoint (its directory or index).
         head: if given, the head the caller expects; a checkpoint with another is an error.
         num_classes: if given, the class count the caller expects.
         map_location: device to put the model on.
@@ -318,8 +386,10 @@ def load_model(
         raise CheckpointError(f"checkpoint {path} has head {config.get('head')!r}, expected {head!r}")
     if num_classes is not None and num_classes != config.get("num_classes"):
         raise CheckpointError(f"checkpoint {path} has {config.get('num_classes')} classes, expected {num_classes}")
-    weights = _weights_path(path)
-    state = _read_tensors(weights)
+    sharded = _shards_dir(path)
+    shards = _read_index(sharded) if sharded is not None else None
+    weights = sharded / INDEX_NAME if sharded is not None else _weights_path(path)
+    state = _read_tensors(weights) if shards is None else None
     _verify(config, state, weights, verify)
     model = create_model(
         config["backbone"],
@@ -331,7 +401,10 @@ def load_model(
         neck_dropout=config.get("neck_dropout", 0.0),
         **config.get("backbone_kwargs", {}),
     )
-    _fit(model, state, weights, strict=True)
+    if shards is not None:  # one file's tensor at a time, into the whole model
+        fill_model(model, weights.parent, shards, verify=verify, where=str(weights))
+    else:
+        _fit(model, state, weights, strict=True)
     model.config["metadata"] = config.get("metadata", {})
     return model.to(map_location).eval()
 
@@ -346,7 +419,7 @@ def check_run_weights(run_dir: Path, train_config: Mapping[str, Any]) -> None:
         run_dir: the run directory (``model.safetensors`` is looked for there).
         train_config: the ``config`` of its ``run.json``.
     """
-    if not (run_dir / WEIGHTS_NAME).is_file():
+    if not (run_dir / WEIGHTS_NAME).is_file() and not (run_dir / INDEX_NAME).is_file():
         return
     saved = read_config(run_dir)
     record = run_dir / "run.json"
