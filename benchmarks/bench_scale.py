@@ -6,6 +6,8 @@ Parts:
     knn   gallery-sharded exact k-NN against one process (benchmarks/_scale_knn.py)
     sampling  the sharded head's test accuracy with sampled negatives, r = 1, 0.5, 0.1
           (benchmarks/_scale_sampling.py)
+    save  saving and resuming a sharded head's run on a chain of world sizes: memory per rank
+          and time (benchmarks/_scale_save.py)
 
 Each part launches its own worker processes (gloo on CPU) and prints a table of ratios
 measured side by side in one run; ``--help`` after the part lists its options.
@@ -17,7 +19,7 @@ import importlib
 import sys
 from pathlib import Path
 
-PARTS = {"head": "_scale_head", "knn": "_scale_knn", "sampling": "_scale_sampling"}
+PARTS = {"head": "_scale_head", "knn": "_scale_knn", "sampling": "_scale_sampling", "save": "_scale_save"}
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,8 @@ from safetensors import safe_open
 import headreg
 from headreg.errors import CheckpointError
 from headreg.heads._sharded import shard_bounds
-from headreg.models._shards import INDEX_NAME, ShardSet, read_shards
+from headreg.models._shards import INDEX_NAME, ShardSet
+from headreg.models._shards_read import read_shards
 
 C, D = 7, 4
 #: Center loss splits three tensors by class (weight, bias, centres); a learned scale is replicated.
@@ -107,7 +108,9 @@ def test_each_rank_writes_its_rows_and_one_process_loads_the_whole(tmp_path, wor
 def _one_process_checkpoint(tmp_path):
     """A sharded model in one process (a world of one: one file), saved twice."""
     torch.manual_seed(0)
-    model = headreg.create_model("lenetpp", "arcface", num_classes=C, embedding_dim=D, shard_head=True, widths=[4, 8, 8])
+    model = headreg.create_model(
+        "lenetpp", "arcface", num_classes=C, embedding_dim=D, shard_head=True, widths=[4, 8, 8]
+    )
     ckpt = tmp_path / "ckpt"
     headreg.save_model(model, ckpt)
     headreg.save_model(model, ckpt)
@@ -183,3 +186,80 @@ def test_a_failed_commit_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert _index(ckpt).generation == 2
     loaded = headreg.load_model(ckpt)
     assert torch.equal(loaded.head.weight, saved)
+
+
+def _rundir_state(tmp_path):
+    """A resumable state with a per-row head weight and momentum, saved by a world of one as per-rank files."""
+    from headreg.engine._checkpoint import state_key
+    from headreg.engine._rundir import RunDir
+    from headreg.models._shards import RowSplit
+
+    weight, momentum = torch.arange(C * D, dtype=torch.float32).reshape(C, D), torch.randn(C, D)
+    state = {
+        "model": {"head.weight": weight, "neck.bias": torch.ones(3)},
+        "optimizer": {"state": {0: {"momentum_buffer": momentum}}, "param_groups": [{"params": [0], "lr": 0.1}]},
+        "progress": {"epoch": 0, "global_step": 3, "steps_per_epoch": 6, "world_size": 1, "tally": None},
+    }
+    keys = [state_key("model", "head.weight"), state_key("optimizer", "state", 0, "momentum_buffer")]
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.save_state(state, RowSplit({k: (0, C) for k in keys}, C))
+    return run, weight, momentum
+
+
+def test_resumable_state_reads_each_block_of_any_world_size(tmp_path):
+    run, weight, momentum = _rundir_state(tmp_path)
+    assert json.loads((run.path / "resume.json").read_text())["shards"]["metadata"]["generation"] == 1
+    for world in (1, 2, 3):
+        for rank in range(world):
+            lo, hi = shard_bounds(C, world, rank)
+            state = run.load_state(rank=rank, world_size=world)
+            assert torch.equal(state["model"]["head.weight"], weight[lo:hi])
+            assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum[lo:hi])
+            assert torch.equal(state["model"]["neck.bias"], torch.ones(3)) and state["progress"]["global_step"] == 3
+
+
+def test_a_torn_sharded_resumable_state_is_a_clear_error(tmp_path):
+    run, _, _ = _rundir_state(tmp_path)
+    path = run.path / "resume-1-00001-of-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"--resume .*unreadable.*resume-1-00001-of-00001.*checksum mismatch"):
+        run.load_state()
+    run.load_state(verify=False)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="resume-1-00001-of-00001.safetensors, which the index names, is missing"):
+        run.load_state()
+    meta = json.loads((run.path / "resume.json").read_text())
+    meta["shards"]["row_shards"]["s.model.head.weight"][0][0] = "../../elsewhere.safetensors"
+    (run.path / "resume.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not list"):
+        run.load_state()
+    with pytest.raises(CheckpointError, match="7 classes cannot be split over 8 processes"):
+        meta["shards"]["row_shards"]["s.model.head.weight"][0][0] = "resume-1-00001-of-00001.safetensors"
+        (run.path / "resume.json").write_text(json.dumps(meta))
+        run.load_state(rank=0, world_size=8)
+
+
+def test_a_files_digest_streamed_from_disk_is_its_tensors_digest(tmp_path):
+    """file_sha256 reads the file's bytes a chunk at a time and gives tensors_sha256 of what it holds."""
+    from safetensors.torch import load_file, save_file
+
+    from headreg.models._digest import file_sha256, tensors_sha256
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(33, 5, generator=g),
+        "h": torch.randn(7, generator=g).to(torch.bfloat16),
+        "step": torch.tensor(3.0),
+        "mask": torch.rand(9, generator=g) > 0.5,
+        "ids": torch.arange(4, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "x"})
+    assert file_sha256(path, chunk=7) == tensors_sha256(load_file(str(path))) == tensors_sha256(tensors)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file.*cut short"):
+        file_sha256(path)

@@ -10,9 +10,10 @@ under the logical name. Replicated tensors (backbone, neck, a learned scale) are
 The same layout holds the resumable state (``resume.json`` carries the index as its ``shards``), so saving
 needs one shard per rank, and loading reads only the rows a rank needs: rank ``r`` of a new world size takes
 the rows :func:`~headreg.heads._sharded.shard_bounds` gives it, sliced from whichever files hold them
-(``safe_open(...).get_slice``). :func:`headreg.load_model` on one process fills the full model file by file.
+(``safe_open(...).get_slice``; :mod:`headreg.models._shards_read`). :func:`headreg.load_model` on one process
+fills the full model file by file.
 
-Integrity: each file's :func:`~headreg.models.checkpoint.tensors_sha256` is recorded in the index and checked
+Integrity: each file's :func:`~headreg.models._digest.tensors_sha256` is recorded in the index and checked
 tensor by tensor as it is streamed (one tensor in memory at a time). The file names are checked against
 :data:`SHARD_FILE` before anything is opened, so a crafted index cannot make headreg read another file.
 
@@ -24,17 +25,17 @@ whose files are complete.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._atomic import atomic_output
 from ..errors import CheckpointError
+from ._digest import tensors_sha256
 
 __all__ = [
     "INDEX_NAME",
@@ -44,8 +45,6 @@ __all__ = [
     "ShardSet",
     "logical_state",
     "write_shards",
-    "read_shards",
-    "fill_model",
     "generations",
 ]
 
@@ -222,8 +221,6 @@ def write_shards(
     Raises:
         CheckpointError: on every rank when any rank failed to write its file or rank 0 failed to commit.
     """
-    from .checkpoint import tensors_sha256
-
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = len(_exchange(None))
     generation = _exchange(max(generations(directory, stem), default=0) + 1 if rank == 0 else None)[0]
@@ -275,173 +272,3 @@ def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         out[k] = t.clone() if ptr in seen or t.numel() != t.untyped_storage().nbytes() // t.element_size() else t
         seen.add(ptr)
     return out
-
-
-# ---------------------------------------------------------------------------------------------- reading
-class _FileTensors(Mapping[str, Tensor]):
-    """A safetensors file's tensors, each read when asked for: a digest over it holds one tensor at a time."""
-
-    def __init__(self, handle: Any) -> None:
-        self._f = handle
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._f.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._f.keys())
-
-    def __len__(self) -> int:
-        return len(list(self._f.keys()))
-
-
-class _Files:
-    """The open shard files of a set, each checked against its digest the first time it is opened."""
-
-    def __init__(self, directory: Path, shards: ShardSet, verify: bool, where: str) -> None:
-        self.directory, self.shards, self.verify, self.where = directory, shards, verify, where
-        self._open: dict[str, Any] = {}
-
-    def __call__(self, name: str) -> Any:
-        if name not in self._open:
-            from safetensors import safe_open
-
-            from .checkpoint import verify_tensors
-
-            path = self.directory / name
-            if not path.is_file():
-                raise CheckpointError(f"{self.where}: {name}, which the index names, is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-                handle.__enter__()
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(
-                    f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-                ) from None
-            if self.verify:
-                verify_tensors(_FileTensors(handle), self.shards.files[name], where=str(path))
-            self._open[name] = handle
-        return self._open[name]
-
-    def close(self) -> None:
-        for handle in self._open.values():
-            handle.__exit__(None, None, None)
-        self._open.clear()
-
-
-def read_shards(
-    directory: Path,
-    shards: ShardSet,
-    *,
-    classes: tuple[int, int] | None,
-    keys: set[str] | None = None,
-    verify: bool = True,
-    where: str,
-) -> dict[str, Tensor]:
-    """Read a shard set: whole tensors, and of each split tensor the rows of ``classes``.
-
-    Args:
-        directory: where the files are.
-        shards: the committed set.
-        classes: ``(lo, hi)``: the classes whose rows to read (a rank's block); None: all of them.
-        keys: read only these (None: all).
-        verify: check each file opened against its digest, streaming (``--no-verify`` skips it).
-        where: the state being read, for messages.
-
-    Returns:
-        ``{key: tensor}`` on the CPU; a split tensor holds only the requested rows.
-    """
-    files = _Files(directory, shards, verify, where)
-    out: dict[str, Tensor] = {}
-    try:
-        for key, name in shards.weight_map.items():
-            if keys is None or key in keys:
-                out[key] = _get(files(name), key, files.directory / name)
-        for key, parts in shards.row_shards.items():
-            if keys is not None and key not in keys:
-                continue
-            total = parts[-1][2]
-            per = total // shards.num_classes
-            lo, hi = (0, total) if classes is None else (classes[0] * per, classes[1] * per)
-            out[key] = _read_rows(files, key, parts, lo, hi)
-    finally:
-        files.close()
-    return out
-
-
-def _get(handle: Any, key: str, path: Path) -> Tensor:
-    try:
-        return handle.get_tensor(key)
-    except Exception:  # noqa: BLE001 - safetensors' own error types
-        raise CheckpointError(f"{path} holds no tensor {key!r}, which its index names") from None
-
-
-def _read_rows(files: _Files, key: str, parts: list[tuple[str, int, int]], lo: int, hi: int) -> Tensor:
-    """Rows ``[lo, hi)`` of a split tensor, sliced from the files that hold them (one part in memory at a time)."""
-    out: Tensor | None = None
-    for name, a, b in parts:
-        s, e = max(a, lo), min(b, hi)
-        if s >= e:
-            continue
-        handle = files(name)
-        try:
-            piece = handle.get_slice(key)
-            if piece.get_shape()[0] != b - a:
-                raise CheckpointError(
-                    f"{files.directory / name}: {key} has {piece.get_shape()[0]} rows, the index says {b - a}"
-                )
-            block = piece[s - a : e - a]
-        except CheckpointError:
-            raise
-        except Exception:  # noqa: BLE001
-            raise CheckpointError(f"{files.directory / name} holds no tensor {key!r}, which its index names") from None
-        if out is None:
-            if s == lo and e == hi:
-                return block
-            out = torch.empty((hi - lo, *block.shape[1:]), dtype=block.dtype)
-        if block.shape[1:] != out.shape[1:] or block.dtype != out.dtype:
-            raise CheckpointError(f"{files.where}: the parts of {key} disagree in shape or dtype")
-        out[s - lo : e - lo] = block
-    if out is None:
-        raise CheckpointError(f"{files.where}: no file holds rows {lo}..{hi} of {key}")
-    return out
-
-
-def fill_model(model: nn.Module, directory: Path, shards: ShardSet, *, verify: bool, where: str) -> None:
-    """Copy a whole (unsharded) model's weights from a shard set, one file's tensor at a time.
-
-    CheckpointError when the set's tensors and the model's do not match one for one, in names and shapes.
-    """
-    own = model.state_dict()
-    listed = set(shards.weight_map) | set(shards.row_shards)
-    missing, unexpected = sorted(set(own) - listed), sorted(listed - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {where} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    files = _Files(directory, shards, verify, where)
-    try:
-        with torch.no_grad():
-            for key, target in own.items():
-                if key in shards.weight_map:
-                    name = shards.weight_map[key]
-                    _put(target, _get(files(name), key, directory / name), key, where)
-                    continue
-                parts = shards.row_shards[key]
-                if target.ndim == 0 or parts[-1][2] != target.shape[0]:
-                    raise CheckpointError(
-                        f"checkpoint {where} does not fit this model: {key} has {parts[-1][2]} rows, "
-                        f"the model {tuple(target.shape)}"
-                    )
-                for name, a, b in parts:
-                    _put(target[a:b], _read_rows(files, key, [(name, a, b)], a, b), key, where)
-    finally:
-        files.close()
-
-
-def _put(target: Tensor, value: Tensor, key: str, where: str) -> None:
-    if target.shape != value.shape:
-        raise CheckpointError(
-            f"checkpoint {where} does not fit this model: {key}: checkpoint {tuple(value.shape)} "
-            f"vs model {tuple(target.shape)}"
-        )
-    target.copy_(value)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,9 @@ from .._schema import MODEL_CONFIG, validate
 from .._schema_backbone import check_backbone_kwargs
 from ..errors import CheckpointError
 from ..heads._sharded import ShardedHead
-from ._shards import INDEX_NAME, SHARD_FILE, ShardSet, fill_model, logical_state, write_shards
+from ._digest import UnverifiedCheckpointWarning, tensors_sha256, verify_tensors
+from ._shards import INDEX_NAME, SHARD_FILE, ShardSet, logical_state, write_shards
+from ._shards_read import fill_model
 from .head_model import HeadModel
 
 __all__ = [
@@ -56,63 +57,6 @@ FORMAT = "headreg.model/1"
 #: The config keys that rebuild the model; ``config_sha256`` covers exactly these.
 _REBUILD_KEYS = ("backbone", "backbone_kwargs", "head", "head_options", "num_classes", "embedding_dim", "neck",
                  "neck_dropout")  # fmt: skip
-
-
-class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint (or resumable state) written before headreg recorded digests: loaded without a check."""
-
-
-def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over named tensors: each name, dtype and shape, then its bytes, in name order.
-
-    It depends on the tensors only, not on how safetensors lays out the file, so it can be stored in the
-    file's own header (``weights_sha256``) and is the same for the state dict saved and the one loaded.
-
-    Args:
-        tensors: ``{name: tensor}``, any devices and dtypes.
-
-    Returns:
-        64 hexadecimal digits.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
-    return digest.hexdigest()
-
-
-def verify_tensors(
-    tensors: Mapping[str, torch.Tensor], expected: str | None, *, where: str, verify: bool = True
-) -> None:
-    """Check ``tensors`` against the digest recorded when they were written.
-
-    For :func:`load_model` and for the resumable state (``RunDir`` records ``tensors_sha256`` of what it
-    writes as ``weights_sha256`` and checks it here on reading).
-
-    Args:
-        tensors: what was read.
-        expected: the recorded ``tensors_sha256``; None for files written before digests were recorded,
-            which load with an :class:`UnverifiedCheckpointWarning`.
-        where: the file, for the messages.
-        verify: False skips the check (``--no-verify``).
-    """
-    if not verify:
-        return
-    if expected is None:
-        warnings.warn(
-            f"{where} records no weights_sha256 (written by an older headreg); loaded without an integrity check",
-            UnverifiedCheckpointWarning,
-            stacklevel=3,
-        )
-        return
-    actual = tensors_sha256(tensors)
-    if actual != expected:
-        raise CheckpointError(
-            f"{where}: checksum mismatch: the tensors have SHA-256 {actual[:16]}..., the file recorded "
-            f"{expected[:16]}... when it was written; the file is corrupt or was modified "
-            "(--no-verify / verify=False loads it anyway)"
-        )
 
 
 def _config_sha256(config: Mapping[str, Any]) -> str:
