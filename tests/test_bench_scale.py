@@ -51,3 +51,15 @@ def test_scale_sampling_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["sample_rate"] for r in rows] == [1.0, 0.5] and [r["kept_per_rank"] for r in rows] == [10, 5]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 10 for r in rows)
+
+
+@pytest.mark.slow
+def test_scale_save_benchmark_smoke(tmp_path):
+    """Save on 2 ranks, resume and save on 3, then on 1: each link checks the resumed head is the saved one."""
+    out = tmp_path / "save.json"
+    proc = _bench("save", "--classes", "50", "--dim", "8", "--chain", "2,3,1", "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["world"], r["resumed_from"]) for r in rows] == [(2, None), (3, 2), (1, 3)]
+    for r in rows:
+        assert len(r["ranks"]) == r["world"] and r["save_s"] > 0 and len(r["resume_files_gib"]) == r["world"]
+    assert "| 3 | 2 |" in proc.stdout
