@@ -76,6 +76,20 @@ def test_query_gallery_protocol_and_its_file(ckpt: Path, tmp_path: Path) -> None
     assert same["metrics"] == loo["metrics"]
 
 
+def test_unseen_classes_have_no_top_k_in_either_protocol(ckpt: Path) -> None:
+    """A query set of classes no head was trained on gets no top-k accuracy, leave-one-out or query/gallery alike."""
+    from headreg.data import create_dataset
+    from headreg.engine.evaluate import evaluate_model
+
+    model = headreg.load_model(ckpt)
+    query, gallery = create_dataset("fake", "test"), create_dataset("fake", "train")
+    kw = {"device": "cpu", "limit": 40, "progress": False}
+    assert "top1_accuracy" in evaluate_model(model, query, gallery, **kw).metrics  # the control: classes seen
+    query.unseen_classes = True
+    for result in (evaluate_model(model, query, gallery, **kw), evaluate_model(model, query, **kw)):
+        assert "top1_accuracy" not in result.metrics and "precision_at_1" in result.metrics
+
+
 def test_separate_gallery_file(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     q, gal = tmp_path / "q.safetensors", tmp_path / "g.safetensors"

@@ -93,6 +93,34 @@ def test_claim_refuses_foreign_and_occupied_directories(tmp_path):
     assert set(RUN_FILES) >= {"run.json", "model.safetensors", "metrics.jsonl", "resume.json", "resume.safetensors"}
 
 
+def test_overwrite_removes_a_sharded_runs_files_and_nothing_like_them(tmp_path):
+    """A class-sharded run's per-rank files and index are the run's (--overwrite removes them); a look-alike is not."""
+    run = RunDir(tmp_path / "run")
+    run.claim({"head": "arcface"}, overwrite=False)
+    ours = [
+        "model.safetensors.index.json",
+        "model-3-00001-of-00002.safetensors",
+        "model-3-00002-of-00002.safetensors",
+        "resume-4-00002-of-00002.safetensors",
+        "resume-4-00001-of-00002.tmp.safetensors",  # what a killed write leaves
+        "resume.json",
+    ]
+    for name in ours:
+        (run.path / name).write_text("")
+    run.write_record({"status": "stopped", "config": {"head": "arcface"}})
+    run.claim({"head": "arcface"}, overwrite=True)
+    assert list(run.path.iterdir()) == []
+    for name in (
+        "model-3-00001-of-00002.safetensors.bak",
+        "model-0-00001-of-00002.safetensors",
+        "model-1-1-of-2.safetensors",
+    ):
+        (run.path / name).write_text("")
+        with pytest.raises(InvalidValueError, match="not a headreg run"):
+            run.claim({"head": "arcface"}, overwrite=True)
+        (run.path / name).unlink()
+
+
 def test_compare_layout_keeps_head_runs_and_ignores_empty_ones(tmp_path):
     layout = OutLayout("comparison", frozenset({"compare.png", "compare.json"}), run_subdirs=True)
 

@@ -277,9 +277,9 @@ def evaluate_model(
         desc = "extract" if gallery is None else f"extract {name}"
         part = extract_dataset(model, ds, progress=_tqdm_flag(show), desc=desc, **common)  # type: ignore[arg-type]
         parts.append(part if shard_gallery else gather_extraction(part))
+    if getattr(query, "unseen_classes", False):  # no head was trained on these classes: no top-k accuracy
+        parts = [replace(p, label_rank=None) for p in parts]
     if shard_gallery:
-        if getattr(query, "unseen_classes", False):  # no head was trained on these classes: no top-k accuracy
-            parts = [replace(p, label_rank=None) for p in parts]
         fields = evaluate_sharded(
             parts, metrics=parse_metric_names(metrics), recall_k=dataset_recall_k(query, recall_k), device=dev,
             world_size=info.world_size, num_classes=int(getattr(model, "num_classes", 0) or 0),
@@ -294,8 +294,6 @@ def evaluate_model(
         ext = parts[0]
         embeddings, labels, label_rank = ext.embeddings, ext.labels, ext.label_rank
         is_query, is_gallery, categories = dataset_roles(query, ext.indices)
-        if getattr(query, "unseen_classes", False):
-            label_rank = None  # classes no head was trained on: top-k accuracy has no meaning
     else:
         q, g = parts
         embeddings, labels, is_query, is_gallery = combine_query_gallery(q.embeddings, q.labels, g.embeddings, g.labels)
