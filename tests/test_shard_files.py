@@ -263,3 +263,46 @@ def test_a_files_digest_streamed_from_disk_is_its_tensors_digest(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="not a readable safetensors file.*cut short"):
         file_sha256(path)
+
+
+FAILING_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    import headreg
+    from headreg.errors import CheckpointError
+    from headreg.models import _shards
+
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = headreg.create_model("lenetpp", "arcface", num_classes=7, embedding_dim=4, shard_head=True,
+                                 widths=[4, 8, 8])
+    headreg.save_model(model, out / "ckpt")
+    if rank == 1:  # this rank's disk is full from now on
+        def full(path):
+            raise OSError(28, "No space left on device")
+        _shards.atomic_output = full
+    with torch.no_grad():
+        model.head.inner.weight.add_(1.0)
+    try:
+        headreg.save_model(model, out / "ckpt")
+        error = None
+    except CheckpointError as exc:
+        error = str(exc)
+    (out / f"rank{rank}.json").write_text(json.dumps({"error": error}))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_rank_that_cannot_write_is_an_error_on_every_rank(tmp_path):
+    """No rank waits forever for another's file: all of them raise, and the checkpoint before still loads."""
+    ranks = launch_workers(FAILING_WORKER, tmp_path, 3, timeout=120)
+    for rank in ranks:
+        assert rank["error"] and "rank 1: OSError" in rank["error"] and "No space left" in rank["error"]
+    assert _index(tmp_path / "ckpt").generation == 1
+    loaded = headreg.load_model(tmp_path / "ckpt")
+    assert torch.equal(loaded.head.weight, _unsharded("arcface", {}).head.weight)
