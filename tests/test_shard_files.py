@@ -51,7 +51,8 @@ WORKER = textwrap.dedent(
     rows = model.head.inner.weight.detach()
     (out / f"rank{rank}.json").write_text(json.dumps({"rows": rows.tolist(), "lo": model.head.lo, "hi": model.head.hi}))
     dist.barrier()
-    dist.destroy_process_group()
+    from headreg.engine.runtime import cleanup_distributed
+    cleanup_distributed()  # gc first: gloo's threads can abort an exiting process otherwise
     """
 )
 
@@ -293,7 +294,8 @@ FAILING_WORKER = textwrap.dedent(
     except CheckpointError as exc:
         error = str(exc)
     (out / f"rank{rank}.json").write_text(json.dumps({"error": error}))
-    dist.destroy_process_group()
+    from headreg.engine.runtime import cleanup_distributed
+    cleanup_distributed()  # gc first: gloo's threads can abort an exiting process otherwise
     """
 )
 
