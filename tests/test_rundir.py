@@ -70,6 +70,18 @@ def test_resumable_state_round_trip_and_refusals(tmp_path):
         run.load_state()
 
 
+def test_resumable_state_saves_tensors_that_share_storage(tmp_path):
+    """The state's tensors are written as they are, not copied; those sharing storage (tied weights, a view) too."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    w = torch.arange(12.0).reshape(3, 4)
+    state = {"model": {"a": w, "tied": w, "row": w[1]}, "progress": {"epoch": 0, "global_step": 1}}
+    run.save_state(state)
+    back = run.load_state()["model"]
+    assert torch.equal(back["a"], w) and torch.equal(back["tied"], w) and torch.equal(back["row"], w[1])
+    assert torch.equal(w, torch.arange(12.0).reshape(3, 4))  # the live tensors untouched
+
+
 def test_claim_refuses_foreign_and_occupied_directories(tmp_path):
     run = RunDir(tmp_path / "run")
     run.claim({"head": "softmax"}, overwrite=False)

@@ -34,10 +34,15 @@ def state_key(*path: Any) -> str:
 
 
 def split_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """Replace every tensor in a nested structure by a placeholder, collecting it in ``tensors``."""
+    """Replace every tensor in a nested structure by a placeholder, collecting it in ``tensors``.
+
+    A CPU tensor is collected as it is, not copied (a save writes it before anything changes it), so saving
+    costs no copy of the model and optimiser state; tensors that share storage are for the writer to part
+    (:func:`headreg.models._shards.unshared`).
+    """
     if isinstance(obj, torch.Tensor):
         key = prefix
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        tensors[key] = obj.detach().to("cpu").contiguous()
         return {_TENSOR: key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):

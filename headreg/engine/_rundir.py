@@ -37,7 +37,7 @@ from typing import Any
 
 from .._atomic import atomic_output, atomic_write_text
 from ..errors import CheckpointError
-from ..models._shards import RowSplit, ShardSet, write_shards
+from ..models._shards import RowSplit, ShardSet, unshared, write_shards
 from ..models._shards_read import read_shards
 from ._lock import LOCK_NAME, DirLock
 from ._outdir import (
@@ -226,11 +226,12 @@ class RunDir:
         from ._checkpoint import STATE_PREFIX, split_state
 
         tensors: dict[str, Any] = {}
-        tree = split_state(state, tensors, STATE_PREFIX)
+        tree = split_state(state, tensors, STATE_PREFIX)  # the live tensors (CPU), not copies
         step = str(state.get("progress", {}).get("global_step", -1))
         if split is not None:
             self._save_state_shards(tree, tensors, step, split)
             return
+        tensors = unshared(tensors)  # safetensors refuses tensors that share storage
         generation = max([0, *self._generations()]) + 1
         with atomic_output(self.path / _generation_name(generation)) as tmp:
             save_file(tensors, str(tmp), metadata={"format": RESUME_FORMAT, "global_step": step})

@@ -46,6 +46,7 @@ __all__ = [
     "logical_state",
     "write_shards",
     "generations",
+    "unshared",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -226,7 +227,7 @@ def write_shards(
     generation = _exchange(max(generations(directory, stem), default=0) + 1 if rank == 0 else None)[0]
     name = shard_name(stem, generation, rank, world)
     mine = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items() if rank == 0 or k in split.rows}
-    mine = _unshared(mine)
+    mine = unshared(mine)
     report: tuple[str, str, dict[str, tuple[int, int]], str | None]
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -263,7 +264,7 @@ def write_shards(
         raise CheckpointError(f"could not commit the {stem} shards in {directory}: {errors[0]}")
 
 
-def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """safetensors refuses tensors sharing storage: copy those that do (a view of another, a CPU alias)."""
     seen: set[int] = set()
     out = {}
